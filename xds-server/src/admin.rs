@@ -1,0 +1,93 @@
+//! Admin HTTP API (port 15014): health, metrics, and what every proxy has been sent.
+
+use crate::ads::status::ProxyRegistry;
+use crate::cache::TypeKind;
+use crate::controller::Controller;
+use crate::dump::resource_json;
+use crate::metrics::Metrics;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub controller: Arc<Controller>,
+    pub registry: Arc<ProxyRegistry>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz/ready", get(ready))
+        .route("/debug/syncz", get(syncz))
+        .route("/debug/configz", get(configz))
+        .route("/debug/config_dump", get(config_dump))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn ready() -> &'static str {
+    // Serving starts only after the initial config load, so being reachable means ready.
+    "ready\n"
+}
+
+async fn syncz(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let snap = s.controller.snapshot();
+    let proxies: Vec<_> = s.registry.all().iter().map(|p| p.view()).collect();
+    Json(json!({
+        "generation": snap.generation,
+        "connected": proxies.len(),
+        "synced": proxies.iter().filter(|p| p.synced).count(),
+        "config_errors": s.controller.status().errors.len(),
+        "proxies": proxies,
+    }))
+}
+
+async fn configz(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!(*s.controller.status()))
+}
+
+#[derive(Deserialize)]
+struct DumpQuery {
+    proxy: Option<String>,
+}
+
+async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) -> Response {
+    let Some(id) = q.proxy else {
+        return (StatusCode::BAD_REQUEST, "missing ?proxy=NODE_ID (or ?proxy=NAME.NAMESPACE)\n").into_response();
+    };
+    let Some(p) = s.registry.find(&id) else {
+        return (StatusCode::NOT_FOUND, format!("no connected proxy `{id}`; see /debug/syncz\n")).into_response();
+    };
+    let snap = s.controller.snapshot();
+    let scope = snap.scope(p.node.workload.as_deref(), &p.node.namespace);
+    let view = snap.view(&scope);
+    let mut resources = serde_json::Map::new();
+    for kind in TypeKind::PUSH_ORDER {
+        let list: Vec<_> = view.iter(kind).map(|r| resource_json(r)).collect();
+        if !list.is_empty() {
+            resources.insert(kind.short().to_string(), serde_json::Value::Array(list));
+        }
+    }
+    Json(json!({
+        "proxy": p.node.id,
+        "workload": p.node.workload,
+        "generation": snap.generation,
+        "scope": format!("{scope:?}"),
+        "resources": resources,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,119 @@
+//! The ADS server: SotW and Delta aggregated streams over one gRPC service.
+//!
+//! Each stream is one task holding only bookkeeping (subscriptions, what it sent, the
+//! nonce it waits for). Resources come encoded from the shared [`Snapshot`]; a stream
+//! woken by a new snapshot compares versions and sends what changed for its proxy.
+//! Streams read the newest snapshot when they get to it, so a slow proxy skips
+//! intermediate versions instead of queueing them (latest wins, bounded memory).
+
+pub mod codec;
+mod delta;
+pub mod node;
+mod service;
+mod sotw;
+pub mod status;
+
+pub use codec::Frame;
+pub use service::AdsService;
+
+use crate::cache::{Resource, Snapshot, TypeKind};
+use crate::metrics::{Metrics, ModeLabel, TypeLabel};
+use status::{ProxyRegistry, ProxyStatus};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// What every stream shares.
+#[derive(Debug, Clone)]
+pub struct AdsShared {
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub registry: Arc<ProxyRegistry>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Keeps the connected-proxies gauge right however the stream ends.
+struct ConnectedGauge {
+    metrics: Arc<Metrics>,
+    mode: &'static str,
+}
+
+impl ConnectedGauge {
+    fn new(metrics: Arc<Metrics>, mode: &'static str) -> Self {
+        metrics.connected.get_or_create(&ModeLabel { mode }).inc();
+        Self { metrics, mode }
+    }
+}
+
+impl Drop for ConnectedGauge {
+    fn drop(&mut self) {
+        self.metrics.connected.get_or_create(&ModeLabel { mode: self.mode }).dec();
+    }
+}
+
+/// Bookkeeping common to both protocol variants for one sent response.
+pub(crate) struct Sent {
+    pub version: String,
+    pub nonce: String,
+    /// Set when the push was caused by a config change, to measure change -> ACK latency.
+    pub change_started: Option<Instant>,
+}
+
+pub(crate) fn record_push(
+    shared: &AdsShared,
+    status: &ProxyStatus,
+    kind: TypeKind,
+    sent: &Sent,
+    resources: usize,
+    bytes: usize,
+) {
+    let label = TypeLabel { r#type: kind.short() };
+    shared.metrics.pushes.get_or_create(&label).inc();
+    shared.metrics.push_bytes.get_or_create(&label).inc_by(bytes as u64);
+    if let Some(t) = sent.change_started {
+        shared.metrics.push_latency.get_or_create(&label).observe(t.elapsed().as_secs_f64());
+    }
+    status.sent(kind, &sent.version, &sent.nonce, resources);
+    tracing::debug!(
+        node = %status.node.id,
+        type_url = kind.type_url(),
+        version = %sent.version,
+        nonce = %sent.nonce,
+        resources,
+        bytes,
+        "sent xDS response"
+    );
+}
+
+pub(crate) fn record_ack(shared: &AdsShared, status: &ProxyStatus, kind: TypeKind, sent: &Sent) {
+    let label = TypeLabel { r#type: kind.short() };
+    shared.metrics.acks.get_or_create(&label).inc();
+    if let Some(t) = sent.change_started {
+        shared.metrics.ack_latency.get_or_create(&label).observe(t.elapsed().as_secs_f64());
+    }
+    status.acked(kind, &sent.version);
+    tracing::debug!(node = %status.node.id, type_url = kind.type_url(), version = %sent.version, nonce = %sent.nonce, "ACK");
+}
+
+pub(crate) fn record_nack(shared: &AdsShared, status: &ProxyStatus, kind: TypeKind, sent: &Sent, error: &str) {
+    shared.metrics.nacks.get_or_create(&TypeLabel { r#type: kind.short() }).inc();
+    status.nacked(kind, &sent.version, error);
+    tracing::warn!(
+        node = %status.node.id,
+        type_url = kind.type_url(),
+        version = %sent.version,
+        nonce = %sent.nonce,
+        error,
+        "NACK: proxy rejected config; it keeps its last accepted version"
+    );
+}
+
+/// SotW version of a list of resources: a hash of names and content versions.
+pub(crate) fn list_version(resources: &[Arc<Resource>]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for r in resources {
+        h.update(r.name.as_bytes());
+        h.update(&[0]);
+        h.update(r.version.as_bytes());
+    }
+    format!("{:016x}", h.digest())
+}

@@ -1,0 +1,164 @@
+//! Turns config folder changes into published snapshots.
+//!
+//! File events are debounced (a burst of saves becomes one reload), the store decides
+//! what takes effect, and a new [`Snapshot`] is published on a `watch` channel only when
+//! the mesh actually changed. Every ADS stream watches that channel.
+
+use crate::cache::Snapshot;
+use crate::config::store::{ConfigStore, StoreError};
+use crate::config::ConfigError;
+use crate::metrics::{Metrics, ResultLabel};
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+/// Quiet time after the last file event before reloading, and the longest a steady
+/// stream of events can postpone a reload.
+pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(100);
+pub const DEBOUNCE_MAX: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConfigStatus {
+    pub dir: String,
+    pub generation: u64,
+    pub reloads: u64,
+    pub objects: std::collections::BTreeMap<&'static str, usize>,
+    pub errors: Vec<ConfigErrorView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigErrorView {
+    pub message: String,
+    #[serde(flatten)]
+    pub error: ConfigError,
+}
+
+#[derive(Debug)]
+pub struct Controller {
+    store: Mutex<ConfigStore>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    status: ArcSwap<ConfigStatus>,
+    metrics: Arc<Metrics>,
+}
+
+impl Controller {
+    pub fn open(dir: impl Into<PathBuf>, metrics: Arc<Metrics>) -> Result<Arc<Controller>, StoreError> {
+        let (store, outcome) = ConfigStore::open(dir)?;
+        for e in &outcome.new_errors {
+            error!(error = %e, "config rejected");
+        }
+        let snapshot = Arc::new(Snapshot::build(1, store.mesh()));
+        let (tx, _) = watch::channel(snapshot);
+        let c = Arc::new(Controller {
+            store: Mutex::new(store),
+            snapshots: tx,
+            status: ArcSwap::from_pointee(ConfigStatus::default()),
+            metrics,
+        });
+        c.update_status(0);
+        Ok(c)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.subscribe()
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    pub fn status(&self) -> Arc<ConfigStatus> {
+        self.status.load_full()
+    }
+
+    fn update_status(&self, reloads: u64) {
+        let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        let snap = self.snapshot();
+        let errors: Vec<ConfigErrorView> = store
+            .errors()
+            .into_iter()
+            .map(|e| ConfigErrorView { message: e.to_string(), error: e })
+            .collect();
+        self.metrics.config_errors.set(errors.len() as i64);
+        self.metrics.snapshot_generation.set(snap.generation as i64);
+        self.status.store(Arc::new(ConfigStatus {
+            dir: store.dir().display().to_string(),
+            generation: snap.generation,
+            reloads,
+            objects: snap.mesh.counts.clone(),
+            errors,
+        }));
+    }
+
+    /// Re-reads the folder and publishes a snapshot if the mesh changed.
+    pub fn reload(&self) {
+        let outcome = {
+            let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+            match store.reload() {
+                Ok(o) => Some((o, store.mesh())),
+                Err(e) => {
+                    error!(error = %e, "config dir unreadable; keeping the current config");
+                    None
+                }
+            }
+        };
+        let reloads = self.status().reloads + 1;
+        let Some((outcome, mesh)) = outcome else {
+            self.metrics.config_reloads.get_or_create(&ResultLabel { result: "error" }).inc();
+            self.update_status(reloads);
+            return;
+        };
+        for e in &outcome.new_errors {
+            error!(error = %e, "config rejected; the last good version stays in effect");
+        }
+        let result = if outcome.new_errors.is_empty() { "ok" } else { "rejected" };
+        self.metrics.config_reloads.get_or_create(&ResultLabel { result }).inc();
+        if outcome.changed {
+            let generation = self.snapshot().generation + 1;
+            let started = std::time::Instant::now();
+            let snap = Arc::new(Snapshot::build(generation, mesh));
+            info!(version = generation, build_ms = started.elapsed().as_millis() as u64, "config changed; publishing snapshot");
+            self.snapshots.send_replace(snap);
+        }
+        self.update_status(reloads);
+    }
+
+    /// Watches the folder until the returned handle is dropped or aborted.
+    pub fn watch(self: &Arc<Self>) -> Result<tokio::task::JoinHandle<()>, notify::Error> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(ev) if !ev.kind.is_access() => {
+                let _ = tx.send(());
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "config watch error"),
+        })?;
+        let dir = self.store.lock().unwrap_or_else(|e| e.into_inner()).dir().to_path_buf();
+        watcher.watch(&dir, RecursiveMode::Recursive)?;
+        let this = self.clone();
+        Ok(tokio::spawn(async move {
+            // The watcher lives as long as this task.
+            let _watcher = watcher;
+            while rx.recv().await.is_some() {
+                let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
+                loop {
+                    let quiet = tokio::time::sleep(DEBOUNCE_QUIET);
+                    tokio::select! {
+                        more = rx.recv() => if more.is_none() { return },
+                        _ = quiet => break,
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                let c = this.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || c.reload()).await {
+                    error!(error = %e, "config reload panicked");
+                }
+            }
+        }))
+    }
+}

@@ -1,0 +1,519 @@
+//! `MeshState`: every file's objects joined into one consistent, immutable model.
+//!
+//! Building it performs the cross-object checks (a route's host is a service, its subset
+//! is defined, no two objects claim the same host), so translation can trust it and never
+//! fails half-way.
+
+use crate::config::model::*;
+use crate::config::{parse_duration, ConfigError, ConfigObject, Object, Source};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Annotations that place a sidecar in explicit interception mode (DESIGN.md): where the
+/// application listens and where the sidecar binds its outbound listeners.
+pub const APP_ADDRESS_ANNOTATION: &str = "sidecar.trellis.dev/app-address";
+pub const OUTBOUND_ADDRESS_ANNOTATION: &str = "sidecar.trellis.dev/outbound-address";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+impl Protocol {
+    fn parse(s: Option<&str>) -> Protocol {
+        match s.map(str::to_ascii_uppercase).as_deref() {
+            Some("HTTP") => Protocol::Http,
+            Some("HTTP2") => Protocol::Http2,
+            Some("GRPC") => Protocol::Grpc,
+            _ => Protocol::Tcp,
+        }
+    }
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+    /// Upstream needs HTTP/2 (gRPC cannot be downgraded to HTTP/1.1).
+    pub fn is_h2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    pub number: u32,
+    pub name: String,
+    pub protocol: Protocol,
+    pub target_port: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    pub ports: BTreeMap<String, u32>,
+    pub labels: BTreeMap<String, String>,
+    pub locality: Option<String>,
+    pub weight: Option<u32>,
+    /// `name.namespace` of the WorkloadEntry, `None` for inline ServiceEntry endpoints.
+    pub workload: Option<String>,
+}
+
+impl Endpoint {
+    pub fn port_for(&self, p: &ServicePortInfo) -> u32 {
+        self.ports
+            .get(&p.name)
+            .copied()
+            .or(p.target_port)
+            .unwrap_or(p.number)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub fqdn: String,
+    pub namespace: String,
+    pub entry: String,
+    pub ports: Vec<ServicePortInfo>,
+    pub mesh_internal: bool,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    pub fn port(&self, number: u32) -> Option<&ServicePortInfo> {
+        self.ports.iter().find(|p| p.number == number)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub address: IpAddr,
+    pub app_address: IpAddr,
+    pub outbound_address: IpAddr,
+    pub ports: BTreeMap<String, u32>,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub locality: Option<String>,
+}
+
+impl Workload {
+    pub fn id(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteDestination {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u32>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRouteRule {
+    pub name: Option<String>,
+    pub matches: Vec<HttpMatchRequest>,
+    pub destinations: Vec<RouteDestination>,
+    pub timeout: Option<Duration>,
+    pub retries: Option<RetryPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualService {
+    pub key: String,
+    pub namespace: String,
+    pub hosts: Vec<String>,
+    pub http: Vec<HttpRouteRule>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubsetInfo {
+    pub labels: BTreeMap<String, String>,
+    pub lb: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DestinationRuleInfo {
+    pub key: String,
+    pub lb: Option<String>,
+    pub subsets: BTreeMap<String, SubsetInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshState {
+    pub trust_domain: String,
+    pub cluster_domain: String,
+    pub connect_timeout: Duration,
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub workloads: BTreeMap<String, Arc<Workload>>,
+    /// Host FQDN -> the VirtualService routing it.
+    pub virtual_services: BTreeMap<String, Arc<VirtualService>>,
+    /// Host FQDN -> its DestinationRule.
+    pub destination_rules: BTreeMap<String, Arc<DestinationRuleInfo>>,
+    /// Object counts per kind, for the admin API.
+    pub counts: BTreeMap<&'static str, usize>,
+}
+
+impl Default for MeshState {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+            connect_timeout: Duration::from_secs(10),
+            services: BTreeMap::new(),
+            workloads: BTreeMap::new(),
+            virtual_services: BTreeMap::new(),
+            destination_rules: BTreeMap::new(),
+            counts: BTreeMap::new(),
+        }
+    }
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+struct Errors(Vec<ConfigError>);
+impl Errors {
+    fn push<T>(&mut self, o: &Object<T>, kind: &str, field: impl Into<String>, msg: impl Into<String>) {
+        self.0.push(ConfigError::new(
+            &o.source,
+            Some(format!("{kind} {}", o.key())),
+            Some(field.into()),
+            msg.into(),
+        ));
+    }
+}
+
+fn describe(s: &Source) -> String {
+    format!("{} document {}", s.file, s.document)
+}
+
+impl MeshState {
+    /// Turns a short host (`reviews`) into the FQDN Istio would (`reviews.NS.svc.DOMAIN`).
+    pub fn resolve_host(&self, host: &str, namespace: &str) -> String {
+        if host.contains('.') {
+            host.to_string()
+        } else {
+            format!("{host}.{namespace}.svc.{}", self.cluster_domain)
+        }
+    }
+
+    /// Host names a proxy in `namespace` can use for a service: the short forms only
+    /// when they are unambiguous, i.e. for Kubernetes-style hosts of its own namespace
+    /// (short name) or any namespace (`name.ns`), as kube-dns search paths allow.
+    pub fn host_aliases(&self, fqdn: &str, namespace: &str) -> Vec<String> {
+        let mut out = vec![fqdn.to_string()];
+        let suffix = format!(".svc.{}", self.cluster_domain);
+        if let Some(stem) = fqdn.strip_suffix(&suffix) {
+            if let Some((name, ns)) = stem.split_once('.') {
+                if !ns.contains('.') {
+                    out.push(format!("{name}.{ns}"));
+                    out.push(format!("{name}.{ns}.svc"));
+                    if ns == namespace {
+                        out.push(name.to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn build<'a>(objects: impl IntoIterator<Item = &'a ConfigObject>) -> Result<MeshState, Vec<ConfigError>> {
+        let mut mesh = MeshState::default();
+        let mut errs = Errors(Vec::new());
+        let mut seen: BTreeMap<(&'static str, String), Source> = BTreeMap::new();
+        let mut entries = Vec::new();
+        let mut wes = Vec::new();
+        let mut vss = Vec::new();
+        let mut drs = Vec::new();
+        let mut mesh_config: Option<&Object<MeshConfigSpec>> = None;
+        for obj in objects {
+            *mesh.counts.entry(obj.kind()).or_default() += 1;
+            if let Some(prev) = seen.insert((obj.kind(), obj.key()), obj.source().clone()) {
+                errs.0.push(ConfigError::new(
+                    obj.source(),
+                    Some(format!("{} {}", obj.kind(), obj.key())),
+                    Some("metadata.name".into()),
+                    format!("already defined in {}", describe(&prev)),
+                ));
+                continue;
+            }
+            match obj {
+                ConfigObject::MeshConfig(o) => {
+                    if let Some(prev) = mesh_config {
+                        errs.push(o, "MeshConfig", "metadata.name", format!("only one MeshConfig is allowed; another is in {}", describe(&prev.source)));
+                    }
+                    mesh_config = Some(o);
+                }
+                ConfigObject::ServiceEntry(o) => entries.push(o),
+                ConfigObject::WorkloadEntry(o) => wes.push(o),
+                ConfigObject::VirtualService(o) => vss.push(o),
+                ConfigObject::DestinationRule(o) => drs.push(o),
+            }
+        }
+        if let Some(mc) = mesh_config {
+            if let Some(td) = &mc.spec.trust_domain {
+                mesh.trust_domain = td.clone();
+            }
+            if let Some(cd) = &mc.spec.cluster_domain {
+                mesh.cluster_domain = cd.clone();
+            }
+            if let Some(t) = &mc.spec.connect_timeout {
+                // Already validated per document.
+                mesh.connect_timeout = parse_duration(t).unwrap_or(mesh.connect_timeout);
+            }
+        }
+
+        for we in &wes {
+            let annotation_ip = |key: &str, errs: &mut Errors| -> Option<IpAddr> {
+                match we.annotations.get(key) {
+                    None => Some(IpAddr::from([127, 0, 0, 1])),
+                    Some(v) => match v.parse() {
+                        Ok(ip) => Some(ip),
+                        Err(_) => {
+                            errs.push(we, "WorkloadEntry", format!("metadata.annotations.{key}"), format!("`{v}` is not an IP address"));
+                            None
+                        }
+                    },
+                }
+            };
+            let app = annotation_ip(APP_ADDRESS_ANNOTATION, &mut errs);
+            let outbound = annotation_ip(OUTBOUND_ADDRESS_ANNOTATION, &mut errs);
+            let (Some(app_address), Some(outbound_address), Ok(address)) = (app, outbound, we.spec.address.parse()) else {
+                continue;
+            };
+            let w = Workload {
+                name: we.name.clone(),
+                namespace: we.namespace.clone(),
+                address,
+                app_address,
+                outbound_address,
+                ports: we.spec.ports.clone(),
+                labels: we.spec.labels.clone(),
+                service_account: we.spec.service_account.clone().unwrap_or_else(|| "default".into()),
+                locality: we.spec.locality.clone(),
+            };
+            mesh.workloads.insert(w.id(), Arc::new(w));
+        }
+
+        let mut host_owner: BTreeMap<String, Source> = BTreeMap::new();
+        for se in &entries {
+            for (i, host) in se.spec.hosts.iter().enumerate() {
+                let fqdn = mesh.resolve_host(host, &se.namespace);
+                if let Some(prev) = host_owner.get(&fqdn) {
+                    errs.push(se, "ServiceEntry", format!("spec.hosts[{i}]"), format!("host `{fqdn}` is already defined by the ServiceEntry in {}", describe(prev)));
+                    continue;
+                }
+                host_owner.insert(fqdn.clone(), se.source.clone());
+                let ports: Vec<ServicePortInfo> = se
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| ServicePortInfo {
+                        number: p.number,
+                        name: p.name.clone(),
+                        protocol: Protocol::parse(p.protocol.as_deref()),
+                        target_port: p.target_port,
+                    })
+                    .collect();
+                let selector = se.spec.workload_selector.as_ref().map(|s| s.labels.clone());
+                let mut endpoints: Vec<Endpoint> = se
+                    .spec
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| {
+                        Some(Endpoint {
+                            address: e.address.parse().ok()?,
+                            ports: e.ports.clone(),
+                            labels: e.labels.clone(),
+                            locality: e.locality.clone(),
+                            weight: e.weight,
+                            workload: None,
+                        })
+                    })
+                    .collect();
+                if let Some(sel) = &selector {
+                    for w in mesh.workloads.values() {
+                        if w.namespace == se.namespace && selects(sel, &w.labels) {
+                            endpoints.push(Endpoint {
+                                address: w.address,
+                                ports: w.ports.clone(),
+                                labels: w.labels.clone(),
+                                locality: w.locality.clone(),
+                                weight: None,
+                                workload: Some(w.id()),
+                            });
+                        }
+                    }
+                }
+                mesh.services.insert(
+                    fqdn.clone(),
+                    Arc::new(Service {
+                        fqdn,
+                        namespace: se.namespace.clone(),
+                        entry: se.key(),
+                        ports,
+                        mesh_internal: se.spec.location.as_deref() != Some("MESH_EXTERNAL"),
+                        selector,
+                        endpoints,
+                    }),
+                );
+            }
+        }
+
+        for dr in &drs {
+            let host = mesh.resolve_host(&dr.spec.host, &dr.namespace);
+            if !mesh.services.contains_key(&host) {
+                errs.push(dr, "DestinationRule", "spec.host", format!("`{host}` is not a service in the mesh"));
+                continue;
+            }
+            if mesh.destination_rules.contains_key(&host) {
+                errs.push(dr, "DestinationRule", "spec.host", format!("another DestinationRule already applies to `{host}`"));
+                continue;
+            }
+            let lb = |tp: &Option<TrafficPolicy>| tp.as_ref().and_then(|t| t.load_balancer.as_ref()).map(|l| l.simple.clone());
+            mesh.destination_rules.insert(
+                host,
+                Arc::new(DestinationRuleInfo {
+                    key: dr.key(),
+                    lb: lb(&dr.spec.traffic_policy),
+                    subsets: dr
+                        .spec
+                        .subsets
+                        .iter()
+                        .map(|s| (s.name.clone(), SubsetInfo { labels: s.labels.clone(), lb: lb(&s.traffic_policy) }))
+                        .collect(),
+                }),
+            );
+        }
+
+        for vs in &vss {
+            let mut hosts = Vec::new();
+            let mut ok = true;
+            for (i, h) in vs.spec.hosts.iter().enumerate() {
+                let fqdn = mesh.resolve_host(h, &vs.namespace);
+                if !mesh.services.contains_key(&fqdn) {
+                    errs.push(vs, "VirtualService", format!("spec.hosts[{i}]"), format!("`{fqdn}` is not a service in the mesh"));
+                    ok = false;
+                } else if let Some(other) = mesh.virtual_services.get(&fqdn) {
+                    errs.push(vs, "VirtualService", format!("spec.hosts[{i}]"), format!("`{fqdn}` is already routed by VirtualService {}", other.key));
+                    ok = false;
+                }
+                hosts.push(fqdn);
+            }
+            let mut http = Vec::new();
+            for (i, r) in vs.spec.http.iter().enumerate() {
+                let mut destinations = Vec::new();
+                for (j, d) in r.route.iter().enumerate() {
+                    let f = format!("spec.http[{i}].route[{j}].destination");
+                    let host = mesh.resolve_host(&d.destination.host, &vs.namespace);
+                    let Some(svc) = mesh.services.get(&host) else {
+                        errs.push(vs, "VirtualService", format!("{f}.host"), format!("`{host}` is not a service in the mesh"));
+                        ok = false;
+                        continue;
+                    };
+                    let port = d.destination.port.as_ref().map(|p| p.number);
+                    if let Some(p) = port {
+                        if svc.port(p).is_none() {
+                            errs.push(vs, "VirtualService", format!("{f}.port.number"), format!("service `{host}` has no port {p}"));
+                            ok = false;
+                        }
+                    }
+                    if let Some(subset) = &d.destination.subset {
+                        let defined = mesh.destination_rules.get(&host).is_some_and(|dr| dr.subsets.contains_key(subset));
+                        if !defined {
+                            errs.push(vs, "VirtualService", format!("{f}.subset"), format!("subset `{subset}` of `{host}` is not defined by any DestinationRule"));
+                            ok = false;
+                        }
+                    }
+                    let weight = d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 });
+                    destinations.push(RouteDestination { host, subset: d.destination.subset.clone(), port, weight });
+                }
+                http.push(HttpRouteRule {
+                    name: r.name.clone(),
+                    matches: r.matches.clone(),
+                    destinations,
+                    timeout: r.timeout.as_deref().and_then(|t| parse_duration(t).ok()),
+                    retries: r.retries.as_ref().map(|rt| RetryPolicy {
+                        attempts: rt.attempts,
+                        per_try_timeout: rt.per_try_timeout.as_deref().and_then(|t| parse_duration(t).ok()),
+                        retry_on: rt.retry_on.clone(),
+                    }),
+                });
+            }
+            if ok {
+                let info = Arc::new(VirtualService { key: vs.key(), namespace: vs.namespace.clone(), hosts: hosts.clone(), http });
+                for h in hosts {
+                    mesh.virtual_services.insert(h, info.clone());
+                }
+            }
+        }
+
+        // Two workloads on one inbound address:port would make two sidecars fight for a socket.
+        let mut inbound: BTreeMap<(IpAddr, u32), String> = BTreeMap::new();
+        for w in mesh.workloads.values() {
+            for port in mesh.inbound_ports(w) {
+                if let Some(other) = inbound.insert((w.address, port.0), w.id()) {
+                    if other != w.id() {
+                        if let Some(we) = wes.iter().find(|we| we.name == w.name && we.namespace == w.namespace) {
+                            errs.push(we, "WorkloadEntry", "spec.address", format!("{}:{} is already the inbound address of workload {other}", w.address, port.0));
+                        }
+                    }
+                }
+            }
+        }
+
+        if errs.0.is_empty() {
+            Ok(mesh)
+        } else {
+            Err(errs.0)
+        }
+    }
+
+    /// Services whose selector picks this workload.
+    pub fn services_of<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+        self.services.values().filter(move |s| {
+            s.namespace == w.namespace && s.selector.as_ref().is_some_and(|sel| selects(sel, &w.labels))
+        })
+    }
+
+    /// Distinct (workload port, protocol) pairs the sidecar must accept inbound.
+    pub fn inbound_ports(&self, w: &Workload) -> BTreeSet<(u32, Protocol)> {
+        let mut out = BTreeSet::new();
+        for s in self.services_of(w) {
+            for p in &s.ports {
+                let ep_port = w.ports.get(&p.name).copied().or(p.target_port).unwrap_or(p.number);
+                out.insert((ep_port, p.protocol));
+            }
+        }
+        out
+    }
+
+    /// Endpoints of a service port, optionally narrowed to a subset.
+    pub fn subset_endpoints<'a>(&'a self, svc: &'a Service, subset: Option<&str>) -> Vec<&'a Endpoint> {
+        let labels = subset.and_then(|s| {
+            self.destination_rules
+                .get(&svc.fqdn)
+                .and_then(|dr| dr.subsets.get(s))
+                .map(|s| &s.labels)
+        });
+        svc.endpoints
+            .iter()
+            .filter(|e| labels.is_none_or(|l| selects(l, &e.labels)))
+            .collect()
+    }
+}

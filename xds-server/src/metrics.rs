@@ -1,0 +1,94 @@
+//! Prometheus metrics, served on the admin port at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub connected: Family<ModeLabel, Gauge>,
+    pub pushes: Family<TypeLabel, Counter>,
+    pub push_bytes: Family<TypeLabel, Counter>,
+    pub acks: Family<TypeLabel, Counter>,
+    pub nacks: Family<TypeLabel, Counter>,
+    /// From a snapshot being published to a response built from it being handed to the transport.
+    pub push_latency: Family<TypeLabel, Histogram>,
+    /// From a snapshot being published to the proxy ACKing a response built from it.
+    pub ack_latency: Family<TypeLabel, Histogram>,
+    pub config_errors: Gauge,
+    pub config_reloads: Family<ResultLabel, Counter>,
+    pub snapshot_generation: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("trellis");
+        let connected = Family::<ModeLabel, Gauge>::default();
+        let pushes = Family::<TypeLabel, Counter>::default();
+        let push_bytes = Family::<TypeLabel, Counter>::default();
+        let acks = Family::<TypeLabel, Counter>::default();
+        let nacks = Family::<TypeLabel, Counter>::default();
+        let push_latency = Family::<TypeLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let ack_latency = Family::<TypeLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let config_errors = Gauge::default();
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        let snapshot_generation = Gauge::default();
+        registry.register("xds_connected_proxies", "Proxies with an open ADS stream", connected.clone());
+        registry.register("xds_pushes", "xDS responses sent", pushes.clone());
+        registry.register("xds_push_bytes", "Bytes of xDS responses sent", push_bytes.clone());
+        registry.register("xds_acks", "xDS responses ACKed", acks.clone());
+        registry.register("xds_nacks", "xDS responses rejected by proxies", nacks.clone());
+        registry.register("xds_push_latency_seconds", "Config change to response sent", push_latency.clone());
+        registry.register("xds_ack_latency_seconds", "Config change to response ACKed", ack_latency.clone());
+        registry.register("config_errors", "Config files currently rejected", config_errors.clone());
+        registry.register("config_reloads", "Config reloads by result", config_reloads.clone());
+        registry.register("snapshot_generation", "Generation of the newest snapshot", snapshot_generation.clone());
+        Metrics {
+            registry,
+            connected,
+            pushes,
+            push_bytes,
+            acks,
+            nacks,
+            push_latency,
+            ack_latency,
+            config_errors,
+            config_reloads,
+            snapshot_generation,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,124 @@
+use super::{ads, any, duration, inbound_cluster_name, outbound_cluster_name};
+use crate::mesh::{MeshState, Protocol, Workload};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
+    Cluster,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    address::Address as AddressKind, socket_address::PortSpecifier, Address, Http2ProtocolOptions, SocketAddress,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options::{explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions},
+    HttpProtocolOptions,
+};
+use std::net::IpAddr;
+
+fn lb_policy(name: Option<&str>) -> LbPolicy {
+    match name {
+        Some("LEAST_REQUEST") | Some("LEAST_CONN") => LbPolicy::LeastRequest,
+        Some("RANDOM") => LbPolicy::Random,
+        _ => LbPolicy::RoundRobin,
+    }
+}
+
+fn h2_options(cluster: &mut Cluster) {
+    let opts = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())),
+        })),
+        ..Default::default()
+    };
+    // A single-entry map, so the encoding (and thus the content-hash version) is deterministic.
+    cluster
+        .typed_extension_protocol_options
+        .insert("envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(), any(&opts));
+}
+
+fn eds_cluster(mesh: &MeshState, name: String, lb: Option<&str>, protocol: Protocol) -> Cluster {
+    let mut c = Cluster {
+        name,
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(duration(mesh.connect_timeout)),
+        lb_policy: lb_policy(lb) as i32,
+        ..Default::default()
+    };
+    if protocol.is_h2() {
+        h2_options(&mut c);
+    }
+    c
+}
+
+/// One EDS cluster per service port, plus one per DestinationRule subset.
+pub fn outbound_clusters(mesh: &MeshState) -> Vec<Cluster> {
+    let mut out = Vec::new();
+    for svc in mesh.services.values() {
+        let dr = mesh.destination_rules.get(&svc.fqdn);
+        let default_lb = dr.and_then(|d| d.lb.as_deref());
+        for p in &svc.ports {
+            out.push(eds_cluster(mesh, outbound_cluster_name(p.number, None, &svc.fqdn), default_lb, p.protocol));
+            if let Some(dr) = dr {
+                for (subset, info) in &dr.subsets {
+                    let lb = info.lb.as_deref().or(default_lb);
+                    out.push(eds_cluster(
+                        mesh,
+                        outbound_cluster_name(p.number, Some(subset), &svc.fqdn),
+                        lb,
+                        p.protocol,
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+pub(crate) fn socket_address(ip: IpAddr, port: u32) -> Address {
+    Address {
+        address: Some(AddressKind::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Static clusters from the sidecar to its own application, one per inbound port.
+pub fn inbound_clusters(mesh: &MeshState, w: &Workload) -> Vec<Cluster> {
+    mesh.inbound_ports(w)
+        .into_iter()
+        .map(|(port, protocol)| {
+            let name = inbound_cluster_name(port);
+            let mut c = Cluster {
+                name: name.clone(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+                connect_timeout: Some(duration(mesh.connect_timeout)),
+                load_assignment: Some(ClusterLoadAssignment {
+                    cluster_name: name,
+                    endpoints: vec![LocalityLbEndpoints {
+                        lb_endpoints: vec![LbEndpoint {
+                            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                                address: Some(socket_address(w.app_address, port)),
+                                ..Default::default()
+                            })),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            if protocol.is_h2() {
+                h2_options(&mut c);
+            }
+            c
+        })
+        .collect()
+}

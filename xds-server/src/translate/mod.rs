@@ -1,0 +1,61 @@
+//! Mesh model -> Envoy resources for sidecars in explicit interception mode.
+//!
+//! Naming follows Istio so a config dump reads the same: clusters
+//! `outbound|PORT|SUBSET|FQDN` and `inbound|PORT||`, route configurations named by port,
+//! virtual hosts `FQDN:PORT`. Which proxies share which output (DESIGN.md "proxy classes"):
+//! outbound clusters and endpoints are mesh-wide, route configurations depend on the
+//! proxy's namespace (short host names), listeners and inbound clusters on its workload.
+
+mod clusters;
+mod endpoints;
+mod listeners;
+mod routes;
+
+pub use clusters::{inbound_clusters, outbound_clusters};
+pub use endpoints::endpoints;
+pub use listeners::listeners;
+pub use routes::routes;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    config_source::ConfigSourceSpecifier, AggregatedConfigSource, ApiVersion, ConfigSource,
+};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+
+pub fn outbound_cluster_name(port: u32, subset: Option<&str>, fqdn: &str) -> String {
+    format!("outbound|{port}|{}|{fqdn}", subset.unwrap_or(""))
+}
+
+pub fn inbound_cluster_name(port: u32) -> String {
+    format!("inbound|{port}||")
+}
+
+pub(crate) fn any<M: prost::Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+pub(crate) fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn duration(d: std::time::Duration) -> PbDuration {
+    PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// Who a proxy is, as far as translation cares.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ProxyScope {
+    /// A sidecar of a known WorkloadEntry (`name.namespace`).
+    Workload(String),
+    /// A proxy that is not a known workload: outbound-only, bound on `127.0.0.1`.
+    Namespace(String),
+}
