@@ -15,4 +15,5 @@ pub mod controller;
 pub mod dump;
 pub mod mesh;
 pub mod metrics;
+pub mod server;
 pub mod translate;

@@ -4,15 +4,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
-use xds_server::admin::{self, AdminState};
-use xds_server::ads::{status::ProxyRegistry, AdsService, AdsShared};
 use xds_server::bootstrap::{bootstrap, BootstrapOptions};
 use xds_server::config::store::ConfigStore;
-use xds_server::controller::Controller;
-use xds_server::metrics::Metrics;
+use xds_server::server::Server;
 
 #[derive(Parser, Debug)]
 #[command(name = "xds-server", version, about = "Trellis mesh control plane: xDS for Envoy sidecars from Istio-style YAML")]
@@ -79,27 +75,13 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
 }
 
 async fn serve(config_dir: PathBuf, xds_addr: SocketAddr, admin_addr: SocketAddr) -> Result<()> {
-    let metrics = Arc::new(Metrics::default());
-    let controller = Controller::open(&config_dir, metrics.clone())?;
-    let xds_listener = bind(xds_addr, "xDS").await?;
-    let admin_listener = bind(admin_addr, "the admin API").await?;
+    let xds = bind(xds_addr, "xDS").await?;
+    let admin = bind(admin_addr, "the admin API").await?;
     if !xds_addr.ip().is_loopback() {
         warn!(addr = %xds_addr, "plaintext xDS is bound off loopback: anyone who reaches it gets the mesh config");
     }
-    let _watch = controller.watch().context("cannot watch the config dir")?;
-    let registry = Arc::new(ProxyRegistry::default());
-    let shared = AdsShared {
-        snapshots: controller.subscribe(),
-        registry: registry.clone(),
-        metrics: metrics.clone(),
-    };
-    let admin = admin::router(AdminState {
-        controller: controller.clone(),
-        registry,
-        metrics,
-    });
-    info!(xds = %xds_addr, admin = %admin_addr, config_dir = %config_dir.display(), "xds-server serving");
-
+    let server = Server::start(config_dir.clone(), xds, admin).await?;
+    info!(xds = %server.xds_addr, admin = %server.admin_addr, config_dir = %config_dir.display(), "xds-server serving");
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -108,18 +90,7 @@ async fn serve(config_dir: PathBuf, xds_addr: SocketAddr, admin_addr: SocketAddr
         }
         info!("shutting down");
     };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
-    let xds = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(AdsService::new(shared))
-        .serve_with_incoming_shutdown(incoming, shutdown);
-    let admin = axum::serve(admin_listener, admin);
-    tokio::select! {
-        r = xds => r.context("xDS server failed")?,
-        r = admin => r.context("admin server failed")?,
-    }
-    Ok(())
+    server.run_until(shutdown).await.map_err(anyhow::Error::msg)
 }
 
 fn print_bootstrap(workload: &str, config_dir: PathBuf, xds_addr: SocketAddr, admin_port: u16, delta: bool) -> Result<()> {

@@ -1,0 +1,109 @@
+//! The running server: config controller, ADS on one listener, admin on another.
+//! `main` is a thin wrapper over [`Server::start`]; tests start servers in-process the same way.
+
+use crate::admin::{self, AdminState};
+use crate::ads::{status::ProxyRegistry, AdsService, AdsShared};
+use crate::config::store::StoreError;
+use crate::controller::Controller;
+use crate::metrics::Metrics;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] StoreError),
+    #[error("cannot watch the config dir: {0}")]
+    Watch(#[from] notify::Error),
+    #[error("cannot read the local address of a listener: {0}")]
+    Listener(#[source] std::io::Error),
+}
+
+pub struct Server {
+    pub xds_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub controller: Arc<Controller>,
+    pub registry: Arc<ProxyRegistry>,
+    pub metrics: Arc<Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<Result<(), String>>,
+    _watch: JoinHandle<()>,
+}
+
+impl Server {
+    /// Loads `config_dir`, then serves ADS on `xds` and the admin API on `admin` until
+    /// [`Server::stop`] is called or the returned server is dropped.
+    pub async fn start(config_dir: PathBuf, xds: TcpListener, admin: TcpListener) -> Result<Server, ServerError> {
+        let metrics = Arc::new(Metrics::default());
+        let controller = Controller::open(&config_dir, metrics.clone())?;
+        let watch = controller.watch()?;
+        let registry = Arc::new(ProxyRegistry::default());
+        let xds_addr = xds.local_addr().map_err(ServerError::Listener)?;
+        let admin_addr = admin.local_addr().map_err(ServerError::Listener)?;
+        let shared = AdsShared {
+            snapshots: controller.subscribe(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+        };
+        let router = admin::router(AdminState {
+            controller: controller.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
+            let xds = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                .add_service(AdsService::new(shared))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                });
+            let admin = axum::serve(admin, router);
+            tokio::select! {
+                r = xds => r.map_err(|e| format!("xDS server failed: {e}")),
+                r = admin => r.map_err(|e| format!("admin server failed: {e}")),
+            }
+        });
+        Ok(Server {
+            xds_addr,
+            admin_addr,
+            controller,
+            registry,
+            metrics,
+            stop: Some(stop),
+            task,
+            _watch: watch,
+        })
+    }
+
+    /// Runs until `signal` resolves, then stops serving.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<(), String> {
+        tokio::select! {
+            r = &mut self.task => return r.map_err(|e| e.to_string())?,
+            _ = signal => {}
+        }
+        self.stop();
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.abort();
+        self._watch.abort();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
