@@ -11,9 +11,11 @@ fn main() {
         println!("cargo:rustc-env=ENVOY_TYPES_DESCRIPTORS={p}");
         return;
     }
-    let cargo_home = std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
-    });
+    let cargo_home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
+        });
     let src = cargo_home.join("registry").join("src");
     let rel = format!("envoy-types-{ENVOY_TYPES_VERSION}/src/generated/types.bin");
     let found = std::fs::read_dir(&src)

@@ -59,10 +59,18 @@ struct DumpQuery {
 
 async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) -> Response {
     let Some(id) = q.proxy else {
-        return (StatusCode::BAD_REQUEST, "missing ?proxy=NODE_ID (or ?proxy=NAME.NAMESPACE)\n").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "missing ?proxy=NODE_ID (or ?proxy=NAME.NAMESPACE)\n",
+        )
+            .into_response();
     };
     let Some(p) = s.registry.find(&id) else {
-        return (StatusCode::NOT_FOUND, format!("no connected proxy `{id}`; see /debug/syncz\n")).into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no connected proxy `{id}`; see /debug/syncz\n"),
+        )
+            .into_response();
     };
     let snap = s.controller.snapshot();
     let scope = snap.scope(p.node.workload.as_deref(), &p.node.namespace);
@@ -86,7 +94,10 @@ async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) ->
 
 async fn metrics(State(s): State<AdminState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.render(),
     )
         .into_response()

@@ -47,7 +47,10 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn open(dir: impl Into<PathBuf>, metrics: Arc<Metrics>) -> Result<Arc<Controller>, StoreError> {
+    pub fn open(
+        dir: impl Into<PathBuf>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Controller>, StoreError> {
         let (store, outcome) = ConfigStore::open(dir)?;
         for e in &outcome.new_errors {
             error!(error = %e, "config rejected");
@@ -82,7 +85,10 @@ impl Controller {
         let errors: Vec<ConfigErrorView> = store
             .errors()
             .into_iter()
-            .map(|e| ConfigErrorView { message: e.to_string(), error: e })
+            .map(|e| ConfigErrorView {
+                message: e.to_string(),
+                error: e,
+            })
             .collect();
         self.metrics.config_errors.set(errors.len() as i64);
         self.metrics.snapshot_generation.set(snap.generation as i64);
@@ -109,20 +115,34 @@ impl Controller {
         };
         let reloads = self.status().reloads + 1;
         let Some((outcome, mesh)) = outcome else {
-            self.metrics.config_reloads.get_or_create(&ResultLabel { result: "error" }).inc();
+            self.metrics
+                .config_reloads
+                .get_or_create(&ResultLabel { result: "error" })
+                .inc();
             self.update_status(reloads);
             return;
         };
         for e in &outcome.new_errors {
             error!(error = %e, "config rejected; the last good version stays in effect");
         }
-        let result = if outcome.new_errors.is_empty() { "ok" } else { "rejected" };
-        self.metrics.config_reloads.get_or_create(&ResultLabel { result }).inc();
+        let result = if outcome.new_errors.is_empty() {
+            "ok"
+        } else {
+            "rejected"
+        };
+        self.metrics
+            .config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
         if outcome.changed {
             let generation = self.snapshot().generation + 1;
             let started = std::time::Instant::now();
             let snap = Arc::new(Snapshot::build(generation, mesh));
-            info!(version = generation, build_ms = started.elapsed().as_millis() as u64, "config changed; publishing snapshot");
+            info!(
+                version = generation,
+                build_ms = started.elapsed().as_millis() as u64,
+                "config changed; publishing snapshot"
+            );
             self.snapshots.send_replace(snap);
         }
         self.update_status(reloads);
@@ -131,14 +151,20 @@ impl Controller {
     /// Watches the folder until the returned handle is dropped or aborted.
     pub fn watch(self: &Arc<Self>) -> Result<tokio::task::JoinHandle<()>, notify::Error> {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(ev) if !ev.kind.is_access() => {
-                let _ = tx.send(());
-            }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "config watch error"),
-        })?;
-        let dir = self.store.lock().unwrap_or_else(|e| e.into_inner()).dir().to_path_buf();
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(ev) if !ev.kind.is_access() => {
+                    let _ = tx.send(());
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "config watch error"),
+            })?;
+        let dir = self
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dir()
+            .to_path_buf();
         watcher.watch(&dir, RecursiveMode::Recursive)?;
         let this = self.clone();
         Ok(tokio::spawn(async move {

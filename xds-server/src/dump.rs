@@ -9,9 +9,11 @@ static DESCRIPTORS: &[u8] = include_bytes!(env!("ENVOY_TYPES_DESCRIPTORS"));
 
 fn pool() -> Result<&'static DescriptorPool, String> {
     static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
-    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTORS).map_err(|e| format!("Envoy descriptors: {e}")))
-        .as_ref()
-        .map_err(Clone::clone)
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(DESCRIPTORS).map_err(|e| format!("Envoy descriptors: {e}"))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
 }
 
 /// Decodes `body` as the message `kind` names and renders it as JSON.

@@ -11,7 +11,11 @@ use xds_server::config::store::ConfigStore;
 use xds_server::server::Server;
 
 #[derive(Parser, Debug)]
-#[command(name = "xds-server", version, about = "Trellis mesh control plane: xDS for Envoy sidecars from Istio-style YAML")]
+#[command(
+    name = "xds-server",
+    version,
+    about = "Trellis mesh control plane: xDS for Envoy sidecars from Istio-style YAML"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,7 +65,9 @@ enum Command {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -83,7 +89,8 @@ async fn serve(config_dir: PathBuf, xds_addr: SocketAddr, admin_addr: SocketAddr
     let server = Server::start(config_dir.clone(), xds, admin).await?;
     info!(xds = %server.xds_addr, admin = %server.admin_addr, config_dir = %config_dir.display(), "xds-server serving");
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
@@ -93,7 +100,13 @@ async fn serve(config_dir: PathBuf, xds_addr: SocketAddr, admin_addr: SocketAddr
     server.run_until(shutdown).await.map_err(anyhow::Error::msg)
 }
 
-fn print_bootstrap(workload: &str, config_dir: PathBuf, xds_addr: SocketAddr, admin_port: u16, delta: bool) -> Result<()> {
+fn print_bootstrap(
+    workload: &str,
+    config_dir: PathBuf,
+    xds_addr: SocketAddr,
+    admin_port: u16,
+    delta: bool,
+) -> Result<()> {
     let (store, outcome) = ConfigStore::open(&config_dir)?;
     for e in &outcome.new_errors {
         eprintln!("warning: {e}");
@@ -104,7 +117,11 @@ fn print_bootstrap(workload: &str, config_dir: PathBuf, xds_addr: SocketAddr, ad
         bail!(
             "unknown workload `{workload}` in {} (known: {})",
             config_dir.display(),
-            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
         );
     };
     let opts = BootstrapOptions {
@@ -120,15 +137,24 @@ fn print_bootstrap(workload: &str, config_dir: PathBuf, xds_addr: SocketAddr, ad
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config_dir, xds_addr, admin_addr, log_format } => {
+        Command::Serve {
+            config_dir,
+            xds_addr,
+            admin_addr,
+            log_format,
+        } => {
             init_tracing(log_format);
             tokio::runtime::Runtime::new()
                 .context("cannot start the async runtime")
                 .and_then(|rt| rt.block_on(serve(config_dir, xds_addr, admin_addr)))
         }
-        Command::Bootstrap { workload, config_dir, xds_addr, admin_port, delta } => {
-            print_bootstrap(&workload, config_dir, xds_addr, admin_port, delta)
-        }
+        Command::Bootstrap {
+            workload,
+            config_dir,
+            xds_addr,
+            admin_port,
+            delta,
+        } => print_bootstrap(&workload, config_dir, xds_addr, admin_port, delta),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

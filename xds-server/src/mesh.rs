@@ -188,7 +188,13 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 
 struct Errors(Vec<ConfigError>);
 impl Errors {
-    fn push<T>(&mut self, o: &Object<T>, kind: &str, field: impl Into<String>, msg: impl Into<String>) {
+    fn push<T>(
+        &mut self,
+        o: &Object<T>,
+        kind: &str,
+        field: impl Into<String>,
+        msg: impl Into<String>,
+    ) {
         self.0.push(ConfigError::new(
             &o.source,
             Some(format!("{kind} {}", o.key())),
@@ -232,7 +238,9 @@ impl MeshState {
         out
     }
 
-    pub fn build<'a>(objects: impl IntoIterator<Item = &'a ConfigObject>) -> Result<MeshState, Vec<ConfigError>> {
+    pub fn build<'a>(
+        objects: impl IntoIterator<Item = &'a ConfigObject>,
+    ) -> Result<MeshState, Vec<ConfigError>> {
         let mut mesh = MeshState::default();
         let mut errs = Errors(Vec::new());
         let mut seen: BTreeMap<(&'static str, String), Source> = BTreeMap::new();
@@ -255,7 +263,15 @@ impl MeshState {
             match obj {
                 ConfigObject::MeshConfig(o) => {
                     if let Some(prev) = mesh_config {
-                        errs.push(o, "MeshConfig", "metadata.name", format!("only one MeshConfig is allowed; another is in {}", describe(&prev.source)));
+                        errs.push(
+                            o,
+                            "MeshConfig",
+                            "metadata.name",
+                            format!(
+                                "only one MeshConfig is allowed; another is in {}",
+                                describe(&prev.source)
+                            ),
+                        );
                     }
                     mesh_config = Some(o);
                 }
@@ -285,7 +301,12 @@ impl MeshState {
                     Some(v) => match v.parse() {
                         Ok(ip) => Some(ip),
                         Err(_) => {
-                            errs.push(we, "WorkloadEntry", format!("metadata.annotations.{key}"), format!("`{v}` is not an IP address"));
+                            errs.push(
+                                we,
+                                "WorkloadEntry",
+                                format!("metadata.annotations.{key}"),
+                                format!("`{v}` is not an IP address"),
+                            );
                             None
                         }
                     },
@@ -293,7 +314,9 @@ impl MeshState {
             };
             let app = annotation_ip(APP_ADDRESS_ANNOTATION, &mut errs);
             let outbound = annotation_ip(OUTBOUND_ADDRESS_ANNOTATION, &mut errs);
-            let (Some(app_address), Some(outbound_address), Ok(address)) = (app, outbound, we.spec.address.parse()) else {
+            let (Some(app_address), Some(outbound_address), Ok(address)) =
+                (app, outbound, we.spec.address.parse())
+            else {
                 continue;
             };
             let w = Workload {
@@ -304,7 +327,11 @@ impl MeshState {
                 outbound_address,
                 ports: we.spec.ports.clone(),
                 labels: we.spec.labels.clone(),
-                service_account: we.spec.service_account.clone().unwrap_or_else(|| "default".into()),
+                service_account: we
+                    .spec
+                    .service_account
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
                 locality: we.spec.locality.clone(),
             };
             mesh.workloads.insert(w.id(), Arc::new(w));
@@ -315,7 +342,15 @@ impl MeshState {
             for (i, host) in se.spec.hosts.iter().enumerate() {
                 let fqdn = mesh.resolve_host(host, &se.namespace);
                 if let Some(prev) = host_owner.get(&fqdn) {
-                    errs.push(se, "ServiceEntry", format!("spec.hosts[{i}]"), format!("host `{fqdn}` is already defined by the ServiceEntry in {}", describe(prev)));
+                    errs.push(
+                        se,
+                        "ServiceEntry",
+                        format!("spec.hosts[{i}]"),
+                        format!(
+                            "host `{fqdn}` is already defined by the ServiceEntry in {}",
+                            describe(prev)
+                        ),
+                    );
                     continue;
                 }
                 host_owner.insert(fqdn.clone(), se.source.clone());
@@ -378,14 +413,28 @@ impl MeshState {
         for dr in &drs {
             let host = mesh.resolve_host(&dr.spec.host, &dr.namespace);
             if !mesh.services.contains_key(&host) {
-                errs.push(dr, "DestinationRule", "spec.host", format!("`{host}` is not a service in the mesh"));
+                errs.push(
+                    dr,
+                    "DestinationRule",
+                    "spec.host",
+                    format!("`{host}` is not a service in the mesh"),
+                );
                 continue;
             }
             if mesh.destination_rules.contains_key(&host) {
-                errs.push(dr, "DestinationRule", "spec.host", format!("another DestinationRule already applies to `{host}`"));
+                errs.push(
+                    dr,
+                    "DestinationRule",
+                    "spec.host",
+                    format!("another DestinationRule already applies to `{host}`"),
+                );
                 continue;
             }
-            let lb = |tp: &Option<TrafficPolicy>| tp.as_ref().and_then(|t| t.load_balancer.as_ref()).map(|l| l.simple.clone());
+            let lb = |tp: &Option<TrafficPolicy>| {
+                tp.as_ref()
+                    .and_then(|t| t.load_balancer.as_ref())
+                    .map(|l| l.simple.clone())
+            };
             mesh.destination_rules.insert(
                 host,
                 Arc::new(DestinationRuleInfo {
@@ -395,7 +444,15 @@ impl MeshState {
                         .spec
                         .subsets
                         .iter()
-                        .map(|s| (s.name.clone(), SubsetInfo { labels: s.labels.clone(), lb: lb(&s.traffic_policy) }))
+                        .map(|s| {
+                            (
+                                s.name.clone(),
+                                SubsetInfo {
+                                    labels: s.labels.clone(),
+                                    lb: lb(&s.traffic_policy),
+                                },
+                            )
+                        })
                         .collect(),
                 }),
             );
@@ -407,10 +464,20 @@ impl MeshState {
             for (i, h) in vs.spec.hosts.iter().enumerate() {
                 let fqdn = mesh.resolve_host(h, &vs.namespace);
                 if !mesh.services.contains_key(&fqdn) {
-                    errs.push(vs, "VirtualService", format!("spec.hosts[{i}]"), format!("`{fqdn}` is not a service in the mesh"));
+                    errs.push(
+                        vs,
+                        "VirtualService",
+                        format!("spec.hosts[{i}]"),
+                        format!("`{fqdn}` is not a service in the mesh"),
+                    );
                     ok = false;
                 } else if let Some(other) = mesh.virtual_services.get(&fqdn) {
-                    errs.push(vs, "VirtualService", format!("spec.hosts[{i}]"), format!("`{fqdn}` is already routed by VirtualService {}", other.key));
+                    errs.push(
+                        vs,
+                        "VirtualService",
+                        format!("spec.hosts[{i}]"),
+                        format!("`{fqdn}` is already routed by VirtualService {}", other.key),
+                    );
                     ok = false;
                 }
                 hosts.push(fqdn);
@@ -422,26 +489,44 @@ impl MeshState {
                     let f = format!("spec.http[{i}].route[{j}].destination");
                     let host = mesh.resolve_host(&d.destination.host, &vs.namespace);
                     let Some(svc) = mesh.services.get(&host) else {
-                        errs.push(vs, "VirtualService", format!("{f}.host"), format!("`{host}` is not a service in the mesh"));
+                        errs.push(
+                            vs,
+                            "VirtualService",
+                            format!("{f}.host"),
+                            format!("`{host}` is not a service in the mesh"),
+                        );
                         ok = false;
                         continue;
                     };
                     let port = d.destination.port.as_ref().map(|p| p.number);
                     if let Some(p) = port {
                         if svc.port(p).is_none() {
-                            errs.push(vs, "VirtualService", format!("{f}.port.number"), format!("service `{host}` has no port {p}"));
+                            errs.push(
+                                vs,
+                                "VirtualService",
+                                format!("{f}.port.number"),
+                                format!("service `{host}` has no port {p}"),
+                            );
                             ok = false;
                         }
                     }
                     if let Some(subset) = &d.destination.subset {
-                        let defined = mesh.destination_rules.get(&host).is_some_and(|dr| dr.subsets.contains_key(subset));
+                        let defined = mesh
+                            .destination_rules
+                            .get(&host)
+                            .is_some_and(|dr| dr.subsets.contains_key(subset));
                         if !defined {
                             errs.push(vs, "VirtualService", format!("{f}.subset"), format!("subset `{subset}` of `{host}` is not defined by any DestinationRule"));
                             ok = false;
                         }
                     }
                     let weight = d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 });
-                    destinations.push(RouteDestination { host, subset: d.destination.subset.clone(), port, weight });
+                    destinations.push(RouteDestination {
+                        host,
+                        subset: d.destination.subset.clone(),
+                        port,
+                        weight,
+                    });
                 }
                 http.push(HttpRouteRule {
                     name: r.name.clone(),
@@ -450,13 +535,21 @@ impl MeshState {
                     timeout: r.timeout.as_deref().and_then(|t| parse_duration(t).ok()),
                     retries: r.retries.as_ref().map(|rt| RetryPolicy {
                         attempts: rt.attempts,
-                        per_try_timeout: rt.per_try_timeout.as_deref().and_then(|t| parse_duration(t).ok()),
+                        per_try_timeout: rt
+                            .per_try_timeout
+                            .as_deref()
+                            .and_then(|t| parse_duration(t).ok()),
                         retry_on: rt.retry_on.clone(),
                     }),
                 });
             }
             if ok {
-                let info = Arc::new(VirtualService { key: vs.key(), namespace: vs.namespace.clone(), hosts: hosts.clone(), http });
+                let info = Arc::new(VirtualService {
+                    key: vs.key(),
+                    namespace: vs.namespace.clone(),
+                    hosts: hosts.clone(),
+                    http,
+                });
                 for h in hosts {
                     mesh.virtual_services.insert(h, info.clone());
                 }
@@ -469,8 +562,19 @@ impl MeshState {
             for port in mesh.inbound_ports(w) {
                 if let Some(other) = inbound.insert((w.address, port.0), w.id()) {
                     if other != w.id() {
-                        if let Some(we) = wes.iter().find(|we| we.name == w.name && we.namespace == w.namespace) {
-                            errs.push(we, "WorkloadEntry", "spec.address", format!("{}:{} is already the inbound address of workload {other}", w.address, port.0));
+                        if let Some(we) = wes
+                            .iter()
+                            .find(|we| we.name == w.name && we.namespace == w.namespace)
+                        {
+                            errs.push(
+                                we,
+                                "WorkloadEntry",
+                                "spec.address",
+                                format!(
+                                    "{}:{} is already the inbound address of workload {other}",
+                                    w.address, port.0
+                                ),
+                            );
                         }
                     }
                 }
@@ -485,9 +589,15 @@ impl MeshState {
     }
 
     /// Services whose selector picks this workload.
-    pub fn services_of<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+    pub fn services_of<'a>(
+        &'a self,
+        w: &'a Workload,
+    ) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
         self.services.values().filter(move |s| {
-            s.namespace == w.namespace && s.selector.as_ref().is_some_and(|sel| selects(sel, &w.labels))
+            s.namespace == w.namespace
+                && s.selector
+                    .as_ref()
+                    .is_some_and(|sel| selects(sel, &w.labels))
         })
     }
 
@@ -496,7 +606,12 @@ impl MeshState {
         let mut out = BTreeSet::new();
         for s in self.services_of(w) {
             for p in &s.ports {
-                let ep_port = w.ports.get(&p.name).copied().or(p.target_port).unwrap_or(p.number);
+                let ep_port = w
+                    .ports
+                    .get(&p.name)
+                    .copied()
+                    .or(p.target_port)
+                    .unwrap_or(p.number);
                 out.insert((ep_port, p.protocol));
             }
         }
@@ -504,7 +619,11 @@ impl MeshState {
     }
 
     /// Endpoints of a service port, optionally narrowed to a subset.
-    pub fn subset_endpoints<'a>(&'a self, svc: &'a Service, subset: Option<&str>) -> Vec<&'a Endpoint> {
+    pub fn subset_endpoints<'a>(
+        &'a self,
+        svc: &'a Service,
+        subset: Option<&str>,
+    ) -> Vec<&'a Endpoint> {
         let labels = subset.and_then(|s| {
             self.destination_rules
                 .get(&svc.fqdn)

@@ -53,21 +53,57 @@ impl Default for Metrics {
         let push_bytes = Family::<TypeLabel, Counter>::default();
         let acks = Family::<TypeLabel, Counter>::default();
         let nacks = Family::<TypeLabel, Counter>::default();
-        let push_latency = Family::<TypeLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let ack_latency = Family::<TypeLabel, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let push_latency = Family::<TypeLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let ack_latency = Family::<TypeLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
         let config_errors = Gauge::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
         let snapshot_generation = Gauge::default();
-        registry.register("xds_connected_proxies", "Proxies with an open ADS stream", connected.clone());
+        registry.register(
+            "xds_connected_proxies",
+            "Proxies with an open ADS stream",
+            connected.clone(),
+        );
         registry.register("xds_pushes", "xDS responses sent", pushes.clone());
-        registry.register("xds_push_bytes", "Bytes of xDS responses sent", push_bytes.clone());
+        registry.register(
+            "xds_push_bytes",
+            "Bytes of xDS responses sent",
+            push_bytes.clone(),
+        );
         registry.register("xds_acks", "xDS responses ACKed", acks.clone());
-        registry.register("xds_nacks", "xDS responses rejected by proxies", nacks.clone());
-        registry.register("xds_push_latency_seconds", "Config change to response sent", push_latency.clone());
-        registry.register("xds_ack_latency_seconds", "Config change to response ACKed", ack_latency.clone());
-        registry.register("config_errors", "Config files currently rejected", config_errors.clone());
-        registry.register("config_reloads", "Config reloads by result", config_reloads.clone());
-        registry.register("snapshot_generation", "Generation of the newest snapshot", snapshot_generation.clone());
+        registry.register(
+            "xds_nacks",
+            "xDS responses rejected by proxies",
+            nacks.clone(),
+        );
+        registry.register(
+            "xds_push_latency_seconds",
+            "Config change to response sent",
+            push_latency.clone(),
+        );
+        registry.register(
+            "xds_ack_latency_seconds",
+            "Config change to response ACKed",
+            ack_latency.clone(),
+        );
+        registry.register(
+            "config_errors",
+            "Config files currently rejected",
+            config_errors.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "snapshot_generation",
+            "Generation of the newest snapshot",
+            snapshot_generation.clone(),
+        );
         Metrics {
             registry,
             connected,

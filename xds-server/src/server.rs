@@ -38,7 +38,11 @@ pub struct Server {
 impl Server {
     /// Loads `config_dir`, then serves ADS on `xds` and the admin API on `admin` until
     /// [`Server::stop`] is called or the returned server is dropped.
-    pub async fn start(config_dir: PathBuf, xds: TcpListener, admin: TcpListener) -> Result<Server, ServerError> {
+    pub async fn start(
+        config_dir: PathBuf,
+        xds: TcpListener,
+        admin: TcpListener,
+    ) -> Result<Server, ServerError> {
         let metrics = Arc::new(Metrics::default());
         let controller = Controller::open(&config_dir, metrics.clone())?;
         let watch = controller.watch()?;

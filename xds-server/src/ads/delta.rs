@@ -40,7 +40,13 @@ struct Stream {
     nonce: u64,
 }
 
-fn frame(system_version: &str, kind: TypeKind, nonce: &str, resources: &[Arc<Resource>], removed: &[String]) -> Frame {
+fn frame(
+    system_version: &str,
+    kind: TypeKind,
+    nonce: &str,
+    resources: &[Arc<Resource>],
+    removed: &[String],
+) -> Frame {
     // DeltaDiscoveryResponse { system_version_info = 1; resources = 2; type_url = 4;
     //                          nonce = 5; removed_resources = 6; }
     let mut head = BytesMut::with_capacity(96 + removed.iter().map(|r| r.len() + 4).sum::<usize>());
@@ -76,7 +82,8 @@ impl Stream {
             // Legacy wildcard: the first request of CDS/LDS subscribing to nothing.
             st.wildcard = req.resource_names_subscribe.is_empty() && kind.wildcard_by_default();
             for (name, version) in &req.initial_resource_versions {
-                st.known.insert(Arc::from(name.as_str()), Arc::from(version.as_str()));
+                st.known
+                    .insert(Arc::from(name.as_str()), Arc::from(version.as_str()));
             }
         }
         if !req.response_nonce.is_empty() {
@@ -85,7 +92,9 @@ impl Stream {
                     Some(e) => record_nack(shared, &self.status, kind, sent, &e.message),
                     None => record_ack(shared, &self.status, kind, sent),
                 },
-                None => debug!(node = %self.status.node.id, type_url = %req.type_url, nonce = %req.response_nonce, "ACK/NACK for a superseded response"),
+                None => {
+                    debug!(node = %self.status.node.id, type_url = %req.type_url, nonce = %req.response_nonce, "ACK/NACK for a superseded response")
+                }
             }
         }
         for n in &req.resource_names_subscribe {
@@ -117,7 +126,11 @@ impl Stream {
         let st = self.types.get_mut(&kind)?;
         let mut resources = Vec::new();
         if st.wildcard {
-            resources.extend(view.iter(kind).filter(|r| st.known.get(&r.name) != Some(&r.version)).cloned());
+            resources.extend(
+                view.iter(kind)
+                    .filter(|r| st.known.get(&r.name) != Some(&r.version))
+                    .cloned(),
+            );
         } else {
             for n in &st.names {
                 if let Some(r) = view.get(kind, n) {
@@ -161,16 +174,30 @@ impl Stream {
         let f = frame(&version, kind, &nonce, &update.resources, &update.removed);
         let bytes = f.len();
         tx.send(Ok(f)).await.map_err(|_| ())?;
-        let Some(st) = self.types.get_mut(&kind) else { return Ok(()) };
+        let Some(st) = self.types.get_mut(&kind) else {
+            return Ok(());
+        };
         for r in &update.resources {
             st.known.insert(r.name.clone(), r.version.clone());
         }
         for n in &update.removed {
             st.known.remove(n.as_str());
         }
-        let change_started = (st.sent.is_some() && st.sent_generation < snap.generation).then_some(snap.created);
-        let sent = Sent { version, nonce, change_started };
-        record_push(shared, &self.status, kind, &sent, update.resources.len(), bytes);
+        let change_started =
+            (st.sent.is_some() && st.sent_generation < snap.generation).then_some(snap.created);
+        let sent = Sent {
+            version,
+            nonce,
+            change_started,
+        };
+        record_push(
+            shared,
+            &self.status,
+            kind,
+            &sent,
+            update.resources.len(),
+            bytes,
+        );
         st.sent = Some(sent);
         st.sent_generation = snap.generation;
         Ok(())
@@ -182,11 +209,16 @@ impl Stream {
         shared: &AdsShared,
         tx: &mpsc::Sender<Result<Frame, Status>>,
     ) -> Result<(), ()> {
-        let scope = snap.scope(self.status.node.workload.as_deref(), &self.status.node.namespace);
+        let scope = snap.scope(
+            self.status.node.workload.as_deref(),
+            &self.status.node.namespace,
+        );
         let view = snap.view(&scope);
         let mut deferred_removals = Vec::new();
         for kind in TypeKind::PUSH_ORDER {
-            let Some(mut update) = self.plan(kind, &view) else { continue };
+            let Some(mut update) = self.plan(kind, &view) else {
+                continue;
+            };
             if kind == TypeKind::Cluster && !update.removed.is_empty() {
                 // Make before break: clusters go only after routes have moved off them.
                 deferred_removals = std::mem::take(&mut update.removed);
@@ -197,8 +229,12 @@ impl Stream {
             self.send(kind, update, snap, shared, tx).await?;
         }
         if !deferred_removals.is_empty() {
-            let update = Update { resources: Vec::new(), removed: deferred_removals };
-            self.send(TypeKind::Cluster, update, snap, shared, tx).await?;
+            let update = Update {
+                resources: Vec::new(),
+                removed: deferred_removals,
+            };
+            self.send(TypeKind::Cluster, update, snap, shared, tx)
+                .await?;
         }
         Ok(())
     }
@@ -225,7 +261,9 @@ pub(super) async fn run(
         }
         None => {
             let _ = tx
-                .send(Err(Status::invalid_argument("the first request of a stream must carry node")))
+                .send(Err(Status::invalid_argument(
+                    "the first request of a stream must carry node",
+                )))
                 .await;
             return;
         }

@@ -46,7 +46,10 @@ impl ConnectedGauge {
 
 impl Drop for ConnectedGauge {
     fn drop(&mut self) {
-        self.metrics.connected.get_or_create(&ModeLabel { mode: self.mode }).dec();
+        self.metrics
+            .connected
+            .get_or_create(&ModeLabel { mode: self.mode })
+            .dec();
     }
 }
 
@@ -66,11 +69,21 @@ pub(crate) fn record_push(
     resources: usize,
     bytes: usize,
 ) {
-    let label = TypeLabel { r#type: kind.short() };
+    let label = TypeLabel {
+        r#type: kind.short(),
+    };
     shared.metrics.pushes.get_or_create(&label).inc();
-    shared.metrics.push_bytes.get_or_create(&label).inc_by(bytes as u64);
+    shared
+        .metrics
+        .push_bytes
+        .get_or_create(&label)
+        .inc_by(bytes as u64);
     if let Some(t) = sent.change_started {
-        shared.metrics.push_latency.get_or_create(&label).observe(t.elapsed().as_secs_f64());
+        shared
+            .metrics
+            .push_latency
+            .get_or_create(&label)
+            .observe(t.elapsed().as_secs_f64());
     }
     status.sent(kind, &sent.version, &sent.nonce, resources);
     tracing::debug!(
@@ -85,17 +98,35 @@ pub(crate) fn record_push(
 }
 
 pub(crate) fn record_ack(shared: &AdsShared, status: &ProxyStatus, kind: TypeKind, sent: &Sent) {
-    let label = TypeLabel { r#type: kind.short() };
+    let label = TypeLabel {
+        r#type: kind.short(),
+    };
     shared.metrics.acks.get_or_create(&label).inc();
     if let Some(t) = sent.change_started {
-        shared.metrics.ack_latency.get_or_create(&label).observe(t.elapsed().as_secs_f64());
+        shared
+            .metrics
+            .ack_latency
+            .get_or_create(&label)
+            .observe(t.elapsed().as_secs_f64());
     }
     status.acked(kind, &sent.version);
     tracing::debug!(node = %status.node.id, type_url = kind.type_url(), version = %sent.version, nonce = %sent.nonce, "ACK");
 }
 
-pub(crate) fn record_nack(shared: &AdsShared, status: &ProxyStatus, kind: TypeKind, sent: &Sent, error: &str) {
-    shared.metrics.nacks.get_or_create(&TypeLabel { r#type: kind.short() }).inc();
+pub(crate) fn record_nack(
+    shared: &AdsShared,
+    status: &ProxyStatus,
+    kind: TypeKind,
+    sent: &Sent,
+    error: &str,
+) {
+    shared
+        .metrics
+        .nacks
+        .get_or_create(&TypeLabel {
+            r#type: kind.short(),
+        })
+        .inc();
     status.nacked(kind, &sent.version, error);
     tracing::warn!(
         node = %status.node.id,

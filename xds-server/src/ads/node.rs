@@ -22,20 +22,28 @@ impl NodeInfo {
         }
         let meta = |k: &str| -> Option<String> {
             use envoy_types::pb::google::protobuf::value::Kind;
-            node.metadata.as_ref()?.fields.get(k).and_then(|v| match &v.kind {
-                Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
-                _ => None,
-            })
+            node.metadata
+                .as_ref()?
+                .fields
+                .get(k)
+                .and_then(|v| match &v.kind {
+                    Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
+                    _ => None,
+                })
         };
         let parts: Vec<&str> = node.id.split('~').collect();
         let (mut workload, mut namespace) = (None, None);
         if parts.len() == 4 {
             if let Some(ns) = parts[3].split('.').next().filter(|s| !s.is_empty()) {
                 namespace = Some(ns.to_string());
-                workload = parts[2].strip_suffix(&format!(".{ns}")).map(|n| format!("{n}.{ns}"));
+                workload = parts[2]
+                    .strip_suffix(&format!(".{ns}"))
+                    .map(|n| format!("{n}.{ns}"));
             }
         }
-        let namespace = meta("NAMESPACE").or(namespace).unwrap_or_else(|| "default".into());
+        let namespace = meta("NAMESPACE")
+            .or(namespace)
+            .unwrap_or_else(|| "default".into());
         if let Some(name) = meta("WORKLOAD_NAME") {
             workload = Some(format!("{name}.{namespace}"));
         }
@@ -62,7 +70,11 @@ mod tests {
         assert_eq!(n.workload.as_deref(), Some("reviews-v1.default"));
         assert_eq!(n.namespace, "default");
 
-        let n = NodeInfo::from_node(&Node { id: "bench-42".into(), ..Default::default() }).unwrap();
+        let n = NodeInfo::from_node(&Node {
+            id: "bench-42".into(),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(n.workload, None);
         assert_eq!(n.namespace, "default");
         assert!(NodeInfo::from_node(&Node::default()).is_err());

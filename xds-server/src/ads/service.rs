@@ -14,8 +14,10 @@ use tonic::body::Body;
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
-const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
-const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+const SOTW_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 /// Responses queued per stream before the stream task waits for the proxy to read.
 /// Small on purpose: waiting here is what lets newer snapshots supersede older ones.
@@ -28,7 +30,9 @@ pub struct AdsService {
 
 impl AdsService {
     pub fn new(shared: AdsShared) -> Self {
-        Self { shared: Arc::new(shared) }
+        Self {
+            shared: Arc::new(shared),
+        }
     }
 }
 
@@ -95,7 +99,9 @@ where
                 let mut grpc = Grpc::new(FrameCodec::<DeltaDiscoveryRequest>::default());
                 Ok(grpc.streaming(Delta(shared), req).await)
             }),
-            _ => Box::pin(async move { Ok(Status::unimplemented("unknown ADS method").into_http()) }),
+            _ => {
+                Box::pin(async move { Ok(Status::unimplemented("unknown ADS method").into_http()) })
+            }
         }
     }
 }

@@ -39,7 +39,12 @@ fn subscription(kind: TypeKind, names: &[String]) -> Option<BTreeSet<String>> {
     }
 }
 
-pub(super) fn frame(version: &str, kind: TypeKind, nonce: &str, resources: &[Arc<Resource>]) -> Frame {
+pub(super) fn frame(
+    version: &str,
+    kind: TypeKind,
+    nonce: &str,
+    resources: &[Arc<Resource>],
+) -> Frame {
     // DiscoveryResponse { version_info = 1; resources = 2; type_url = 4; nonce = 5; }
     let mut head = BytesMut::with_capacity(64 + version.len() + nonce.len());
     wire::string_field(&mut head, 1, version);
@@ -98,9 +103,16 @@ impl Stream {
         let f = frame(&version, kind, &nonce, resources);
         let bytes = f.len();
         tx.send(Ok(f)).await.map_err(|_| ())?;
-        let Some(st) = self.types.get_mut(&kind) else { return Ok(()) };
-        let change_started = (st.sent.is_some() && st.sent_generation < snap.generation).then_some(snap.created);
-        let sent = Sent { version, nonce, change_started };
+        let Some(st) = self.types.get_mut(&kind) else {
+            return Ok(());
+        };
+        let change_started =
+            (st.sent.is_some() && st.sent_generation < snap.generation).then_some(snap.created);
+        let sent = Sent {
+            version,
+            nonce,
+            change_started,
+        };
         record_push(shared, &self.status, kind, &sent, resources.len(), bytes);
         st.sent = Some(sent);
         st.sent_generation = snap.generation;
@@ -117,24 +129,39 @@ impl Stream {
         shared: &AdsShared,
         tx: &mpsc::Sender<Result<Frame, Status>>,
     ) -> Result<(), ()> {
-        let scope = snap.scope(self.status.node.workload.as_deref(), &self.status.node.namespace);
+        let scope = snap.scope(
+            self.status.node.workload.as_deref(),
+            &self.status.node.namespace,
+        );
         let view = snap.view(&scope);
         let mut deferred_clusters = None;
         for kind in TypeKind::PUSH_ORDER {
-            let Some(st) = self.types.get_mut(&kind) else { continue };
+            let Some(st) = self.types.get_mut(&kind) else {
+                continue;
+            };
             let resources: Vec<Arc<Resource>> = match &st.names {
                 None => view.iter(kind).cloned().collect(),
-                Some(names) => names.iter().filter_map(|n| view.get(kind, n).cloned()).collect(),
+                Some(names) => names
+                    .iter()
+                    .filter_map(|n| view.get(kind, n).cloned())
+                    .collect(),
             };
-            let unchanged = st.sent.as_ref().is_some_and(|s| s.version == list_version(&resources));
+            let unchanged = st
+                .sent
+                .as_ref()
+                .is_some_and(|s| s.version == list_version(&resources));
             if unchanged && !st.dirty {
                 continue;
             }
             st.dirty = false;
             if kind == TypeKind::Cluster && st.sent.is_some() {
                 let keep: BTreeSet<&str> = resources.iter().map(|r| &*r.name).collect();
-                let removed: Vec<Arc<Resource>> =
-                    st.sent_clusters.iter().filter(|r| !keep.contains(&*r.name)).cloned().collect();
+                let removed: Vec<Arc<Resource>> = st
+                    .sent_clusters
+                    .iter()
+                    .filter(|r| !keep.contains(&*r.name))
+                    .cloned()
+                    .collect();
                 if !removed.is_empty() {
                     // Removed clusters stay until listeners and routes have moved off them.
                     let mut union = resources.clone();
@@ -148,7 +175,8 @@ impl Stream {
             self.send(kind, &resources, snap, shared, tx).await?;
         }
         if let Some(resources) = deferred_clusters {
-            self.send(TypeKind::Cluster, &resources, snap, shared, tx).await?;
+            self.send(TypeKind::Cluster, &resources, snap, shared, tx)
+                .await?;
         }
         Ok(())
     }
@@ -175,7 +203,9 @@ pub(super) async fn run(
         }
         None => {
             let _ = tx
-                .send(Err(Status::invalid_argument("the first request of a stream must carry node")))
+                .send(Err(Status::invalid_argument(
+                    "the first request of a stream must carry node",
+                )))
                 .await;
             return;
         }

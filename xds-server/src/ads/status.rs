@@ -91,7 +91,11 @@ impl ProxyStatus {
     }
 
     pub fn type_status(&self, kind: TypeKind) -> Option<TypeStatus> {
-        self.types.lock().unwrap_or_else(|e| e.into_inner()).get(&kind).cloned()
+        self.types
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&kind)
+            .cloned()
     }
 
     pub fn view(&self) -> ProxyStatusView {
@@ -158,7 +162,12 @@ impl ProxyRegistry {
     }
 
     pub fn all(&self) -> Vec<Arc<ProxyStatus>> {
-        self.proxies.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.proxies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Finds a proxy by full node id, or by workload `name.namespace`.
@@ -167,7 +176,11 @@ impl ProxyRegistry {
         all.iter()
             .rev()
             .find(|p| p.node.id == id)
-            .or_else(|| all.iter().rev().find(|p| p.node.workload.as_deref() == Some(id)))
+            .or_else(|| {
+                all.iter()
+                    .rev()
+                    .find(|p| p.node.workload.as_deref() == Some(id))
+            })
             .cloned()
     }
 }

@@ -35,15 +35,21 @@ impl TypeKind {
     pub fn type_url(self) -> &'static str {
         match self {
             TypeKind::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-            TypeKind::Endpoint => "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            TypeKind::Endpoint => {
+                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+            }
             TypeKind::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
             TypeKind::Route => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-            TypeKind::Secret => "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            TypeKind::Secret => {
+                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+            }
         }
     }
 
     pub fn from_type_url(url: &str) -> Option<TypeKind> {
-        TypeKind::PUSH_ORDER.into_iter().find(|k| k.type_url() == url)
+        TypeKind::PUSH_ORDER
+            .into_iter()
+            .find(|k| k.type_url() == url)
     }
 
     pub fn short(self) -> &'static str {
@@ -87,7 +93,11 @@ fn len_delimited_size(tag: u32, len: usize) -> usize {
 }
 
 impl Resource {
-    pub fn new<M: prost::Message>(kind: TypeKind, name: impl Into<Arc<str>>, msg: &M) -> Arc<Resource> {
+    pub fn new<M: prost::Message>(
+        kind: TypeKind,
+        name: impl Into<Arc<str>>,
+        msg: &M,
+    ) -> Arc<Resource> {
         Self::from_body(kind, name.into(), Bytes::from(msg.encode_to_vec()))
     }
 
@@ -106,7 +116,9 @@ impl Resource {
 
         // envoy.service.discovery.v3.Resource { version = 1; resource = 2; name = 3; }
         let mut res = BytesMut::with_capacity(
-            len_delimited_size(1, version.len()) + len_delimited_size(2, any.len()) + len_delimited_size(3, name.len()),
+            len_delimited_size(1, version.len())
+                + len_delimited_size(2, any.len())
+                + len_delimited_size(3, name.len()),
         );
         len_delimited(&mut res, 3, name.as_bytes());
         len_delimited(&mut res, 1, version.as_bytes());
@@ -143,7 +155,10 @@ impl ResourceSet {
             h.update(&[0]);
             h.update(r.version.as_bytes());
         }
-        Arc::new(ResourceSet { version: h.digest(), map })
+        Arc::new(ResourceSet {
+            version: h.digest(),
+            map,
+        })
     }
 
     pub fn empty() -> Arc<ResourceSet> {
@@ -166,7 +181,9 @@ pub mod wire {
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryResponse, DiscoveryResponse,
+    };
     use prost::Message;
 
     #[test]
@@ -179,7 +196,10 @@ mod tests {
         let sotw = DiscoveryResponse::decode(r.sotw_field.clone()).unwrap();
         assert_eq!(sotw.resources.len(), 1);
         assert_eq!(sotw.resources[0].type_url, TypeKind::Cluster.type_url());
-        assert_eq!(Cluster::decode(sotw.resources[0].value.as_slice()).unwrap(), c);
+        assert_eq!(
+            Cluster::decode(sotw.resources[0].value.as_slice()).unwrap(),
+            c
+        );
 
         let delta = DeltaDiscoveryResponse::decode(r.delta_field.clone()).unwrap();
         assert_eq!(delta.resources[0].name, c.name);
@@ -190,8 +210,14 @@ mod tests {
 
     #[test]
     fn versions_follow_content() {
-        let a = Cluster { name: "a".into(), ..Default::default() };
-        let b = Cluster { name: "b".into(), ..Default::default() };
+        let a = Cluster {
+            name: "a".into(),
+            ..Default::default()
+        };
+        let b = Cluster {
+            name: "b".into(),
+            ..Default::default()
+        };
         let r1 = Resource::new(TypeKind::Cluster, "a", &a);
         let r2 = Resource::new(TypeKind::Cluster, "a", &a);
         let r3 = Resource::new(TypeKind::Cluster, "a", &b);

@@ -125,13 +125,19 @@ impl Snapshot {
             let mut m = self.views.lock().unwrap_or_else(|e| e.into_inner());
             m.entry(scope.clone()).or_default().clone()
         };
-        cell.get_or_init(|| Arc::new(self.build_view(scope))).clone()
+        cell.get_or_init(|| Arc::new(self.build_view(scope)))
+            .clone()
     }
 
     fn build_view(&self, scope: &ProxyScope) -> ProxyView {
         let mut v = ProxyView::default();
         let ns = match scope {
-            ProxyScope::Workload(id) => self.mesh.workloads.get(id).map(|w| w.namespace.clone()).unwrap_or_default(),
+            ProxyScope::Workload(id) => self
+                .mesh
+                .workloads
+                .get(id)
+                .map(|w| w.namespace.clone())
+                .unwrap_or_default(),
             ProxyScope::Namespace(ns) => ns.clone(),
         };
         v.push_layer(TypeKind::Cluster, self.clusters.clone());
@@ -140,7 +146,11 @@ impl Snapshot {
                 let inbound = translate::inbound_clusters(&self.mesh, w);
                 v.push_layer(
                     TypeKind::Cluster,
-                    ResourceSet::new(inbound.iter().map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c))),
+                    ResourceSet::new(
+                        inbound
+                            .iter()
+                            .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c)),
+                    ),
                 );
             }
         }
@@ -149,7 +159,11 @@ impl Snapshot {
         let listeners = translate::listeners(&self.mesh, scope);
         v.push_layer(
             TypeKind::Listener,
-            ResourceSet::new(listeners.iter().map(|l| Resource::new(TypeKind::Listener, l.name.as_str(), l))),
+            ResourceSet::new(
+                listeners
+                    .iter()
+                    .map(|l| Resource::new(TypeKind::Listener, l.name.as_str(), l)),
+            ),
         );
         v
     }

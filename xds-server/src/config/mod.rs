@@ -25,7 +25,11 @@ pub struct Source {
 
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: document {} (line {})", self.file, self.document, self.line)
+        write!(
+            f,
+            "{}: document {} (line {})",
+            self.file, self.document, self.line
+        )
     }
 }
 
@@ -42,7 +46,12 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub fn new(source: &Source, object: Option<String>, field: Option<String>, message: String) -> Self {
+    pub fn new(
+        source: &Source,
+        object: Option<String>,
+        field: Option<String>,
+        message: String,
+    ) -> Self {
         Self {
             file: source.file.clone(),
             document: Some(source.document),
@@ -155,7 +164,11 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("duration `{s}` has unknown unit `{unit}` (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "duration `{s}` has unknown unit `{unit}` (use ms, s, m or h)"
+            ))
+        }
     };
     if !secs.is_finite() || secs < 0.0 || secs > 315_576_000_000.0 {
         return Err(format!("duration `{s}` is out of range"));

@@ -33,19 +33,13 @@ const KNOWN_UNSUPPORTED: &[&str] = &[
 ];
 
 pub fn parse_file(path: &str, text: &str) -> Result<Vec<ConfigObject>, Vec<ConfigError>> {
-    let file: Arc<str> = Arc::from(path);
     let mut objects = Vec::new();
     let mut errors = Vec::new();
-    for (index, (line, doc)) in split_documents(text).into_iter().enumerate() {
-        let source = Source {
-            file: file.clone(),
-            document: index + 1,
-            line,
-        };
-        match parse_document(&doc, &source) {
+    for doc in parse_documents(path, text) {
+        match doc {
             Ok(Some(obj)) => objects.push(obj),
             Ok(None) => {}
-            Err(e) => errors.push(*e),
+            Err(e) => errors.push(e),
         }
     }
     if errors.is_empty() {
@@ -53,6 +47,23 @@ pub fn parse_file(path: &str, text: &str) -> Result<Vec<ConfigObject>, Vec<Confi
     } else {
         Err(errors)
     }
+}
+
+/// Every document of a file on its own: accepted (`Some`), empty (`None`) or rejected.
+pub fn parse_documents(path: &str, text: &str) -> Vec<Result<Option<ConfigObject>, ConfigError>> {
+    let file: Arc<str> = Arc::from(path);
+    split_documents(text)
+        .into_iter()
+        .enumerate()
+        .map(|(index, (line, doc))| {
+            let source = Source {
+                file: file.clone(),
+                document: index + 1,
+                line,
+            };
+            parse_document(&doc, &source).map_err(|e| *e)
+        })
+        .collect()
 }
 
 /// Returns (first line number, text) per document. Splitting by hand, rather than
@@ -84,7 +95,12 @@ fn split_documents(text: &str) -> Vec<(usize, String)> {
         .collect()
 }
 
-fn err(source: &Source, object: Option<String>, field: Option<String>, message: String) -> Box<ConfigError> {
+fn err(
+    source: &Source,
+    object: Option<String>,
+    field: Option<String>,
+    message: String,
+) -> Box<ConfigError> {
     Box::new(ConfigError::new(source, object, field, message))
 }
 
@@ -107,9 +123,16 @@ fn parse_document(text: &str, source: &Source) -> Result<Option<ConfigObject>, B
         return Err(err(source, None, None, "document is not a mapping".into()));
     };
     let get_str = |k: &str| map.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-    let api_version = get_str("apiVersion")
-        .ok_or_else(|| err(source, None, Some("apiVersion".into()), "missing apiVersion".into()))?;
-    let kind = get_str("kind").ok_or_else(|| err(source, None, Some("kind".into()), "missing kind".into()))?;
+    let api_version = get_str("apiVersion").ok_or_else(|| {
+        err(
+            source,
+            None,
+            Some("apiVersion".into()),
+            "missing apiVersion".into(),
+        )
+    })?;
+    let kind = get_str("kind")
+        .ok_or_else(|| err(source, None, Some("kind".into()), "missing kind".into()))?;
     for key in map.keys() {
         let k = key.as_str().unwrap_or_default();
         if !matches!(k, "apiVersion" | "kind" | "metadata" | "spec" | "status") {
@@ -123,17 +146,40 @@ fn parse_document(text: &str, source: &Source) -> Result<Option<ConfigObject>, B
     }
     let metadata: ObjectMeta = match map.get("metadata") {
         Some(m) => typed(m.clone(), source, &kind, "metadata")?,
-        None => return Err(err(source, Some(kind), Some("metadata".into()), "missing metadata".into())),
+        None => {
+            return Err(err(
+                source,
+                Some(kind),
+                Some("metadata".into()),
+                "missing metadata".into(),
+            ))
+        }
     };
-    let ns = metadata.namespace.clone().unwrap_or_else(|| "default".to_string());
+    let ns = metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
     let object_name = format!("{kind} {ns}/{}", metadata.name);
     validate::object_name(&metadata.name).map_err(|m| {
-        err(source, Some(object_name.clone()), Some("metadata.name".into()), m)
+        err(
+            source,
+            Some(object_name.clone()),
+            Some("metadata.name".into()),
+            m,
+        )
     })?;
     validate::object_name(&ns).map_err(|m| {
-        err(source, Some(object_name.clone()), Some("metadata.namespace".into()), m)
+        err(
+            source,
+            Some(object_name.clone()),
+            Some("metadata.namespace".into()),
+            m,
+        )
     })?;
-    let spec = map.get("spec").cloned().unwrap_or(serde_yaml_ng::Value::Null);
+    let spec = map
+        .get("spec")
+        .cloned()
+        .unwrap_or(serde_yaml_ng::Value::Null);
     let spec = if spec.is_null() {
         serde_yaml_ng::Value::Mapping(Default::default())
     } else {
@@ -151,7 +197,7 @@ fn parse_document(text: &str, source: &Source) -> Result<Option<ConfigObject>, B
             spec,
         }
     }
-        let obj = match (kind.as_str(), is_istio, api_version.as_str()) {
+    let obj = match (kind.as_str(), is_istio, api_version.as_str()) {
         ("ServiceEntry", true, _) => ConfigObject::ServiceEntry(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?)),
         ("WorkloadEntry", true, _) => ConfigObject::WorkloadEntry(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?)),
         ("VirtualService", true, _) => ConfigObject::VirtualService(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?)),
@@ -179,7 +225,8 @@ fn parse_document(text: &str, source: &Source) -> Result<Option<ConfigObject>, B
             ))
         }
     };
-    validate::object(&obj).map_err(|(field, message)| err(source, Some(object_name), Some(field), message))?;
+    validate::object(&obj)
+        .map_err(|(field, message)| err(source, Some(object_name), Some(field), message))?;
     Ok(Some(obj))
 }
 
@@ -191,8 +238,17 @@ fn typed<T: serde::de::DeserializeOwned>(
 ) -> Result<T, Box<ConfigError>> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { prefix.to_string() } else { format!("{prefix}.{path}") };
-        err(source, Some(object.to_string()), Some(field), strip_location(&e.into_inner().to_string()))
+        let field = if path == "." {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{path}")
+        };
+        err(
+            source,
+            Some(object.to_string()),
+            Some(field),
+            strip_location(&e.into_inner().to_string()),
+        )
     })
 }
 

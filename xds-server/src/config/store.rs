@@ -53,7 +53,10 @@ pub struct ReloadOutcome {
 impl ConfigStore {
     pub fn open(dir: impl Into<PathBuf>) -> Result<(ConfigStore, ReloadOutcome), StoreError> {
         let dir = dir.into();
-        let meta = std::fs::metadata(&dir).map_err(|source| StoreError::Unreadable { path: dir.clone(), source })?;
+        let meta = std::fs::metadata(&dir).map_err(|source| StoreError::Unreadable {
+            path: dir.clone(),
+            source,
+        })?;
         if !meta.is_dir() {
             return Err(StoreError::NotADirectory(dir));
         }
@@ -76,17 +79,26 @@ impl ConfigStore {
 
     /// Every error currently keeping a file from taking effect.
     pub fn errors(&self) -> Vec<ConfigError> {
-        self.files.values().flat_map(|f| f.errors.iter().cloned()).collect()
+        self.files
+            .values()
+            .flat_map(|f| f.errors.iter().cloned())
+            .collect()
     }
 
     fn scan(&self) -> Result<Vec<PathBuf>, StoreError> {
         let mut out = Vec::new();
         let mut stack = vec![self.dir.clone()];
         while let Some(d) = stack.pop() {
-            let entries = std::fs::read_dir(&d).map_err(|source| StoreError::Unreadable { path: d.clone(), source })?;
+            let entries = std::fs::read_dir(&d).map_err(|source| StoreError::Unreadable {
+                path: d.clone(),
+                source,
+            })?;
             for e in entries.flatten() {
                 let p = e.path();
-                let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+                let hidden = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('.'));
                 if hidden {
                     continue;
                 }
@@ -111,7 +123,8 @@ impl ConfigStore {
         let paths = self.scan()?;
         let mut outcome = ReloadOutcome::default();
         // Per changed file: the proposed new objects (None = file deleted).
-        let mut proposed: BTreeMap<PathBuf, (u64, Option<Arc<Vec<ConfigObject>>>)> = BTreeMap::new();
+        let mut proposed: BTreeMap<PathBuf, (u64, Option<Arc<Vec<ConfigObject>>>)> =
+            BTreeMap::new();
         for p in &paths {
             let name = self.display(p);
             let text = match std::fs::read(p) {
@@ -142,7 +155,12 @@ impl ConfigStore {
                 }
             }
         }
-        let removed: Vec<PathBuf> = self.files.keys().filter(|k| !paths.contains(k)).cloned().collect();
+        let removed: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|k| !paths.contains(k))
+            .cloned()
+            .collect();
         for p in removed {
             proposed.insert(p, (0, None));
         }
@@ -195,7 +213,11 @@ impl ConfigStore {
                         .map(|e| {
                             let mut e = e.clone();
                             if !changed.iter().any(|c| **c == *e.file) {
-                                e.message = format!("{} (after changes to {})", e.message, changed.join(", "));
+                                e.message = format!(
+                                    "{} (after changes to {})",
+                                    e.message,
+                                    changed.join(", ")
+                                );
                             }
                             e
                         })

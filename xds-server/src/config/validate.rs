@@ -130,16 +130,25 @@ fn service_entry(spec: &ServiceEntrySpec) -> Result<(), FieldError> {
             port(t).map_err(|m| fe(format!("{f}.targetPort"), m))?;
         }
         if !names.insert(p.name.as_str()) {
-            return Err(fe(format!("{f}.name"), format!("duplicate port name `{}`", p.name)));
+            return Err(fe(
+                format!("{f}.name"),
+                format!("duplicate port name `{}`", p.name),
+            ));
         }
         if !numbers.insert(p.number) {
-            return Err(fe(format!("{f}.number"), format!("duplicate port number {}", p.number)));
+            return Err(fe(
+                format!("{f}.number"),
+                format!("duplicate port number {}", p.number),
+            ));
         }
         let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_uppercase();
         if !PROTOCOLS.contains(&proto.as_str()) {
             return Err(fe(
                 format!("{f}.protocol"),
-                format!("protocol `{proto}` is not supported yet (supported: {})", PROTOCOLS.join(", ")),
+                format!(
+                    "protocol `{proto}` is not supported yet (supported: {})",
+                    PROTOCOLS.join(", ")
+                ),
             ));
         }
     }
@@ -168,7 +177,10 @@ fn service_entry(spec: &ServiceEntrySpec) -> Result<(), FieldError> {
     }
     if let Some(sel) = &spec.workload_selector {
         if sel.labels.is_empty() {
-            return Err(fe("spec.workloadSelector.labels", "must select at least one label"));
+            return Err(fe(
+                "spec.workloadSelector.labels",
+                "must select at least one label",
+            ));
         }
     }
     for (i, e) in spec.endpoints.iter().enumerate() {
@@ -192,7 +204,10 @@ fn workload_entry(spec: &WorkloadEntrySpec, f: &str) -> Result<(), FieldError> {
     spec.address.parse::<IpAddr>().map_err(|_| {
         fe(
             format!("{f}.address"),
-            format!("`{}` is not an IP address (DNS endpoints are not supported yet)", spec.address),
+            format!(
+                "`{}` is not an IP address (DNS endpoints are not supported yet)",
+                spec.address
+            ),
         )
     })?;
     for (name, p) in &spec.ports {
@@ -200,7 +215,10 @@ fn workload_entry(spec: &WorkloadEntrySpec, f: &str) -> Result<(), FieldError> {
     }
     if let Some(w) = spec.weight {
         if w == 0 || w > 128 {
-            return Err(fe(format!("{f}.weight"), format!("weight {w} is out of range 1-128")));
+            return Err(fe(
+                format!("{f}.weight"),
+                format!("weight {w} is out of range 1-128"),
+            ));
         }
     }
     if let Some(loc) = &spec.locality {
@@ -226,7 +244,8 @@ fn string_match(m: &StringMatch, f: &str) -> Result<(), FieldError> {
         return Err(fe(f, "exactly one of exact, prefix or regex must be set"));
     }
     if let Some(r) = &m.regex {
-        regex::Regex::new(r).map_err(|e| fe(format!("{f}.regex"), format!("invalid regex: {e}")))?;
+        regex::Regex::new(r)
+            .map_err(|e| fe(format!("{f}.regex"), format!("invalid regex: {e}")))?;
     }
     Ok(())
 }
@@ -268,7 +287,10 @@ fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
         }
     }
     if spec.http.is_empty() {
-        return Err(fe("spec.http", "at least one http route is required (tcp and tls routes are not supported yet)"));
+        return Err(fe(
+            "spec.http",
+            "at least one http route is required (tcp and tls routes are not supported yet)",
+        ));
     }
     for (i, r) in spec.http.iter().enumerate() {
         let f = format!("spec.http[{i}]");
@@ -278,7 +300,10 @@ fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
                 string_match(u, &format!("{mf}.uri"))?;
                 if let Some(p) = u.exact.as_ref().or(u.prefix.as_ref()) {
                     if !p.starts_with('/') {
-                        return Err(fe(format!("{mf}.uri"), format!("path `{p}` must start with '/'")));
+                        return Err(fe(
+                            format!("{mf}.uri"),
+                            format!("path `{p}` must start with '/'"),
+                        ));
                     }
                 }
             }
@@ -287,7 +312,11 @@ fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
             }
             for (name, hm) in &m.headers {
                 let hf = format!("{mf}.headers.{name}");
-                if name.is_empty() || name.chars().any(|c| c.is_ascii_uppercase() || c.is_whitespace()) {
+                if name.is_empty()
+                    || name
+                        .chars()
+                        .any(|c| c.is_ascii_uppercase() || c.is_whitespace())
+                {
                     return Err(fe(hf, "header names must be lowercase and non-empty"));
                 }
                 string_match(hm, &hf)?;
@@ -312,7 +341,10 @@ fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
             total += u64::from(d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }));
         }
         if total == 0 {
-            return Err(fe(format!("{f}.route"), "the weights of the destinations add up to 0"));
+            return Err(fe(
+                format!("{f}.route"),
+                "the weights of the destinations add up to 0",
+            ));
         }
         if let Some(t) = &r.timeout {
             parse_duration(t).map_err(|m| fe(format!("{f}.timeout"), m))?;
@@ -337,15 +369,26 @@ fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
     export_to(&spec.export_to)
 }
 
-pub const LB_POLICIES: &[&str] = &["UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM"];
+pub const LB_POLICIES: &[&str] = &[
+    "UNSPECIFIED",
+    "ROUND_ROBIN",
+    "LEAST_REQUEST",
+    "LEAST_CONN",
+    "RANDOM",
+];
 
 fn traffic_policy(tp: &TrafficPolicy, f: &str) -> Result<(), FieldError> {
     if let Some(lb) = &tp.load_balancer {
         if !LB_POLICIES.contains(&lb.simple.as_str()) {
             let msg = if lb.simple == "PASSTHROUGH" {
-                "PASSTHROUGH needs original-destination routing, which is not supported yet".to_string()
+                "PASSTHROUGH needs original-destination routing, which is not supported yet"
+                    .to_string()
             } else {
-                format!("unknown load balancer `{}` (supported: {})", lb.simple, LB_POLICIES.join(", "))
+                format!(
+                    "unknown load balancer `{}` (supported: {})",
+                    lb.simple,
+                    LB_POLICIES.join(", ")
+                )
             };
             return Err(fe(format!("{f}.loadBalancer.simple"), msg));
         }
@@ -363,7 +406,10 @@ fn destination_rule(spec: &DestinationRuleSpec) -> Result<(), FieldError> {
         let f = format!("spec.subsets[{i}]");
         object_name(&s.name).map_err(|m| fe(format!("{f}.name"), m))?;
         if !names.insert(s.name.as_str()) {
-            return Err(fe(format!("{f}.name"), format!("duplicate subset `{}`", s.name)));
+            return Err(fe(
+                format!("{f}.name"),
+                format!("duplicate subset `{}`", s.name),
+            ));
         }
         if let Some(tp) = &s.traffic_policy {
             traffic_policy(tp, &format!("{f}.trafficPolicy"))?;

@@ -5,13 +5,16 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    address::Address as AddressKind, socket_address::PortSpecifier, Address, Http2ProtocolOptions, SocketAddress,
+    address::Address as AddressKind, socket_address::PortSpecifier, Address, Http2ProtocolOptions,
+    SocketAddress,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
-    http_protocol_options::{explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions},
+    http_protocol_options::{
+        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    },
     HttpProtocolOptions,
 };
 use std::net::IpAddr;
@@ -26,15 +29,20 @@ fn lb_policy(name: Option<&str>) -> LbPolicy {
 
 fn h2_options(cluster: &mut Cluster) {
     let opts = HttpProtocolOptions {
-        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
-            protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())),
-        })),
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                    Http2ProtocolOptions::default(),
+                )),
+            },
+        )),
         ..Default::default()
     };
     // A single-entry map, so the encoding (and thus the content-hash version) is deterministic.
-    cluster
-        .typed_extension_protocol_options
-        .insert("envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(), any(&opts));
+    cluster.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        any(&opts),
+    );
 }
 
 fn eds_cluster(mesh: &MeshState, name: String, lb: Option<&str>, protocol: Protocol) -> Cluster {
@@ -62,7 +70,12 @@ pub fn outbound_clusters(mesh: &MeshState) -> Vec<Cluster> {
         let dr = mesh.destination_rules.get(&svc.fqdn);
         let default_lb = dr.and_then(|d| d.lb.as_deref());
         for p in &svc.ports {
-            out.push(eds_cluster(mesh, outbound_cluster_name(p.number, None, &svc.fqdn), default_lb, p.protocol));
+            out.push(eds_cluster(
+                mesh,
+                outbound_cluster_name(p.number, None, &svc.fqdn),
+                default_lb,
+                p.protocol,
+            ));
             if let Some(dr) = dr {
                 for (subset, info) in &dr.subsets {
                     let lb = info.lb.as_deref().or(default_lb);
@@ -97,7 +110,9 @@ pub fn inbound_clusters(mesh: &MeshState, w: &Workload) -> Vec<Cluster> {
             let name = inbound_cluster_name(port);
             let mut c = Cluster {
                 name: name.clone(),
-                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(
+                    DiscoveryType::Static as i32,
+                )),
                 connect_timeout: Some(duration(mesh.connect_timeout)),
                 load_assignment: Some(ClusterLoadAssignment {
                     cluster_name: name,

@@ -18,20 +18,27 @@ fn locality(l: Option<&str>) -> Option<Locality> {
     })
 }
 
-fn assignment(name: String, port: &ServicePortInfo, eps: &[&MeshEndpoint]) -> ClusterLoadAssignment {
+fn assignment(
+    name: String,
+    port: &ServicePortInfo,
+    eps: &[&MeshEndpoint],
+) -> ClusterLoadAssignment {
     // Grouped by locality in a BTreeMap so the output order (and the version) is stable.
     let mut groups: BTreeMap<Option<&str>, Vec<LbEndpoint>> = BTreeMap::new();
     let mut sorted: Vec<&&MeshEndpoint> = eps.iter().collect();
     sorted.sort_by_key(|e| (e.address, e.port_for(port)));
     for e in sorted {
-        groups.entry(e.locality.as_deref()).or_default().push(LbEndpoint {
-            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                address: Some(socket_address(e.address, e.port_for(port))),
+        groups
+            .entry(e.locality.as_deref())
+            .or_default()
+            .push(LbEndpoint {
+                host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                    address: Some(socket_address(e.address, e.port_for(port))),
+                    ..Default::default()
+                })),
+                load_balancing_weight: e.weight.map(|w| UInt32Value { value: w }),
                 ..Default::default()
-            })),
-            load_balancing_weight: e.weight.map(|w| UInt32Value { value: w }),
-            ..Default::default()
-        });
+            });
     }
     ClusterLoadAssignment {
         cluster_name: name,
@@ -57,15 +64,26 @@ pub fn service_endpoints(mesh: &MeshState, svc: &Service) -> Vec<ClusterLoadAssi
         .unwrap_or_default();
     for p in &svc.ports {
         let all = mesh.subset_endpoints(svc, None);
-        out.push(assignment(outbound_cluster_name(p.number, None, &svc.fqdn), p, &all));
+        out.push(assignment(
+            outbound_cluster_name(p.number, None, &svc.fqdn),
+            p,
+            &all,
+        ));
         for s in &subsets {
             let eps = mesh.subset_endpoints(svc, Some(s));
-            out.push(assignment(outbound_cluster_name(p.number, Some(s), &svc.fqdn), p, &eps));
+            out.push(assignment(
+                outbound_cluster_name(p.number, Some(s), &svc.fqdn),
+                p,
+                &eps,
+            ));
         }
     }
     out
 }
 
 pub fn endpoints(mesh: &MeshState) -> Vec<ClusterLoadAssignment> {
-    mesh.services.values().flat_map(|s| service_endpoints(mesh, s)).collect()
+    mesh.services
+        .values()
+        .flat_map(|s| service_endpoints(mesh, s))
+        .collect()
 }

@@ -2,7 +2,9 @@ use super::clusters::socket_address;
 use super::{ads, any, duration, inbound_cluster_name, ProxyScope};
 use crate::mesh::{MeshState, Protocol, Workload};
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
-use envoy_types::pb::envoy::config::listener::v3::{filter::ConfigType, Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter::ConfigType, Filter, FilterChain, Listener,
+};
 use envoy_types::pb::envoy::config::route::v3::{
     route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route, RouteAction,
     RouteConfiguration, RouteMatch, VirtualHost,

@@ -2,11 +2,13 @@ use super::{duration, outbound_cluster_name};
 use crate::config::model::StringMatch;
 use crate::mesh::{HttpRouteRule, MeshState, RetryPolicy as MeshRetry, Service};
 use envoy_types::pb::envoy::config::route::v3::{
-    header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier,
-    weighted_cluster::ClusterWeight, HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
-    VirtualHost, WeightedCluster,
+    header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier,
+    route_match::PathSpecifier, weighted_cluster::ClusterWeight, HeaderMatcher, RetryPolicy, Route,
+    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, RegexMatcher, StringMatcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    string_matcher::MatchPattern, RegexMatcher, StringMatcher,
+};
 use envoy_types::pb::google::protobuf::UInt32Value;
 use std::collections::BTreeMap;
 
@@ -14,7 +16,8 @@ use std::collections::BTreeMap;
 /// failures that are safe to retry (the request never reached the application).
 fn default_retry() -> RetryPolicy {
     RetryPolicy {
-        retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes".into(),
+        retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+            .into(),
         num_retries: Some(UInt32Value { value: 2 }),
         retriable_status_codes: vec![503],
         ..Default::default()
@@ -31,14 +34,21 @@ fn retry(r: &MeshRetry) -> Option<RetryPolicy> {
         ..Default::default()
     };
     let mut conditions = Vec::new();
-    for c in r.retry_on.as_deref().unwrap_or("connect-failure,refused-stream,unavailable,cancelled,5xx").split(',') {
+    for c in r
+        .retry_on
+        .as_deref()
+        .unwrap_or("connect-failure,refused-stream,unavailable,cancelled,5xx")
+        .split(',')
+    {
         let c = c.trim();
         match c.parse::<u32>() {
             Ok(code) => policy.retriable_status_codes.push(code),
             Err(_) => conditions.push(c.to_string()),
         }
     }
-    if !policy.retriable_status_codes.is_empty() && !conditions.iter().any(|c| c == "retriable-status-codes") {
+    if !policy.retriable_status_codes.is_empty()
+        && !conditions.iter().any(|c| c == "retriable-status-codes")
+    {
         conditions.push("retriable-status-codes".into());
     }
     policy.retry_on = conditions.join(",");
@@ -86,11 +96,14 @@ fn route_matches(rule: &HttpRouteRule) -> Vec<RouteMatch> {
         .map(|m| {
             let path = match &m.uri {
                 Some(StringMatch { exact: Some(e), .. }) => PathSpecifier::Path(e.clone()),
-                Some(StringMatch { prefix: Some(p), .. }) => PathSpecifier::Prefix(p.clone()),
+                Some(StringMatch {
+                    prefix: Some(p), ..
+                }) => PathSpecifier::Prefix(p.clone()),
                 Some(StringMatch { regex: Some(r), .. }) => PathSpecifier::SafeRegex(regex(r)),
                 _ => PathSpecifier::Prefix("/".into()),
             };
-            let mut headers: Vec<HeaderMatcher> = m.headers.iter().map(|(n, v)| header(n, v)).collect();
+            let mut headers: Vec<HeaderMatcher> =
+                m.headers.iter().map(|(n, v)| header(n, v)).collect();
             if let Some(method) = &m.method {
                 headers.push(header(":method", method));
             }
@@ -105,7 +118,13 @@ fn route_matches(rule: &HttpRouteRule) -> Vec<RouteMatch> {
 
 /// The cluster a destination maps to when reached through route config `port`: an explicit
 /// port wins, then the same port on the destination, then the destination's only port.
-fn destination_cluster(mesh: &MeshState, port: u32, host: &str, subset: Option<&str>, dport: Option<u32>) -> String {
+fn destination_cluster(
+    mesh: &MeshState,
+    port: u32,
+    host: &str,
+    subset: Option<&str>,
+    dport: Option<u32>,
+) -> String {
     let p = dport.unwrap_or_else(|| match mesh.services.get(host) {
         Some(s) if s.port(port).is_none() && s.ports.len() == 1 => s.ports[0].number,
         _ => port,
@@ -113,11 +132,23 @@ fn destination_cluster(mesh: &MeshState, port: u32, host: &str, subset: Option<&
     outbound_cluster_name(p, subset, host)
 }
 
-fn rule_routes(mesh: &MeshState, port: u32, vs_key: &str, idx: usize, rule: &HttpRouteRule) -> Vec<Route> {
+fn rule_routes(
+    mesh: &MeshState,
+    port: u32,
+    vs_key: &str,
+    idx: usize,
+    rule: &HttpRouteRule,
+) -> Vec<Route> {
     let live: Vec<_> = rule.destinations.iter().filter(|d| d.weight > 0).collect();
     let cluster_specifier = if live.len() == 1 {
         let d = live[0];
-        ClusterSpecifier::Cluster(destination_cluster(mesh, port, &d.host, d.subset.as_deref(), d.port))
+        ClusterSpecifier::Cluster(destination_cluster(
+            mesh,
+            port,
+            &d.host,
+            d.subset.as_deref(),
+            d.port,
+        ))
     } else {
         ClusterSpecifier::WeightedClusters(WeightedCluster {
             clusters: live
@@ -141,7 +172,10 @@ fn rule_routes(mesh: &MeshState, port: u32, vs_key: &str, idx: usize, rule: &Htt
         },
         ..Default::default()
     };
-    let name = rule.name.clone().unwrap_or_else(|| format!("{vs_key}#{idx}"));
+    let name = rule
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{vs_key}#{idx}"));
     route_matches(rule)
         .into_iter()
         .map(|m| Route {
@@ -173,7 +207,9 @@ fn virtual_host(mesh: &MeshState, namespace: &str, svc: &Service, port: u32) -> 
                 ..Default::default()
             }),
             action: Some(Action::Route(RouteAction {
-                cluster_specifier: Some(ClusterSpecifier::Cluster(outbound_cluster_name(port, None, &svc.fqdn))),
+                cluster_specifier: Some(ClusterSpecifier::Cluster(outbound_cluster_name(
+                    port, None, &svc.fqdn,
+                ))),
                 timeout: Some(duration(Default::default())),
                 retry_policy: Some(default_retry()),
                 ..Default::default()
@@ -195,7 +231,10 @@ pub fn routes(mesh: &MeshState, namespace: &str) -> Vec<RouteConfiguration> {
     let mut by_port: BTreeMap<u32, Vec<VirtualHost>> = BTreeMap::new();
     for svc in mesh.services.values() {
         for p in svc.ports.iter().filter(|p| p.protocol.is_http()) {
-            by_port.entry(p.number).or_default().push(virtual_host(mesh, namespace, svc, p.number));
+            by_port
+                .entry(p.number)
+                .or_default()
+                .push(virtual_host(mesh, namespace, svc, p.number));
         }
     }
     by_port
