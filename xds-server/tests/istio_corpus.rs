@@ -108,7 +108,7 @@ fn every_corpus_document_is_accepted_or_clearly_rejected() {
         if objs.is_empty() {
             continue;
         }
-        match MeshState::build(objs.into_iter()) {
+        match MeshState::build(objs) {
             Ok(mesh) => {
                 let snap = Snapshot::build(1, std::sync::Arc::new(mesh));
                 let _ = snap.view(&xds_server::translate::ProxyScope::Namespace(

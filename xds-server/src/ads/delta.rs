@@ -1,17 +1,16 @@
 //! Incremental (Delta) ADS streams: only changed resources are sent, removals are named.
 
 use super::codec::Frame;
-use super::node::NodeInfo;
+use super::driver::{Protocol, Responses};
 use super::status::ProxyStatus;
-use super::{record_ack, record_nack, record_push, AdsShared, ConnectedGauge, Sent};
+use super::{record_ack, record_nack, record_push, AdsShared, Sent};
 use crate::cache::{wire, ProxyView, Resource, Snapshot, TypeKind};
 use bytes::{Bytes, BytesMut};
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 #[derive(Default)]
 struct TypeState {
@@ -34,7 +33,7 @@ impl TypeState {
     }
 }
 
-struct Stream {
+pub(crate) struct Stream {
     status: Arc<ProxyStatus>,
     types: BTreeMap<TypeKind, TypeState>,
     nonce: u64,
@@ -69,7 +68,22 @@ struct Update {
     removed: Vec<String>,
 }
 
-impl Stream {
+impl Protocol for Stream {
+    type Request = DeltaDiscoveryRequest;
+    const MODE: &'static str = "delta";
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn new(status: Arc<ProxyStatus>) -> Self {
+        Stream {
+            status,
+            types: BTreeMap::new(),
+            nonce: 0,
+        }
+    }
+
     fn on_request(&mut self, req: DeltaDiscoveryRequest, shared: &AdsShared) {
         let Some(kind) = TypeKind::from_type_url(&req.type_url) else {
             warn!(node = %self.status.node.id, type_url = %req.type_url, "request for a type this server does not serve");
@@ -122,6 +136,44 @@ impl Stream {
         }
     }
 
+    async fn flush(
+        &mut self,
+        snap: &Snapshot,
+        shared: &AdsShared,
+        tx: &Responses,
+    ) -> Result<(), ()> {
+        let scope = snap.scope(
+            self.status.node.workload.as_deref(),
+            &self.status.node.namespace,
+        );
+        let view = snap.view(&scope);
+        let mut deferred_removals = Vec::new();
+        for kind in TypeKind::PUSH_ORDER {
+            let Some(mut update) = self.plan(kind, &view) else {
+                continue;
+            };
+            if kind == TypeKind::Cluster && !update.removed.is_empty() {
+                // Make before break: clusters go only after routes have moved off them.
+                deferred_removals = std::mem::take(&mut update.removed);
+                if update.resources.is_empty() {
+                    continue;
+                }
+            }
+            self.send(kind, update, snap, shared, tx).await?;
+        }
+        if !deferred_removals.is_empty() {
+            let update = Update {
+                resources: Vec::new(),
+                removed: deferred_removals,
+            };
+            self.send(TypeKind::Cluster, update, snap, shared, tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Stream {
     fn plan(&mut self, kind: TypeKind, view: &ProxyView) -> Option<Update> {
         let st = self.types.get_mut(&kind)?;
         let mut resources = Vec::new();
@@ -166,7 +218,7 @@ impl Stream {
         update: Update,
         snap: &Snapshot,
         shared: &AdsShared,
-        tx: &mpsc::Sender<Result<Frame, Status>>,
+        tx: &Responses,
     ) -> Result<(), ()> {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
@@ -202,103 +254,4 @@ impl Stream {
         st.sent_generation = snap.generation;
         Ok(())
     }
-
-    async fn flush(
-        &mut self,
-        snap: &Snapshot,
-        shared: &AdsShared,
-        tx: &mpsc::Sender<Result<Frame, Status>>,
-    ) -> Result<(), ()> {
-        let scope = snap.scope(
-            self.status.node.workload.as_deref(),
-            &self.status.node.namespace,
-        );
-        let view = snap.view(&scope);
-        let mut deferred_removals = Vec::new();
-        for kind in TypeKind::PUSH_ORDER {
-            let Some(mut update) = self.plan(kind, &view) else {
-                continue;
-            };
-            if kind == TypeKind::Cluster && !update.removed.is_empty() {
-                // Make before break: clusters go only after routes have moved off them.
-                deferred_removals = std::mem::take(&mut update.removed);
-                if update.resources.is_empty() {
-                    continue;
-                }
-            }
-            self.send(kind, update, snap, shared, tx).await?;
-        }
-        if !deferred_removals.is_empty() {
-            let update = Update {
-                resources: Vec::new(),
-                removed: deferred_removals,
-            };
-            self.send(TypeKind::Cluster, update, snap, shared, tx)
-                .await?;
-        }
-        Ok(())
-    }
-}
-
-pub(super) async fn run(
-    shared: Arc<AdsShared>,
-    mut requests: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<Frame, Status>>,
-) {
-    let first = match requests.message().await {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
-            debug!(error = %e, "delta ADS stream failed before its first request");
-            return;
-        }
-    };
-    let node = match first.node.as_ref().map(NodeInfo::from_node) {
-        Some(Ok(n)) => n,
-        Some(Err(msg)) => {
-            let _ = tx.send(Err(Status::invalid_argument(msg))).await;
-            return;
-        }
-        None => {
-            let _ = tx
-                .send(Err(Status::invalid_argument(
-                    "the first request of a stream must carry node",
-                )))
-                .await;
-            return;
-        }
-    };
-    let registration = shared.registry.register(node.clone(), "delta");
-    let _gauge = ConnectedGauge::new(shared.metrics.clone(), "delta");
-    info!(node = %node.id, workload = ?node.workload, mode = "delta", "proxy connected");
-    let mut snapshots = shared.snapshots.clone();
-    let mut snap = snapshots.borrow_and_update().clone();
-    let mut stream = Stream {
-        status: registration.status.clone(),
-        types: BTreeMap::new(),
-        nonce: 0,
-    };
-    stream.on_request(first, &shared);
-    loop {
-        if stream.flush(&snap, &shared, &tx).await.is_err() {
-            break;
-        }
-        tokio::select! {
-            r = requests.message() => match r {
-                Ok(Some(req)) => stream.on_request(req, &shared),
-                Ok(None) => break,
-                Err(e) => {
-                    debug!(node = %node.id, error = %e, "delta ADS stream error");
-                    break;
-                }
-            },
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                snap = snapshots.borrow_and_update().clone();
-            }
-        }
-    }
-    info!(node = %node.id, mode = "delta", "proxy disconnected");
 }

@@ -8,6 +8,7 @@
 
 pub mod codec;
 mod delta;
+mod driver;
 pub mod node;
 mod service;
 mod sotw;

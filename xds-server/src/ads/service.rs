@@ -2,7 +2,7 @@
 //! against tonic's server primitives so responses can use [`super::codec::FrameCodec`].
 
 use super::codec::{Frame, FrameCodec};
-use super::{delta, sotw, AdsShared};
+use super::{delta, driver, sotw, AdsShared};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use futures::future::BoxFuture;
 use std::convert::Infallible;
@@ -54,7 +54,11 @@ impl StreamingService<DiscoveryRequest> for Sotw {
         let shared = self.0.clone();
         Box::pin(async move {
             let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-            tokio::spawn(sotw::run(shared, request.into_inner(), tx));
+            tokio::spawn(driver::run::<sotw::Stream>(
+                shared,
+                request.into_inner(),
+                tx,
+            ));
             Ok(Response::new(ReceiverStream::new(rx)))
         })
     }
@@ -69,7 +73,11 @@ impl StreamingService<DeltaDiscoveryRequest> for Delta {
         let shared = self.0.clone();
         Box::pin(async move {
             let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-            tokio::spawn(delta::run(shared, request.into_inner(), tx));
+            tokio::spawn(driver::run::<delta::Stream>(
+                shared,
+                request.into_inner(),
+                tx,
+            ));
             Ok(Response::new(ReceiverStream::new(rx)))
         })
     }

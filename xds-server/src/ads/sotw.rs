@@ -1,17 +1,16 @@
 //! State-of-the-world ADS streams.
 
 use super::codec::Frame;
-use super::node::NodeInfo;
+use super::driver::{Protocol, Responses};
 use super::status::ProxyStatus;
-use super::{list_version, record_ack, record_nack, record_push, AdsShared, ConnectedGauge, Sent};
+use super::{list_version, record_ack, record_nack, record_push, AdsShared, Sent};
 use crate::cache::{wire, Resource, Snapshot, TypeKind};
 use bytes::{Bytes, BytesMut};
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 #[derive(Default)]
 struct TypeState {
@@ -25,7 +24,7 @@ struct TypeState {
     sent_clusters: Vec<Arc<Resource>>,
 }
 
-struct Stream {
+pub(crate) struct Stream {
     status: Arc<ProxyStatus>,
     types: BTreeMap<TypeKind, TypeState>,
     nonce: u64,
@@ -56,7 +55,22 @@ pub(super) fn frame(
     Frame { parts }
 }
 
-impl Stream {
+impl Protocol for Stream {
+    type Request = DiscoveryRequest;
+    const MODE: &'static str = "sotw";
+
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn new(status: Arc<ProxyStatus>) -> Self {
+        Stream {
+            status,
+            types: BTreeMap::new(),
+            nonce: 0,
+        }
+    }
+
     fn on_request(&mut self, req: DiscoveryRequest, shared: &AdsShared) {
         let Some(kind) = TypeKind::from_type_url(&req.type_url) else {
             warn!(node = %self.status.node.id, type_url = %req.type_url, "request for a type this server does not serve");
@@ -85,49 +99,12 @@ impl Stream {
         }
     }
 
-    fn next_nonce(&mut self) -> String {
-        self.nonce += 1;
-        self.nonce.to_string()
-    }
-
-    async fn send(
-        &mut self,
-        kind: TypeKind,
-        resources: &[Arc<Resource>],
-        snap: &Snapshot,
-        shared: &AdsShared,
-        tx: &mpsc::Sender<Result<Frame, Status>>,
-    ) -> Result<(), ()> {
-        let version = list_version(resources);
-        let nonce = self.next_nonce();
-        let f = frame(&version, kind, &nonce, resources);
-        let bytes = f.len();
-        tx.send(Ok(f)).await.map_err(|_| ())?;
-        let Some(st) = self.types.get_mut(&kind) else {
-            return Ok(());
-        };
-        let change_started =
-            (st.sent.is_some() && st.sent_generation < snap.generation).then_some(snap.created);
-        let sent = Sent {
-            version,
-            nonce,
-            change_started,
-        };
-        record_push(shared, &self.status, kind, &sent, resources.len(), bytes);
-        st.sent = Some(sent);
-        st.sent_generation = snap.generation;
-        if kind == TypeKind::Cluster {
-            st.sent_clusters = resources.to_vec();
-        }
-        Ok(())
-    }
-
     /// Sends every type whose content changed for this proxy, in make-before-break order.
     async fn flush(
         &mut self,
         snap: &Snapshot,
         shared: &AdsShared,
-        tx: &mpsc::Sender<Result<Frame, Status>>,
+        tx: &Responses,
     ) -> Result<(), ()> {
         let scope = snap.scope(
             self.status.node.workload.as_deref(),
@@ -182,65 +159,41 @@ impl Stream {
     }
 }
 
-pub(super) async fn run(
-    shared: Arc<AdsShared>,
-    mut requests: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<Frame, Status>>,
-) {
-    let first = match requests.message().await {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
-            debug!(error = %e, "ADS stream failed before its first request");
-            return;
-        }
-    };
-    let node = match first.node.as_ref().map(NodeInfo::from_node) {
-        Some(Ok(n)) => n,
-        Some(Err(msg)) => {
-            let _ = tx.send(Err(Status::invalid_argument(msg))).await;
-            return;
-        }
-        None => {
-            let _ = tx
-                .send(Err(Status::invalid_argument(
-                    "the first request of a stream must carry node",
-                )))
-                .await;
-            return;
-        }
-    };
-    let registration = shared.registry.register(node.clone(), "sotw");
-    let _gauge = ConnectedGauge::new(shared.metrics.clone(), "sotw");
-    info!(node = %node.id, workload = ?node.workload, mode = "sotw", "proxy connected");
-    let mut snapshots = shared.snapshots.clone();
-    let mut snap = snapshots.borrow_and_update().clone();
-    let mut stream = Stream {
-        status: registration.status.clone(),
-        types: BTreeMap::new(),
-        nonce: 0,
-    };
-    stream.on_request(first, &shared);
-    loop {
-        if stream.flush(&snap, &shared, &tx).await.is_err() {
-            break;
-        }
-        tokio::select! {
-            r = requests.message() => match r {
-                Ok(Some(req)) => stream.on_request(req, &shared),
-                Ok(None) => break,
-                Err(e) => {
-                    debug!(node = %node.id, error = %e, "ADS stream error");
-                    break;
-                }
-            },
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                snap = snapshots.borrow_and_update().clone();
-            }
-        }
+impl Stream {
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        self.nonce.to_string()
     }
-    info!(node = %node.id, mode = "sotw", "proxy disconnected");
+
+    async fn send(
+        &mut self,
+        kind: TypeKind,
+        resources: &[Arc<Resource>],
+        snap: &Snapshot,
+        shared: &AdsShared,
+        tx: &Responses,
+    ) -> Result<(), ()> {
+        let version = list_version(resources);
+        let nonce = self.next_nonce();
+        let f = frame(&version, kind, &nonce, resources);
+        let bytes = f.len();
+        tx.send(Ok(f)).await.map_err(|_| ())?;
+        let Some(st) = self.types.get_mut(&kind) else {
+            return Ok(());
+        };
+        let change_started =
+            (st.sent.is_some() && st.sent_generation < snap.generation).then_some(snap.created);
+        let sent = Sent {
+            version,
+            nonce,
+            change_started,
+        };
+        record_push(shared, &self.status, kind, &sent, resources.len(), bytes);
+        st.sent = Some(sent);
+        st.sent_generation = snap.generation;
+        if kind == TypeKind::Cluster {
+            st.sent_clusters = resources.to_vec();
+        }
+        Ok(())
+    }
 }

@@ -170,7 +170,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
             ))
         }
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 315_576_000_000.0 {
+    if !secs.is_finite() || !(0.0..=315_576_000_000.0).contains(&secs) {
         return Err(format!("duration `{s}` is out of range"));
     }
     Ok(std::time::Duration::from_secs_f64(secs))

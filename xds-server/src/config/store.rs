@@ -34,6 +34,9 @@ struct FileState {
     errors: Vec<ConfigError>,
 }
 
+/// A changed file's new objects; `None` when the file was deleted.
+type Proposed = (u64, Option<Arc<Vec<ConfigObject>>>);
+
 #[derive(Debug)]
 pub struct ConfigStore {
     dir: PathBuf,
@@ -123,8 +126,7 @@ impl ConfigStore {
         let paths = self.scan()?;
         let mut outcome = ReloadOutcome::default();
         // Per changed file: the proposed new objects (None = file deleted).
-        let mut proposed: BTreeMap<PathBuf, (u64, Option<Arc<Vec<ConfigObject>>>)> =
-            BTreeMap::new();
+        let mut proposed: BTreeMap<PathBuf, Proposed> = BTreeMap::new();
         for p in &paths {
             let name = self.display(p);
             let text = match std::fs::read(p) {
