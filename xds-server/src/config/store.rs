@@ -15,7 +15,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("config dir {path}: {source}")]
+    #[error("cannot read config dir {path}")]
     Unreadable {
         path: PathBuf,
         #[source]

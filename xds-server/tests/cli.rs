@@ -1,0 +1,97 @@
+//! The command line: errors are one clear line and a non-zero exit.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+
+fn xds_server() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_xds-server"))
+}
+
+fn examples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn run_fails(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("xds-server runs");
+    assert!(
+        !out.status.success(),
+        "expected failure, got {:?}",
+        out.status
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let last = stderr.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("xds-server: "), "{stderr}");
+    last
+}
+
+#[test]
+fn unknown_workload() {
+    let line = run_fails(
+        xds_server()
+            .args(["bootstrap", "--workload", "nope.default", "--config-dir"])
+            .arg(examples()),
+    );
+    assert!(line.contains("unknown workload `nope.default`"), "{line}");
+    assert!(
+        line.contains("reviews-v1.default"),
+        "lists the known workloads: {line}"
+    );
+}
+
+#[test]
+fn unreadable_config_dir() {
+    let line = run_fails(xds_server().args(["serve", "--config-dir", "/nonexistent/trellis"]));
+    assert!(
+        line.contains("cannot read config dir /nonexistent/trellis"),
+        "{line}"
+    );
+    assert!(line.contains("No such file or directory"), "{line}");
+}
+
+#[test]
+fn port_in_use() {
+    let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr");
+    let line = run_fails(
+        xds_server()
+            .args(["serve", "--config-dir"])
+            .arg(examples())
+            .args([
+                "--xds-addr",
+                &addr.to_string(),
+                "--admin-addr",
+                "127.0.0.1:0",
+            ]),
+    );
+    assert!(
+        line.contains(&format!("cannot listen on {addr} for xDS")),
+        "{line}"
+    );
+    assert!(line.contains("Address already in use"), "{line}");
+}
+
+#[test]
+fn bootstrap_names_the_workload_and_mode() {
+    let out = xds_server()
+        .args([
+            "bootstrap",
+            "--workload",
+            "reviews-v2.default",
+            "--delta",
+            "--admin-port",
+            "15999",
+            "--config-dir",
+        ])
+        .arg(examples())
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let yaml = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(
+        yaml.contains("id: sidecar~127.0.1.4~reviews-v2.default~default.svc.cluster.local"),
+        "{yaml}"
+    );
+    assert!(yaml.contains("api_type: DELTA_GRPC"), "{yaml}");
+    assert!(yaml.contains("port_value: 15999"), "{yaml}");
+}
