@@ -137,7 +137,11 @@ impl Controller {
         if outcome.changed {
             let generation = self.snapshot().generation + 1;
             let started = std::time::Instant::now();
-            let snap = Arc::new(Snapshot::build(generation, mesh));
+            let snap = Arc::new(Snapshot::build_from(
+                generation,
+                mesh,
+                Some(&self.snapshot()),
+            ));
             info!(
                 version = generation,
                 build_ms = started.elapsed().as_millis() as u64,

@@ -115,3 +115,54 @@ fn translation_is_deterministic_and_shared() {
         "mesh-wide resources are encoded once"
     );
 }
+
+#[test]
+fn an_endpoint_change_retranslates_only_that_service() {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(root().join("../examples"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let (mut store, _) = ConfigStore::open(dir.path()).unwrap();
+    let a = Snapshot::build(1, store.mesh());
+    let scope = ProxyScope::Namespace("default".into());
+    let (va, routes_a) = (a.view(&scope), a.view(&scope).version(TypeKind::Route));
+
+    let path = dir.path().join("workloads.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("address: 127.0.1.5", "address: 127.0.1.55"),
+    )
+    .unwrap();
+    assert!(store.reload().unwrap().changed);
+    let b = Snapshot::build_from(2, store.mesh(), Some(&a));
+    let vb = b.view(&scope);
+
+    let ratings = "outbound|9080||ratings.default.svc.cluster.local";
+    let reviews = "outbound|9080|v1|reviews.default.svc.cluster.local";
+    assert_ne!(
+        va.get(TypeKind::Endpoint, ratings).unwrap().version,
+        vb.get(TypeKind::Endpoint, ratings).unwrap().version
+    );
+    assert!(Arc::ptr_eq(
+        va.get(TypeKind::Endpoint, reviews).unwrap(),
+        vb.get(TypeKind::Endpoint, reviews).unwrap()
+    ));
+    assert!(Arc::ptr_eq(
+        va.get(TypeKind::Cluster, reviews).unwrap(),
+        vb.get(TypeKind::Cluster, reviews).unwrap()
+    ));
+    assert_eq!(va.version(TypeKind::Cluster), vb.version(TypeKind::Cluster));
+    assert_eq!(routes_a, vb.version(TypeKind::Route));
+    assert_eq!(
+        va.version(TypeKind::Listener),
+        vb.version(TypeKind::Listener)
+    );
+    assert_ne!(
+        va.version(TypeKind::Endpoint),
+        vb.version(TypeKind::Endpoint)
+    );
+}

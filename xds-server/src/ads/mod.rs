@@ -17,7 +17,7 @@ pub mod status;
 pub use codec::Frame;
 pub use service::AdsService;
 
-use crate::cache::{Resource, Snapshot, TypeKind};
+use crate::cache::{Snapshot, TypeKind};
 use crate::metrics::{Metrics, ModeLabel, TypeLabel};
 use status::{ProxyRegistry, ProxyStatus};
 use std::sync::Arc;
@@ -137,15 +137,4 @@ pub(crate) fn record_nack(
         error,
         "NACK: proxy rejected config; it keeps its last accepted version"
     );
-}
-
-/// SotW version of a list of resources: a hash of names and content versions.
-pub(crate) fn list_version(resources: &[Arc<Resource>]) -> String {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for r in resources {
-        h.update(r.name.as_bytes());
-        h.update(&[0]);
-        h.update(r.version.as_bytes());
-    }
-    format!("{:016x}", h.digest())
 }

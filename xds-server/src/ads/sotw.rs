@@ -3,9 +3,11 @@
 use super::codec::Frame;
 use super::driver::{Protocol, Responses};
 use super::status::ProxyStatus;
-use super::{list_version, record_ack, record_nack, record_push, AdsShared, Sent};
-use crate::cache::{wire, Resource, Snapshot, TypeKind};
-use bytes::{Bytes, BytesMut};
+use super::{record_ack, record_nack, record_push, AdsShared, Sent};
+use crate::cache::{
+    subscription_key, wire, Resource, Snapshot, SotwBody, SubscriptionKey, TypeKind,
+};
+use bytes::BytesMut;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,10 +20,12 @@ struct TypeState {
     names: Option<BTreeSet<String>>,
     /// Respond even if the content is unchanged (new subscription, initial request).
     dirty: bool,
+    /// Identifies `names` for the shared response cache; computed when `names` changes.
+    key: SubscriptionKey,
     sent: Option<Sent>,
     sent_generation: u64,
-    /// Clusters last sent, to keep removed ones alive until routes stop using them.
-    sent_clusters: Vec<Arc<Resource>>,
+    /// Last CDS content sent, to keep removed clusters until routes stop using them.
+    sent_body: Option<Arc<SotwBody>>,
 }
 
 pub(crate) struct Stream {
@@ -38,21 +42,16 @@ fn subscription(kind: TypeKind, names: &[String]) -> Option<BTreeSet<String>> {
     }
 }
 
-pub(super) fn frame(
-    version: &str,
-    kind: TypeKind,
-    nonce: &str,
-    resources: &[Arc<Resource>],
-) -> Frame {
-    // DiscoveryResponse { version_info = 1; resources = 2; type_url = 4; nonce = 5; }
-    let mut head = BytesMut::with_capacity(64 + version.len() + nonce.len());
-    wire::string_field(&mut head, 1, version);
+fn frame(kind: TypeKind, nonce: &str, body: &SotwBody) -> Frame {
+    // DiscoveryResponse { version_info = 1; resources = 2; type_url = 4; nonce = 5; }:
+    // the per-stream fields, then the shared, pre-concatenated resources.
+    let mut head = BytesMut::with_capacity(96 + nonce.len());
+    wire::string_field(&mut head, 1, &body.version);
     wire::string_field(&mut head, 4, kind.type_url());
     wire::string_field(&mut head, 5, nonce);
-    let mut parts: Vec<Bytes> = Vec::with_capacity(resources.len() + 1);
-    parts.push(head.freeze());
-    parts.extend(resources.iter().map(|r| r.sotw_field.clone()));
-    Frame { parts }
+    Frame {
+        parts: vec![head.freeze(), body.body.clone()],
+    }
 }
 
 impl Protocol for Stream {
@@ -78,7 +77,9 @@ impl Protocol for Stream {
         };
         let is_new = !self.types.contains_key(&kind);
         let st = self.types.entry(kind).or_default();
-        if !req.response_nonce.is_empty() {
+        // A nonce on a type this stream never answered is not stale: the proxy reconnected
+        // carrying what it last saw, and the request counts as an initial one.
+        if !req.response_nonce.is_empty() && st.sent.is_some() {
             let Some(sent) = st.sent.as_ref().filter(|s| s.nonce == req.response_nonce) else {
                 // The protocol says to ignore requests answering a superseded response:
                 // the proxy will answer the newest one too.
@@ -94,6 +95,7 @@ impl Protocol for Stream {
         }
         let names = subscription(kind, &req.resource_names);
         if is_new || names != st.names {
+            st.key = subscription_key(names.as_ref());
             st.names = names;
             st.dirty = true;
         }
@@ -116,44 +118,30 @@ impl Protocol for Stream {
             let Some(st) = self.types.get_mut(&kind) else {
                 continue;
             };
-            let resources: Vec<Arc<Resource>> = match &st.names {
-                None => view.iter(kind).cloned().collect(),
-                Some(names) => names
-                    .iter()
-                    .filter_map(|n| view.get(kind, n).cloned())
-                    .collect(),
-            };
-            let unchanged = st
-                .sent
-                .as_ref()
-                .is_some_and(|s| s.version == list_version(&resources));
+            let body = view.sotw_body(kind, st.names.as_ref(), st.key);
+            let unchanged = st.sent.as_ref().is_some_and(|s| s.version == body.version);
             if unchanged && !st.dirty {
                 continue;
             }
             st.dirty = false;
-            if kind == TypeKind::Cluster && st.sent.is_some() {
-                let keep: BTreeSet<&str> = resources.iter().map(|r| &*r.name).collect();
-                let removed: Vec<Arc<Resource>> = st
-                    .sent_clusters
-                    .iter()
-                    .filter(|r| !keep.contains(&*r.name))
-                    .cloned()
-                    .collect();
-                if !removed.is_empty() {
+            if let Some(prev) = st.sent_body.as_ref().filter(|_| kind == TypeKind::Cluster) {
+                let keep: BTreeSet<&str> = body.resources.iter().map(|r| &*r.name).collect();
+                let removed = prev.resources.iter().filter(|r| !keep.contains(&*r.name));
+                let mut union: Vec<Arc<Resource>> = removed.cloned().collect();
+                if !union.is_empty() {
                     // Removed clusters stay until listeners and routes have moved off them.
-                    let mut union = resources.clone();
-                    union.extend(removed);
+                    union.extend(body.resources.iter().cloned());
                     union.sort_by(|a, b| a.name.cmp(&b.name));
-                    self.send(kind, &union, snap, shared, tx).await?;
-                    deferred_clusters = Some(resources);
+                    self.send(kind, Arc::new(SotwBody::new(union)), snap, shared, tx)
+                        .await?;
+                    deferred_clusters = Some(body);
                     continue;
                 }
             }
-            self.send(kind, &resources, snap, shared, tx).await?;
+            self.send(kind, body, snap, shared, tx).await?;
         }
-        if let Some(resources) = deferred_clusters {
-            self.send(TypeKind::Cluster, &resources, snap, shared, tx)
-                .await?;
+        if let Some(body) = deferred_clusters {
+            self.send(TypeKind::Cluster, body, snap, shared, tx).await?;
         }
         Ok(())
     }
@@ -168,14 +156,13 @@ impl Stream {
     async fn send(
         &mut self,
         kind: TypeKind,
-        resources: &[Arc<Resource>],
+        body: Arc<SotwBody>,
         snap: &Snapshot,
         shared: &AdsShared,
         tx: &Responses,
     ) -> Result<(), ()> {
-        let version = list_version(resources);
         let nonce = self.next_nonce();
-        let f = frame(&version, kind, &nonce, resources);
+        let f = frame(kind, &nonce, &body);
         let bytes = f.len();
         tx.send(Ok(f)).await.map_err(|_| ())?;
         let Some(st) = self.types.get_mut(&kind) else {
@@ -184,15 +171,22 @@ impl Stream {
         let change_started =
             (st.sent.is_some() && st.sent_generation < snap.generation).then_some(snap.created);
         let sent = Sent {
-            version,
+            version: body.version.clone(),
             nonce,
             change_started,
         };
-        record_push(shared, &self.status, kind, &sent, resources.len(), bytes);
+        record_push(
+            shared,
+            &self.status,
+            kind,
+            &sent,
+            body.resources.len(),
+            bytes,
+        );
         st.sent = Some(sent);
         st.sent_generation = snap.generation;
         if kind == TypeKind::Cluster {
-            st.sent_clusters = resources.to_vec();
+            st.sent_body = Some(body);
         }
         Ok(())
     }

@@ -7,4 +7,4 @@ mod resource;
 mod snapshot;
 
 pub use resource::{wire, Resource, ResourceSet, TypeKind};
-pub use snapshot::{ProxyView, Snapshot};
+pub use snapshot::{subscription_key, ProxyView, Snapshot, SotwBody, SubscriptionKey};

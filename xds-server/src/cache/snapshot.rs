@@ -1,17 +1,11 @@
 use super::{Resource, ResourceSet, TypeKind};
-use crate::mesh::MeshState;
+use crate::mesh::{DestinationRuleInfo, MeshState, Service, Workload};
 use crate::translate::{self, ProxyScope};
-use std::collections::HashMap;
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::Xxh3;
-
-/// What one proxy class receives: per type, a few shared sets layered together
-/// (mesh-wide outbound clusters plus the workload's own inbound clusters, say).
-#[derive(Debug, Default)]
-pub struct ProxyView {
-    layers: [Vec<Arc<ResourceSet>>; 5],
-}
 
 fn idx(kind: TypeKind) -> usize {
     match kind {
@@ -21,6 +15,56 @@ fn idx(kind: TypeKind) -> usize {
         TypeKind::Route => 3,
         TypeKind::Secret => 4,
     }
+}
+
+/// The resources of a SotW response for one subscription, and their concatenated wire
+/// fragments: built once per (class, type, subscription) and snapshot, then every stream
+/// of that class sends `body` behind its own few header bytes.
+#[derive(Debug)]
+pub struct SotwBody {
+    pub resources: Vec<Arc<Resource>>,
+    pub version: String,
+    pub body: Bytes,
+}
+
+impl SotwBody {
+    pub fn new(resources: Vec<Arc<Resource>>) -> SotwBody {
+        let mut h = Xxh3::new();
+        let mut body = BytesMut::with_capacity(resources.iter().map(|r| r.sotw_field.len()).sum());
+        for r in &resources {
+            h.update(r.name.as_bytes());
+            h.update(&[0]);
+            h.update(r.version.as_bytes());
+            body.extend_from_slice(&r.sotw_field);
+        }
+        SotwBody {
+            version: format!("{:016x}", h.digest()),
+            body: body.freeze(),
+            resources,
+        }
+    }
+}
+
+/// Identifies a subscription (a set of resource names) compactly; `None` is wildcard.
+pub type SubscriptionKey = Option<u128>;
+
+pub fn subscription_key(names: Option<&BTreeSet<String>>) -> SubscriptionKey {
+    names.map(|n| {
+        let mut h = Xxh3::new();
+        for name in n {
+            h.update(name.as_bytes());
+            h.update(&[0]);
+        }
+        h.digest128()
+    })
+}
+
+/// What one proxy class receives: per type, a few shared sets layered together
+/// (mesh-wide outbound clusters plus the workload's own inbound clusters, say).
+#[derive(Debug, Default)]
+pub struct ProxyView {
+    layers: [Vec<Arc<ResourceSet>>; 5],
+    sotw: Mutex<HashMap<(TypeKind, SubscriptionKey), Arc<SotwBody>>>,
 }
 
 impl ProxyView {
@@ -56,6 +100,114 @@ impl ProxyView {
     pub fn push_layer(&mut self, kind: TypeKind, set: Arc<ResourceSet>) {
         self.layers[idx(kind)].push(set);
     }
+
+    /// The SotW response content for a subscription (`None`: wildcard), shared by every
+    /// stream of this class with the same subscription.
+    pub fn sotw_body(
+        &self,
+        kind: TypeKind,
+        names: Option<&BTreeSet<String>>,
+        key: SubscriptionKey,
+    ) -> Arc<SotwBody> {
+        if let Some(b) = self
+            .sotw
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(kind, key))
+        {
+            return b.clone();
+        }
+        let resources: Vec<Arc<Resource>> = match names {
+            None => self.iter(kind).cloned().collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.get(kind, n).cloned())
+                .collect(),
+        };
+        let body = Arc::new(SotwBody::new(resources));
+        // Two streams may build the same body concurrently; either result is identical.
+        self.sotw
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((kind, key))
+            .or_insert(body)
+            .clone()
+    }
+}
+
+/// A service's translated resources with the inputs they came from, so the next
+/// snapshot can reuse them when those inputs are unchanged (incremental translation).
+#[derive(Debug)]
+struct ServiceResources {
+    service: Arc<Service>,
+    rule: Option<Arc<DestinationRuleInfo>>,
+    connect_timeout: Duration,
+    clusters: Vec<Arc<Resource>>,
+    endpoints: Vec<Arc<Resource>>,
+}
+
+impl ServiceResources {
+    fn build(mesh: &MeshState, svc: &Arc<Service>) -> ServiceResources {
+        ServiceResources {
+            service: svc.clone(),
+            rule: mesh.destination_rules.get(&svc.fqdn).cloned(),
+            connect_timeout: mesh.connect_timeout,
+            clusters: translate::service_clusters(mesh, svc)
+                .iter()
+                .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c))
+                .collect(),
+            endpoints: translate::service_endpoints(mesh, svc)
+                .iter()
+                .map(|c| Resource::new(TypeKind::Endpoint, c.cluster_name.as_str(), c))
+                .collect(),
+        }
+    }
+
+    fn still_valid(&self, mesh: &MeshState, svc: &Service) -> bool {
+        *self.service == *svc
+            && self.rule.as_deref() == mesh.destination_rules.get(&svc.fqdn).map(|r| &**r)
+            && self.connect_timeout == mesh.connect_timeout
+    }
+}
+
+type Memo<K, V> = Mutex<HashMap<K, Arc<OnceLock<V>>>>;
+
+fn carry<K: Clone, V>(m: &Memo<K, V>, ok: bool) -> HashMap<K, Arc<OnceLock<V>>> {
+    if ok {
+        m.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    } else {
+        HashMap::new()
+    }
+}
+
+fn memo<K: std::hash::Hash + Eq + Clone, V: Clone>(
+    m: &Memo<K, V>,
+    key: &K,
+    build: impl FnOnce() -> V,
+) -> V {
+    let cell = m
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key.clone())
+        .or_default()
+        .clone();
+    cell.get_or_init(build).clone()
+}
+
+/// Outbound listeners depend on the services' ports only; routes on ports and routing
+/// rules. When those did not change, per-class results carry over to the next snapshot.
+fn same_ports(a: &MeshState, b: &MeshState) -> bool {
+    a.services.len() == b.services.len()
+        && a.services
+            .iter()
+            .zip(&b.services)
+            .all(|((ka, sa), (kb, sb))| ka == kb && sa.ports == sb.ports)
+}
+
+fn same_routing(a: &MeshState, b: &MeshState) -> bool {
+    same_ports(a, b)
+        && a.cluster_domain == b.cluster_domain
+        && a.virtual_services == b.virtual_services
 }
 
 /// An immutable, fully translated state of the mesh. Streams hold an `Arc<Snapshot>`
@@ -66,33 +218,61 @@ pub struct Snapshot {
     pub generation: u64,
     pub created: Instant,
     pub mesh: Arc<MeshState>,
+    services: BTreeMap<String, Arc<ServiceResources>>,
     clusters: Arc<ResourceSet>,
     endpoints: Arc<ResourceSet>,
     /// Lazily built per proxy class: only classes with connected proxies cost anything.
-    views: Mutex<HashMap<ProxyScope, Arc<OnceLock<Arc<ProxyView>>>>>,
-    routes: Mutex<HashMap<String, Arc<OnceLock<Arc<ResourceSet>>>>>,
+    views: Memo<ProxyScope, Arc<ProxyView>>,
+    routes: Memo<String, Arc<ResourceSet>>,
+    /// Keyed by scope; the workload is part of the value so a carried-over entry is only
+    /// reused for an identical workload.
+    listeners: Memo<ProxyScope, (Option<Arc<Workload>>, Arc<ResourceSet>, Arc<ResourceSet>)>,
 }
 
 impl Snapshot {
     pub fn build(generation: u64, mesh: Arc<MeshState>) -> Snapshot {
-        let clusters = ResourceSet::new(
-            translate::outbound_clusters(&mesh)
-                .iter()
-                .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c)),
-        );
-        let endpoints = ResourceSet::new(
-            translate::endpoints(&mesh)
-                .iter()
-                .map(|c| Resource::new(TypeKind::Endpoint, c.cluster_name.as_str(), c)),
-        );
+        Self::build_from(generation, mesh, None)
+    }
+
+    /// Builds a snapshot reusing whatever `prev` computed from unchanged inputs.
+    pub fn build_from(generation: u64, mesh: Arc<MeshState>, prev: Option<&Snapshot>) -> Snapshot {
+        let services: BTreeMap<String, Arc<ServiceResources>> = mesh
+            .services
+            .iter()
+            .map(|(fqdn, svc)| {
+                let reused = prev
+                    .and_then(|p| p.services.get(fqdn))
+                    .filter(|r| r.still_valid(&mesh, svc))
+                    .cloned();
+                (
+                    fqdn.clone(),
+                    reused.unwrap_or_else(|| Arc::new(ServiceResources::build(&mesh, svc))),
+                )
+            })
+            .collect();
+        let clusters = ResourceSet::new(services.values().flat_map(|s| s.clusters.iter().cloned()));
+        let endpoints =
+            ResourceSet::new(services.values().flat_map(|s| s.endpoints.iter().cloned()));
+        let (routes, listeners) = match prev {
+            Some(p) => (
+                carry(&p.routes, same_routing(&p.mesh, &mesh)),
+                carry(
+                    &p.listeners,
+                    same_ports(&p.mesh, &mesh) && p.mesh.connect_timeout == mesh.connect_timeout,
+                ),
+            ),
+            None => Default::default(),
+        };
         Snapshot {
             generation,
             created: Instant::now(),
             mesh,
+            services,
             clusters,
             endpoints,
             views: Mutex::default(),
-            routes: Mutex::default(),
+            routes: Mutex::new(routes),
+            listeners: Mutex::new(listeners),
         }
     }
 
@@ -106,27 +286,58 @@ impl Snapshot {
     }
 
     fn namespace_routes(&self, ns: &str) -> Arc<ResourceSet> {
-        let cell = {
-            let mut m = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-            m.entry(ns.to_string()).or_default().clone()
-        };
-        cell.get_or_init(|| {
+        memo(&self.routes, &ns.to_string(), || {
             ResourceSet::new(
                 translate::routes(&self.mesh, ns)
                     .iter()
                     .map(|r| Resource::new(TypeKind::Route, r.name.as_str(), r)),
             )
         })
-        .clone()
+    }
+
+    /// Listeners and inbound clusters of a class.
+    fn workload_sets(&self, scope: &ProxyScope) -> (Arc<ResourceSet>, Arc<ResourceSet>) {
+        let workload = match scope {
+            ProxyScope::Workload(id) => self.mesh.workloads.get(id).cloned(),
+            ProxyScope::Namespace(_) => None,
+        };
+        let build = || {
+            let listeners = translate::listeners(&self.mesh, scope);
+            let inbound = match &workload {
+                Some(w) => translate::inbound_clusters(&self.mesh, w),
+                None => Vec::new(),
+            };
+            (
+                workload.clone(),
+                ResourceSet::new(
+                    listeners
+                        .iter()
+                        .map(|l| Resource::new(TypeKind::Listener, l.name.as_str(), l)),
+                ),
+                ResourceSet::new(
+                    inbound
+                        .iter()
+                        .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c)),
+                ),
+            )
+        };
+        let (w, l, c) = memo(&self.listeners, scope, build);
+        if w.as_deref() == workload.as_deref() {
+            return (l, c);
+        }
+        // Carried over from a snapshot where this workload differed: rebuild and replace.
+        let (w, l, c) = build();
+        let cell = Arc::new(OnceLock::new());
+        let _ = cell.set((w, l.clone(), c.clone()));
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(scope.clone(), cell);
+        (l, c)
     }
 
     pub fn view(&self, scope: &ProxyScope) -> Arc<ProxyView> {
-        let cell = {
-            let mut m = self.views.lock().unwrap_or_else(|e| e.into_inner());
-            m.entry(scope.clone()).or_default().clone()
-        };
-        cell.get_or_init(|| Arc::new(self.build_view(scope)))
-            .clone()
+        memo(&self.views, scope, || Arc::new(self.build_view(scope)))
     }
 
     fn build_view(&self, scope: &ProxyScope) -> ProxyView {
@@ -140,31 +351,14 @@ impl Snapshot {
                 .unwrap_or_default(),
             ProxyScope::Namespace(ns) => ns.clone(),
         };
+        let (listeners, inbound) = self.workload_sets(scope);
         v.push_layer(TypeKind::Cluster, self.clusters.clone());
-        if let ProxyScope::Workload(id) = scope {
-            if let Some(w) = self.mesh.workloads.get(id) {
-                let inbound = translate::inbound_clusters(&self.mesh, w);
-                v.push_layer(
-                    TypeKind::Cluster,
-                    ResourceSet::new(
-                        inbound
-                            .iter()
-                            .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c)),
-                    ),
-                );
-            }
+        if !inbound.map.is_empty() {
+            v.push_layer(TypeKind::Cluster, inbound);
         }
         v.push_layer(TypeKind::Endpoint, self.endpoints.clone());
         v.push_layer(TypeKind::Route, self.namespace_routes(&ns));
-        let listeners = translate::listeners(&self.mesh, scope);
-        v.push_layer(
-            TypeKind::Listener,
-            ResourceSet::new(
-                listeners
-                    .iter()
-                    .map(|l| Resource::new(TypeKind::Listener, l.name.as_str(), l)),
-            ),
-        );
+        v.push_layer(TypeKind::Listener, listeners);
         v
     }
 }

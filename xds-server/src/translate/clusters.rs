@@ -1,5 +1,5 @@
 use super::{ads, any, duration, inbound_cluster_name, outbound_cluster_name};
-use crate::mesh::{MeshState, Protocol, Workload};
+use crate::mesh::{MeshState, Protocol, Service, Workload};
 use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
     Cluster,
@@ -63,33 +63,38 @@ fn eds_cluster(mesh: &MeshState, name: String, lb: Option<&str>, protocol: Proto
     c
 }
 
-/// One EDS cluster per service port, plus one per DestinationRule subset.
-pub fn outbound_clusters(mesh: &MeshState) -> Vec<Cluster> {
+/// One EDS cluster per port of a service, plus one per DestinationRule subset.
+pub fn service_clusters(mesh: &MeshState, svc: &Service) -> Vec<Cluster> {
     let mut out = Vec::new();
-    for svc in mesh.services.values() {
-        let dr = mesh.destination_rules.get(&svc.fqdn);
-        let default_lb = dr.and_then(|d| d.lb.as_deref());
-        for p in &svc.ports {
-            out.push(eds_cluster(
-                mesh,
-                outbound_cluster_name(p.number, None, &svc.fqdn),
-                default_lb,
-                p.protocol,
-            ));
-            if let Some(dr) = dr {
-                for (subset, info) in &dr.subsets {
-                    let lb = info.lb.as_deref().or(default_lb);
-                    out.push(eds_cluster(
-                        mesh,
-                        outbound_cluster_name(p.number, Some(subset), &svc.fqdn),
-                        lb,
-                        p.protocol,
-                    ));
-                }
+    let dr = mesh.destination_rules.get(&svc.fqdn);
+    let default_lb = dr.and_then(|d| d.lb.as_deref());
+    for p in &svc.ports {
+        out.push(eds_cluster(
+            mesh,
+            outbound_cluster_name(p.number, None, &svc.fqdn),
+            default_lb,
+            p.protocol,
+        ));
+        if let Some(dr) = dr {
+            for (subset, info) in &dr.subsets {
+                let lb = info.lb.as_deref().or(default_lb);
+                out.push(eds_cluster(
+                    mesh,
+                    outbound_cluster_name(p.number, Some(subset), &svc.fqdn),
+                    lb,
+                    p.protocol,
+                ));
             }
         }
     }
     out
+}
+
+pub fn outbound_clusters(mesh: &MeshState) -> Vec<Cluster> {
+    mesh.services
+        .values()
+        .flat_map(|s| service_clusters(mesh, s))
+        .collect()
 }
 
 pub(crate) fn socket_address(ip: IpAddr, port: u32) -> Address {

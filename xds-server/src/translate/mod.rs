@@ -11,8 +11,8 @@ mod endpoints;
 mod listeners;
 mod routes;
 
-pub use clusters::{inbound_clusters, outbound_clusters};
-pub use endpoints::endpoints;
+pub use clusters::{inbound_clusters, outbound_clusters, service_clusters};
+pub use endpoints::{endpoints, service_endpoints};
 pub use listeners::listeners;
 pub use routes::routes;
 
