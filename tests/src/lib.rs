@@ -47,9 +47,9 @@ pub use envoy::{
     ENVOY_START_TIMEOUT,
 };
 pub use http::{http_get, http_request, HttpResponse, DEFAULT_TIMEOUT};
-pub use net::{free_addr, free_port, port_open, LOCALHOST};
+pub use net::{free_addr, free_port, port_open, LoopbackNet, LOCALHOST};
 pub use paths::{cargo_bin, envoy_binary, require_envoy, target_dir, workspace_root};
-pub use process::{test_dir, ChildGuard, TERMINATE_GRACE};
+pub use process::{run_to_completion, test_dir, ChildGuard, TERMINATE_GRACE};
 pub use wait::{eventually, eventually_async, poll_until, poll_until_async};
 
 /// Re-exported so tests can send signals (e.g. SIGHUP) via [`ChildGuard::signal`] without

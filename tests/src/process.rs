@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -233,6 +233,61 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Runs a short-lived command (e.g. `xds-server bootstrap ...`) to completion and returns
+/// its exit status, stdout and stderr, kept apart (unlike [`ChildGuard`]'s single log).
+///
+/// Fails if it does not exit within `timeout`, after killing it: a hung helper must not hang
+/// the test. A non-zero exit is not an error here; check `output.status`.
+pub fn run_to_completion(mut command: Command, timeout: Duration) -> anyhow::Result<Output> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("spawning {command:?}"))?;
+    // Drain both pipes concurrently so a chatty child cannot block on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("polling the child")? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("{command:?} still running after {timeout:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let join = |h: std::thread::JoinHandle<Vec<u8>>| h.join().unwrap_or_default();
+    Ok(Output {
+        status,
+        stdout: join(stdout),
+        stderr: join(stderr),
+    })
+}
+
 fn read_tail(path: &Path, lines: usize) -> std::io::Result<String> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
@@ -298,5 +353,22 @@ mod tests {
         assert!(!status.success());
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(guard.log_tail(5).contains("started"));
+    }
+
+    #[test]
+    fn run_to_completion_separates_streams_and_times_out() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo out; echo err >&2; exit 3"]);
+        let output = run_to_completion(command, Duration::from_secs(10)).expect("run");
+        assert_eq!(output.status.code(), Some(3));
+        assert_eq!(output.stdout, b"out\n");
+        assert_eq!(output.stderr, b"err\n");
+
+        let mut command = Command::new("sleep");
+        command.arg("600");
+        let started = Instant::now();
+        let err = run_to_completion(command, Duration::from_millis(200)).expect_err("timeout");
+        assert!(err.to_string().contains("still running"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 }

@@ -170,6 +170,9 @@ impl ServiceResources {
     }
 }
 
+/// A class's listeners and inbound clusters, with the workload they were built for.
+type WorkloadSets = (Option<Arc<Workload>>, Arc<ResourceSet>, Arc<ResourceSet>);
+
 type Memo<K, V> = Mutex<HashMap<K, Arc<OnceLock<V>>>>;
 
 fn carry<K: Clone, V>(m: &Memo<K, V>, ok: bool) -> HashMap<K, Arc<OnceLock<V>>> {
@@ -226,7 +229,7 @@ pub struct Snapshot {
     routes: Memo<String, Arc<ResourceSet>>,
     /// Keyed by scope; the workload is part of the value so a carried-over entry is only
     /// reused for an identical workload.
-    listeners: Memo<ProxyScope, (Option<Arc<Workload>>, Arc<ResourceSet>, Arc<ResourceSet>)>,
+    listeners: Memo<ProxyScope, WorkloadSets>,
 }
 
 impl Snapshot {
