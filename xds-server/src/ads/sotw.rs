@@ -132,8 +132,20 @@ impl Protocol for Stream {
                     // Removed clusters stay until listeners and routes have moved off them.
                     union.extend(body.resources.iter().cloned());
                     union.sort_by(|a, b| a.name.cmp(&b.name));
-                    self.send(kind, Arc::new(SotwBody::new(union)), snap, shared, tx)
-                        .await?;
+                    // With nothing added or changed, the proxy already holds the union.
+                    let had: BTreeMap<&str, &str> = prev
+                        .resources
+                        .iter()
+                        .map(|r| (&*r.name, &*r.version))
+                        .collect();
+                    let only_removals = body
+                        .resources
+                        .iter()
+                        .all(|r| had.get(&*r.name) == Some(&&*r.version));
+                    if !only_removals {
+                        self.send(kind, Arc::new(SotwBody::new(union)), snap, shared, tx)
+                            .await?;
+                    }
                     deferred_clusters = Some(body);
                     continue;
                 }
