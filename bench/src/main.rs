@@ -1,0 +1,291 @@
+//! `xds-bench`: N simulated Envoy ADS clients against an ADS server, fan-out scenarios,
+//! and the HTTP/2 floor each scenario is compared to. See `bench/README.md`.
+
+mod client;
+mod fleet;
+mod floor;
+mod mesh;
+mod report;
+mod scenarios;
+mod server;
+mod wire;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use client::{Kind, Mode};
+use mesh::MeshSpec;
+use report::ScenarioResult;
+use scenarios::{Scenario, ServerTarget, Settings};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Command {
+    /// N clients connect at once: time until all are fully synced; RSS per proxy.
+    Storm,
+    /// One endpoint of one service changes: time until every client has it.
+    EndpointChange,
+    /// A VirtualService changes: time until every client has the new routes.
+    PolicyChange,
+    /// Endpoint changes at --rate per second for --duration seconds.
+    Churn,
+    /// The server restarts under N clients: time until all are synced again.
+    Reconnect,
+    /// Every scenario above with the given flags.
+    All,
+    /// Every scenario in both modes with tiny numbers (20 clients, 10x3 mesh): a smoke test.
+    Quick,
+    /// Only the floor: --frames message sizes to --clients streams (storm shape with --on-accept).
+    #[value(hide = true)]
+    Floor,
+    #[value(hide = true)]
+    FloorServe,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xds-bench",
+    version,
+    about = "Load generator for ADS servers: simulated Envoy sidecars, fan-out scenarios, and an HTTP/2 floor"
+)]
+struct Cli {
+    #[arg(value_enum)]
+    scenario: Command,
+    /// Simulated Envoy clients (one HTTP/2 connection and ADS stream each).
+    #[arg(long, env = "XDS_BENCH_CLIENTS", default_value_t = 1000)]
+    clients: usize,
+    /// Services in the generated mesh.
+    #[arg(long, env = "XDS_BENCH_SERVICES", default_value_t = 100)]
+    services: usize,
+    /// Endpoints (WorkloadEntries) per service.
+    #[arg(long, env = "XDS_BENCH_ENDPOINTS", default_value_t = 10)]
+    endpoints: usize,
+    /// xDS protocol variant.
+    #[arg(long, value_enum, env = "XDS_BENCH_MODE", default_value = "sotw")]
+    mode: Mode,
+    /// An ADS server already running (instead of starting xds-server).
+    #[arg(long, env = "XDS_BENCH_SERVER")]
+    server: Option<SocketAddr>,
+    /// With --server: the config folder that server watches; the bench writes its mesh
+    /// there. Without it the mesh-editing scenarios are skipped.
+    #[arg(long, env = "XDS_BENCH_CONFIG_DIR", requires = "server")]
+    config_dir: Option<PathBuf>,
+    /// With --server: its process id, for CPU and memory figures.
+    #[arg(long, env = "XDS_BENCH_SERVER_PID", requires = "server")]
+    server_pid: Option<u32>,
+    /// With --server: its Trellis admin address, for push latency from /metrics.
+    #[arg(long, env = "XDS_BENCH_ADMIN_ADDR", requires = "server")]
+    admin_addr: Option<SocketAddr>,
+    /// The xds-server binary to start (default: next to this binary).
+    #[arg(long, env = "XDS_BENCH_SERVER_BIN")]
+    server_bin: Option<PathBuf>,
+    /// Write the figures as JSON (an object for one scenario, an array for several).
+    #[arg(long, env = "XDS_BENCH_JSON")]
+    json: Option<PathBuf>,
+    /// Second client count for RSS per proxy (storm; default: half of --clients).
+    #[arg(long, env = "XDS_BENCH_RSS_AT")]
+    rss_at: Option<usize>,
+    /// Churn: endpoint changes per second.
+    #[arg(long, default_value_t = 10.0, env = "XDS_BENCH_RATE")]
+    rate: f64,
+    /// Churn: seconds of changes.
+    #[arg(long, default_value_t = 10.0, env = "XDS_BENCH_DURATION")]
+    duration: f64,
+    /// NACK every response of this type (on a fraction of the clients).
+    #[arg(long, value_enum, env = "XDS_BENCH_NACK")]
+    nack: Option<Kind>,
+    /// Fraction of clients that NACK (with --nack).
+    #[arg(long, default_value_t = 0.1, env = "XDS_BENCH_NACK_FRACTION")]
+    nack_fraction: f64,
+    /// Longest wait for any one step, in seconds.
+    #[arg(long, env = "XDS_BENCH_TIMEOUT", default_value_t = 120)]
+    timeout: u64,
+    /// Skip the floor measurement.
+    #[arg(long, env = "XDS_BENCH_NO_FLOOR")]
+    no_floor: bool,
+    /// Base of the clients' jittered exponential reconnect backoff (Envoy: 500 ms).
+    #[arg(long, default_value_t = 500, env = "XDS_BENCH_BACKOFF_BASE_MS")]
+    backoff_base_ms: u64,
+    #[arg(long, hide = true, value_delimiter = ',')]
+    frames: Vec<u64>,
+    #[arg(long, hide = true)]
+    on_accept: bool,
+}
+
+/// Ten thousand clients need ten thousand sockets: raise the soft limit to the hard one.
+fn raise_nofile(clients: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    if (clients as u64) + 256 > limit {
+        tracing::warn!(
+            clients,
+            limit,
+            "open-file limit below the client count; raise it (ulimit -n 65536)"
+        );
+    }
+}
+
+fn server_bin(cli: &Cli) -> Result<PathBuf> {
+    if let Some(b) = &cli.server_bin {
+        return Ok(b.clone());
+    }
+    let exe = std::env::current_exe().context("cannot find the xds-bench executable")?;
+    let bin = exe.with_file_name("xds-server");
+    if !bin.exists() {
+        bail!(
+            "no xds-server next to {} (build it: cargo build --release -p xds-server -p xds-bench), or pass --server-bin / --server",
+            exe.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn settings(cli: &Cli) -> Result<Settings> {
+    let target = match cli.server {
+        Some(addr) => ServerTarget::External {
+            addr,
+            config_dir: cli.config_dir.clone(),
+            pid: cli.server_pid,
+            admin: cli.admin_addr,
+        },
+        None => ServerTarget::Spawn {
+            bin: server_bin(cli)?,
+        },
+    };
+    if !(0.0..=1.0).contains(&cli.nack_fraction) {
+        bail!("--nack-fraction must be between 0 and 1");
+    }
+    if cli.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    Ok(Settings {
+        mode: cli.mode,
+        clients: cli.clients,
+        mesh: MeshSpec {
+            services: cli.services,
+            endpoints: cli.endpoints,
+        },
+        target,
+        rss_at: cli.rss_at,
+        churn_rate: cli.rate,
+        churn_duration: Duration::from_secs_f64(cli.duration.max(0.0)),
+        nack: cli.nack,
+        nack_fraction: if cli.nack.is_some() {
+            cli.nack_fraction
+        } else {
+            0.0
+        },
+        timeout: Duration::from_secs(cli.timeout),
+        floor: !cli.no_floor,
+        backoff_base: Duration::from_millis(cli.backoff_base_ms),
+    })
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if cli.scenario == Command::FloorServe {
+        return floor::serve_main(&cli.frames, cli.on_accept).await;
+    }
+    if cli.scenario == Command::Floor {
+        raise_nofile(cli.clients);
+        let shape = if cli.on_accept {
+            floor::Shape::Storm
+        } else {
+            floor::Shape::Push
+        };
+        let f = floor::measure(
+            cli.clients,
+            &cli.frames,
+            shape,
+            Duration::from_secs(cli.timeout),
+        )
+        .await?;
+        println!("{f:?}");
+        return Ok(());
+    }
+    let mut s = settings(&cli)?;
+    s.mesh.validate()?;
+    let mut plan: Vec<(Mode, Scenario)> = Vec::new();
+    match cli.scenario {
+        Command::Storm => plan.push((s.mode, Scenario::Storm)),
+        Command::EndpointChange => plan.push((s.mode, Scenario::EndpointChange)),
+        Command::PolicyChange => plan.push((s.mode, Scenario::PolicyChange)),
+        Command::Churn => plan.push((s.mode, Scenario::Churn)),
+        Command::Reconnect => plan.push((s.mode, Scenario::Reconnect)),
+        Command::All => plan.extend(Scenario::ALL.map(|sc| (s.mode, sc))),
+        Command::Quick => {
+            s.clients = 20;
+            s.mesh = MeshSpec {
+                services: 10,
+                endpoints: 3,
+            };
+            s.churn_rate = 5.0;
+            s.churn_duration = Duration::from_secs(1);
+            s.backoff_base = Duration::from_millis(100);
+            s.timeout = Duration::from_secs(30);
+            for mode in [Mode::Sotw, Mode::Delta] {
+                plan.extend(Scenario::ALL.map(|sc| (mode, sc)));
+            }
+        }
+        Command::Floor | Command::FloorServe => {}
+    }
+    raise_nofile(s.clients);
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    for (mode, scenario) in plan {
+        let mut run_settings = s.clone();
+        run_settings.mode = mode;
+        let r = scenarios::run(&run_settings, scenario)
+            .await
+            .with_context(|| format!("{} ({})", scenario.name(), mode.name()))?;
+        if let Some(r) = r {
+            // Print as we go: long runs show progress.
+            println!("{}", report::table(std::slice::from_ref(&r)));
+            results.push(r);
+        }
+    }
+    if results.len() > 1 {
+        println!("summary\n{}", report::table(&results));
+    }
+    if let Some(path) = &cli.json {
+        report::write_json(path, &results)?;
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .and_then(|rt| {
+            // Ctrl-C drops the run: its guards kill the servers it started.
+            let r = rt.block_on(async {
+                tokio::select! {
+                    r = run(cli) => r,
+                    _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+                }
+            });
+            // Client tasks may still be winding down; do not wait for them.
+            rt.shutdown_timeout(Duration::from_secs(1));
+            r
+        });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xds-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

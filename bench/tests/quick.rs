@@ -1,0 +1,105 @@
+//! `xds-bench quick` end to end: every scenario in both modes with tiny numbers against
+//! a self-started xds-server. Checks that it runs and reports, never how fast.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const KEYS: &[&str] = &[
+    "scenario",
+    "clients",
+    "p50_ms",
+    "p99_ms",
+    "max_ms",
+    "all_ms",
+    "server_cpu_s",
+    "server_rss_bytes",
+    "rss_per_proxy_bytes",
+    "bytes_per_client",
+    "floor_ratio",
+];
+
+fn xds_server() -> PathBuf {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_xds-bench"));
+    let server = bench.with_file_name("xds-server");
+    assert!(
+        server.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        server.display()
+    );
+    server
+}
+
+#[test]
+fn quick_runs_every_scenario_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("quick.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xds-bench"))
+        .arg("quick")
+        .arg("--server-bin")
+        .arg(xds_server())
+        .arg("--json")
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain the pipes on threads so the child never blocks on them.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut out, &mut s).ok();
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut err, &mut s).ok();
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("xds-bench quick did not finish within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    println!("{out}");
+    assert!(status.success(), "xds-bench quick failed: {status}\n{err}");
+    assert!(out.contains("summary"), "no summary table:\n{out}");
+
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = v.as_array().expect("an array of scenario results");
+    assert_eq!(results.len(), 10, "5 scenarios x 2 modes");
+    for r in results {
+        for k in KEYS {
+            assert!(r.get(*k).is_some(), "key {k} missing in {r}");
+        }
+        assert_eq!(r["clients"], 20);
+        assert!(r["all_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["bytes_per_client"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let scenarios: Vec<&str> = results
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    for s in [
+        "storm",
+        "endpoint-change",
+        "policy-change",
+        "churn",
+        "reconnect",
+    ] {
+        assert_eq!(scenarios.iter().filter(|x| **x == s).count(), 2, "{s}");
+    }
+    let storm = results.iter().find(|r| r["scenario"] == "storm").unwrap();
+    assert!(storm["rss_per_proxy_bytes"].is_number(), "{storm}");
+    assert!(storm["floor_ratio"].is_number(), "{storm}");
+}
