@@ -144,7 +144,7 @@ def all_acked_new():
 wait(all_acked_new, "every sidecar to ACK the new routes", 30, interval=0.01)
 elapsed = (time.time() - t0) * 1000
 print(f"  the edit reached all {expected} sidecars (new RDS version ACKed) in {elapsed:.0f} ms"
-      " (includes the server's 100 ms debounce of file events)")
+      " (includes the server's 30 ms debounce of file events)")
 print(f"  200 x reviews                  -> {tally(200, 'reviews')}")
 
 print("\n==> /debug/syncz")

@@ -19,8 +19,8 @@ use tracing::{error, info, warn};
 
 /// Quiet time after the last file event before reloading, and the longest a steady
 /// stream of events can postpone a reload.
-pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(100);
-pub const DEBOUNCE_MAX: Duration = Duration::from_secs(1);
+pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(30);
+pub const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ConfigStatus {

@@ -78,8 +78,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
+    xds_server::server::bind_listener(addr)
         .with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 

@@ -24,6 +24,23 @@ pub enum ServerError {
     Listener(#[source] std::io::Error),
 }
 
+/// Accept queue for the ADS listener: a fleet of sidecars reconnecting at once (a
+/// control plane restart, a node pool coming up) must not see dropped SYNs and wait
+/// for TCP's 1 s retransmit. The kernel caps it at `net.core.somaxconn`.
+pub const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds a listener with [`ACCEPT_BACKLOG`] (tokio's `bind` uses 128).
+pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 pub struct Server {
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -51,6 +68,7 @@ impl Server {
         let admin_addr = admin.local_addr().map_err(ServerError::Listener)?;
         let shared = AdsShared {
             snapshots: controller.subscribe(),
+            subscriptions: Default::default(),
             registry: registry.clone(),
             metrics: metrics.clone(),
         };

@@ -1,15 +1,10 @@
-//! A gRPC codec whose outgoing messages are pre-encoded fragments.
-//!
-//! tonic's prost codec would re-encode every `DiscoveryResponse` per stream; here a
-//! response is a list of `Bytes` (per-stream header + resource fragments shared by all
-//! streams), so sending costs one copy into the HTTP/2 buffer and no protobuf work.
+//! The unit a stream task hands to the transport.
 
-use bytes::{BufMut, Bytes};
-use std::marker::PhantomData;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::Status;
+use bytes::Bytes;
 
-/// One outgoing message: the concatenation of `parts` is its protobuf encoding.
+/// One outgoing message: the concatenation of `parts` is its protobuf encoding. The
+/// first part is the stream's own header fields; the rest are shared, pre-encoded
+/// resource fragments that go to HTTP/2 without being copied.
 #[derive(Debug, Clone, Default)]
 pub struct Frame {
     pub parts: Vec<Bytes>,
@@ -21,58 +16,5 @@ impl Frame {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-#[derive(Debug)]
-pub struct FrameCodec<D>(PhantomData<fn() -> D>);
-
-impl<D> Default for FrameCodec<D> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
-
-impl<D: prost::Message + Default + Send + 'static> Codec for FrameCodec<D> {
-    type Encode = Frame;
-    type Decode = D;
-    type Encoder = FrameEncoder;
-    type Decoder = MessageDecoder<D>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        FrameEncoder
-    }
-    fn decoder(&mut self) -> Self::Decoder {
-        MessageDecoder(PhantomData)
-    }
-}
-
-#[derive(Debug)]
-pub struct FrameEncoder;
-
-impl Encoder for FrameEncoder {
-    type Item = Frame;
-    type Error = Status;
-
-    fn encode(&mut self, item: Frame, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(item.len());
-        for p in &item.parts {
-            dst.put_slice(p);
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug)]
-pub struct MessageDecoder<D>(PhantomData<fn() -> D>);
-
-impl<D: prost::Message + Default> Decoder for MessageDecoder<D> {
-    type Item = D;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
-        D::decode(buf)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed xDS request: {e}")))
     }
 }

@@ -3,6 +3,7 @@
 //! the newest snapshot changed, until either side goes away.
 
 use super::codec::Frame;
+use super::grpc::RequestReader;
 use super::node::NodeInfo;
 use super::status::ProxyStatus;
 use super::{AdsShared, ConnectedGauge};
@@ -11,7 +12,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 use tracing::{debug, info};
 
 pub(crate) type Responses = mpsc::Sender<Result<Frame, Status>>;
@@ -35,7 +36,7 @@ pub(crate) trait Protocol: Send + Sized {
 
 pub(crate) async fn run<P: Protocol>(
     shared: Arc<AdsShared>,
-    mut requests: Streaming<P::Request>,
+    mut requests: RequestReader<P::Request>,
     tx: Responses,
 ) {
     let first = match requests.message().await {

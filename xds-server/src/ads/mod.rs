@@ -9,6 +9,8 @@
 pub mod codec;
 mod delta;
 mod driver;
+pub mod grpc;
+pub mod interner;
 pub mod node;
 mod service;
 mod sotw;
@@ -28,6 +30,7 @@ use tokio::sync::watch;
 #[derive(Debug, Clone)]
 pub struct AdsShared {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub subscriptions: Arc<interner::Interner>,
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
 }

@@ -1,18 +1,18 @@
-//! The gRPC plumbing of `envoy.service.discovery.v3.AggregatedDiscoveryService`, written
-//! against tonic's server primitives so responses can use [`super::codec::FrameCodec`].
+//! `envoy.service.discovery.v3.AggregatedDiscoveryService` as a plain HTTP/2 service:
+//! tonic's transport serves it, but requests and responses bypass tonic's codec so
+//! shared response bodies reach HTTP/2 without being copied per stream (see `grpc`).
 
-use super::codec::{Frame, FrameCodec};
-use super::{delta, driver, sotw, AdsShared};
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use super::driver::{self, Protocol};
+use super::grpc::{RequestReader, ResponseBody};
+use super::{delta, sotw, AdsShared};
 use futures::future::BoxFuture;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
-use tonic::server::{Grpc, NamedService, StreamingService};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::server::NamedService;
+use tonic::Status;
 
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
@@ -40,47 +40,19 @@ impl NamedService for AdsService {
     const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 }
 
-struct Sotw(Arc<AdsShared>);
-struct Delta(Arc<AdsShared>);
-
-type FrameStream = ReceiverStream<Result<Frame, Status>>;
-
-impl StreamingService<DiscoveryRequest> for Sotw {
-    type Response = Frame;
-    type ResponseStream = FrameStream;
-    type Future = BoxFuture<'static, Result<Response<FrameStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let shared = self.0.clone();
-        Box::pin(async move {
-            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-            tokio::spawn(driver::run::<sotw::Stream>(
-                shared,
-                request.into_inner(),
-                tx,
-            ));
-            Ok(Response::new(ReceiverStream::new(rx)))
-        })
-    }
-}
-
-impl StreamingService<DeltaDiscoveryRequest> for Delta {
-    type Response = Frame;
-    type ResponseStream = FrameStream;
-    type Future = BoxFuture<'static, Result<Response<FrameStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let shared = self.0.clone();
-        Box::pin(async move {
-            let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-            tokio::spawn(driver::run::<delta::Stream>(
-                shared,
-                request.into_inner(),
-                tx,
-            ));
-            Ok(Response::new(ReceiverStream::new(rx)))
-        })
-    }
+fn start<P: Protocol + 'static, B>(shared: Arc<AdsShared>, body: B) -> http::Response<Body>
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(driver::run::<P>(shared, RequestReader::new(body), tx));
+    let mut response = http::Response::new(Body::new(ResponseBody::new(rx)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
 impl<B> tower_service::Service<http::Request<B>> for AdsService
@@ -98,18 +70,26 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let shared = self.shared.clone();
-        match req.uri().path() {
-            SOTW_PATH => Box::pin(async move {
-                let mut grpc = Grpc::new(FrameCodec::<DiscoveryRequest>::default());
-                Ok(grpc.streaming(Sotw(shared), req).await)
-            }),
-            DELTA_PATH => Box::pin(async move {
-                let mut grpc = Grpc::new(FrameCodec::<DeltaDiscoveryRequest>::default());
-                Ok(grpc.streaming(Delta(shared), req).await)
-            }),
-            _ => {
-                Box::pin(async move { Ok(Status::unimplemented("unknown ADS method").into_http()) })
+        let encoding = req
+            .headers()
+            .get("grpc-encoding")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| *v != "identity")
+            .map(str::to_owned);
+        let path = req.uri().path().to_owned();
+        let body = req.into_body();
+        Box::pin(async move {
+            if let Some(enc) = encoding {
+                return Ok(
+                    Status::unimplemented(format!("grpc-encoding {enc} is not supported"))
+                        .into_http(),
+                );
             }
-        }
+            Ok(match path.as_str() {
+                SOTW_PATH => start::<sotw::Stream, B>(shared, body),
+                DELTA_PATH => start::<delta::Stream, B>(shared, body),
+                _ => Status::unimplemented(format!("unknown ADS method {path}")).into_http(),
+            })
+        })
     }
 }

@@ -2,11 +2,10 @@
 
 use super::codec::Frame;
 use super::driver::{Protocol, Responses};
+use super::interner::{Interner, Names};
 use super::status::ProxyStatus;
 use super::{record_ack, record_nack, record_push, AdsShared, Sent};
-use crate::cache::{
-    subscription_key, wire, Resource, Snapshot, SotwBody, SubscriptionKey, TypeKind,
-};
+use crate::cache::{wire, Resource, Snapshot, SotwBody, SubscriptionKey, TypeKind};
 use bytes::BytesMut;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -16,8 +15,8 @@ use tracing::{debug, warn};
 
 #[derive(Default)]
 struct TypeState {
-    /// `None`: wildcard (everything of the type).
-    names: Option<BTreeSet<String>>,
+    /// `None`: wildcard (everything of the type). Shared with other streams.
+    names: Option<Names>,
     /// Respond even if the content is unchanged (new subscription, initial request).
     dirty: bool,
     /// Identifies `names` for the shared response cache; computed when `names` changes.
@@ -34,11 +33,16 @@ pub(crate) struct Stream {
     nonce: u64,
 }
 
-fn subscription(kind: TypeKind, names: &[String]) -> Option<BTreeSet<String>> {
+fn subscription(
+    kind: TypeKind,
+    names: &[String],
+    interner: &Interner,
+) -> (Option<Names>, SubscriptionKey) {
     if names.iter().any(|n| n == "*") || (names.is_empty() && kind.wildcard_by_default()) {
-        None
+        (None, None)
     } else {
-        Some(names.iter().cloned().collect())
+        let (set, key) = interner.intern(names);
+        (Some(set), key)
     }
 }
 
@@ -93,9 +97,9 @@ impl Protocol for Stream {
         } else {
             st.dirty = true;
         }
-        let names = subscription(kind, &req.resource_names);
-        if is_new || names != st.names {
-            st.key = subscription_key(names.as_ref());
+        let (names, key) = subscription(kind, &req.resource_names, &shared.subscriptions);
+        if is_new || key != st.key {
+            st.key = key;
             st.names = names;
             st.dirty = true;
         }
@@ -118,7 +122,7 @@ impl Protocol for Stream {
             let Some(st) = self.types.get_mut(&kind) else {
                 continue;
             };
-            let body = view.sotw_body(kind, st.names.as_ref(), st.key);
+            let body = view.sotw_body(kind, st.names.as_deref(), st.key);
             let unchanged = st.sent.as_ref().is_some_and(|s| s.version == body.version);
             if unchanged && !st.dirty {
                 continue;

@@ -48,15 +48,14 @@ impl SotwBody {
 /// Identifies a subscription (a set of resource names) compactly; `None` is wildcard.
 pub type SubscriptionKey = Option<u128>;
 
-pub fn subscription_key(names: Option<&BTreeSet<String>>) -> SubscriptionKey {
-    names.map(|n| {
-        let mut h = Xxh3::new();
-        for name in n {
-            h.update(name.as_bytes());
-            h.update(&[0]);
-        }
-        h.digest128()
-    })
+/// Key of a (sorted, distinct) list of names.
+pub fn subscription_key<'a>(names: impl IntoIterator<Item = &'a str>) -> SubscriptionKey {
+    let mut h = Xxh3::new();
+    for name in names {
+        h.update(name.as_bytes());
+        h.update(&[0]);
+    }
+    Some(h.digest128())
 }
 
 /// What one proxy class receives: per type, a few shared sets layered together
