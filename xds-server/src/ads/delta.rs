@@ -1,10 +1,16 @@
 //! Incremental (Delta) ADS streams: only changed resources are sent, removals are named.
+//!
+//! After every flush a stream's proxy holds exactly the view's resources for its
+//! subscription, i.e. one shared [`SotwBody`]. So a stream remembers that body instead of
+//! a per-resource version map, and moving to the next snapshot is a diff between two
+//! shared bodies that the view computes once for every stream of the class.
 
 use super::codec::Frame;
 use super::driver::{Protocol, Responses};
+use super::interner::Names;
 use super::status::ProxyStatus;
 use super::{record_ack, record_nack, record_push, AdsShared, Sent};
-use crate::cache::{wire, ProxyView, Resource, Snapshot, TypeKind};
+use crate::cache::{wire, DeltaUpdate, ProxyView, Snapshot, SotwBody, SubscriptionKey, TypeKind};
 use bytes::{Bytes, BytesMut};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -12,12 +18,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tracing::{debug, warn};
 
-#[derive(Default)]
+/// What the proxy holds of one type.
+enum Known {
+    /// Exactly these resources (the state after any flush).
+    Body(Arc<SotwBody>),
+    /// Versions the proxy reported on reconnect (`initial_resource_versions`).
+    Initial(HashMap<String, String>),
+}
+
 struct TypeState {
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// What the proxy holds: name -> version (from initial_resource_versions and our sends).
-    known: HashMap<Arc<str>, Arc<str>>,
+    names: Names,
+    key: SubscriptionKey,
+    known: Known,
     /// Newly subscribed names that may not exist: answered with a removal so the proxy
     /// does not wait for its initial fetch timeout.
     announce: BTreeSet<String>,
@@ -28,8 +41,19 @@ struct TypeState {
 }
 
 impl TypeState {
-    fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+    fn wanted(&self) -> Option<&BTreeSet<String>> {
+        (!self.wildcard).then_some(&*self.names)
+    }
+
+    fn known_version(&self, name: &str) -> Option<&str> {
+        match &self.known {
+            Known::Body(b) => b
+                .resources
+                .iter()
+                .find(|r| &*r.name == name)
+                .map(|r| &*r.version),
+            Known::Initial(m) => m.get(name).map(String::as_str),
+        }
     }
 }
 
@@ -43,7 +67,7 @@ fn frame(
     system_version: &str,
     kind: TypeKind,
     nonce: &str,
-    resources: &[Arc<Resource>],
+    body: &Bytes,
     removed: &[String],
 ) -> Frame {
     // DeltaDiscoveryResponse { system_version_info = 1; resources = 2; type_url = 4;
@@ -53,19 +77,20 @@ fn frame(
     wire::string_field(&mut head, 4, kind.type_url());
     wire::string_field(&mut head, 5, nonce);
     for r in removed {
-        // An empty name is still a removal entry, so encode it even if empty.
         prost::encoding::string::encode(6, r, &mut head);
     }
-    let mut parts: Vec<Bytes> = Vec::with_capacity(resources.len() + 1);
-    parts.push(head.freeze());
-    parts.extend(resources.iter().map(|r| r.delta_field.clone()));
-    Frame { parts }
+    Frame {
+        parts: vec![head.freeze(), body.clone()],
+    }
 }
 
-/// What one type's next response holds.
+/// One type's next response.
 struct Update {
-    resources: Vec<Arc<Resource>>,
-    removed: Vec<String>,
+    next: Arc<SotwBody>,
+    diff: Arc<DeltaUpdate>,
+    /// Removals beyond the shared diff (announced missing names).
+    extra_removed: Vec<String>,
+    must_send: bool,
 }
 
 impl Protocol for Stream {
@@ -89,17 +114,20 @@ impl Protocol for Stream {
             warn!(node = %self.status.node.id, type_url = %req.type_url, "request for a type this server does not serve");
             return;
         };
-        let is_new = !self.types.contains_key(&kind);
-        let st = self.types.entry(kind).or_default();
-        if is_new {
-            st.must_respond = true;
-            // Legacy wildcard: the first request of CDS/LDS subscribing to nothing.
-            st.wildcard = req.resource_names_subscribe.is_empty() && kind.wildcard_by_default();
-            for (name, version) in &req.initial_resource_versions {
-                st.known
-                    .insert(Arc::from(name.as_str()), Arc::from(version.as_str()));
+        let st = self.types.entry(kind).or_insert_with(|| {
+            let (names, key) = shared.subscriptions.intern(&[]);
+            TypeState {
+                // Legacy wildcard: the first request of CDS/LDS subscribing to nothing.
+                wildcard: req.resource_names_subscribe.is_empty() && kind.wildcard_by_default(),
+                names,
+                key,
+                known: Known::Initial(req.initial_resource_versions.clone()),
+                announce: BTreeSet::new(),
+                must_respond: true,
+                sent: None,
+                sent_generation: 0,
             }
-        }
+        });
         if !req.response_nonce.is_empty() {
             match st.sent.as_ref().filter(|s| s.nonce == req.response_nonce) {
                 Some(sent) => match &req.error_detail {
@@ -111,10 +139,14 @@ impl Protocol for Stream {
                 }
             }
         }
+        if req.resource_names_subscribe.is_empty() && req.resource_names_unsubscribe.is_empty() {
+            return;
+        }
+        let mut names: BTreeSet<String> = (*st.names).clone();
         for n in &req.resource_names_subscribe {
             if n == "*" {
                 st.wildcard = true;
-            } else if st.names.insert(n.clone()) {
+            } else if names.insert(n.clone()) {
                 st.announce.insert(n.clone());
             }
         }
@@ -122,18 +154,20 @@ impl Protocol for Stream {
             if n == "*" {
                 st.wildcard = false;
             } else {
-                st.names.remove(n);
+                names.remove(n);
                 st.announce.remove(n);
             }
-            // Envoy forgets what it unsubscribed from; a later subscribe must resend it.
-            if !st.wants(n) {
-                st.known.remove(n.as_str());
+        }
+        // Envoy forgets what it unsubscribed from; the next diff must not assume it still
+        // holds it (a later subscribe resends it).
+        if let Known::Initial(m) = &mut st.known {
+            if !st.wildcard {
+                m.retain(|k, _| names.contains(k));
             }
         }
-        if !st.wildcard {
-            let names = &st.names;
-            st.known.retain(|k, _| names.contains(&**k));
-        }
+        let (names, key) = shared.subscriptions.intern_set(names);
+        st.names = names;
+        st.key = key;
     }
 
     async fn flush(
@@ -152,22 +186,44 @@ impl Protocol for Stream {
             let Some(mut update) = self.plan(kind, &view) else {
                 continue;
             };
-            if kind == TypeKind::Cluster && !update.removed.is_empty() {
+            let mut removed: Vec<String> = update.diff.removed.clone();
+            removed.append(&mut update.extra_removed);
+            if kind == TypeKind::Cluster && !removed.is_empty() {
                 // Make before break: clusters go only after routes have moved off them.
-                deferred_removals = std::mem::take(&mut update.removed);
-                if update.resources.is_empty() {
+                deferred_removals = std::mem::take(&mut removed);
+                if update.diff.resources == 0 && !update.must_send {
+                    self.set_known(kind, update.next);
                     continue;
                 }
             }
-            self.send(kind, update, snap, shared, tx).await?;
+            self.send(
+                kind,
+                update.next,
+                &update.diff.body,
+                update.diff.resources,
+                &removed,
+                snap,
+                shared,
+                tx,
+            )
+            .await?;
         }
         if !deferred_removals.is_empty() {
-            let update = Update {
-                resources: Vec::new(),
-                removed: deferred_removals,
+            let next = match self.types.get(&TypeKind::Cluster).map(|s| &s.known) {
+                Some(Known::Body(b)) => b.clone(),
+                _ => return Ok(()),
             };
-            self.send(TypeKind::Cluster, update, snap, shared, tx)
-                .await?;
+            self.send(
+                TypeKind::Cluster,
+                next,
+                &Bytes::new(),
+                0,
+                &deferred_removals,
+                snap,
+                shared,
+                tx,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -176,46 +232,62 @@ impl Protocol for Stream {
 impl Stream {
     fn plan(&mut self, kind: TypeKind, view: &ProxyView) -> Option<Update> {
         let st = self.types.get_mut(&kind)?;
-        let mut resources = Vec::new();
-        if st.wildcard {
-            resources.extend(
-                view.iter(kind)
-                    .filter(|r| st.known.get(&r.name) != Some(&r.version))
-                    .cloned(),
-            );
-        } else {
-            for n in &st.names {
-                if let Some(r) = view.get(kind, n) {
-                    if st.known.get(&r.name) != Some(&r.version) {
-                        resources.push(r.clone());
-                    }
-                }
+        let next = view.sotw_body(kind, st.wanted(), if st.wildcard { None } else { st.key });
+        let diff = match &st.known {
+            Known::Body(prev)
+                if Arc::ptr_eq(prev, &next) && st.announce.is_empty() && !st.must_respond =>
+            {
+                return None
             }
-        }
-        let mut removed: Vec<String> = st
-            .known
-            .keys()
-            .filter(|k| view.get(kind, k).is_none())
-            .map(|k| k.to_string())
-            .collect();
+            Known::Body(prev) => view.delta_update(
+                kind,
+                if st.wildcard { None } else { st.key },
+                prev,
+                &next,
+                st.wanted(),
+            ),
+            Known::Initial(m) => Arc::new(DeltaUpdate::between(
+                m.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+                |n| m.get(n).map(String::as_str),
+                &next,
+                st.wanted(),
+            )),
+        };
+        let mut extra_removed = Vec::new();
         for n in std::mem::take(&mut st.announce) {
-            if view.get(kind, &n).is_none() && !st.known.contains_key(n.as_str()) {
-                removed.push(n);
+            let exists = next.resources.iter().any(|r| *r.name == *n);
+            if !exists && st.known_version(&n).is_none() && !diff.removed.contains(&n) {
+                extra_removed.push(n);
             }
         }
-        removed.sort();
-        removed.dedup();
-        if resources.is_empty() && removed.is_empty() && !st.must_respond {
+        let must_send = std::mem::take(&mut st.must_respond);
+        if diff.resources == 0 && diff.removed.is_empty() && extra_removed.is_empty() && !must_send
+        {
+            st.known = Known::Body(next);
             return None;
         }
-        st.must_respond = false;
-        Some(Update { resources, removed })
+        Some(Update {
+            next,
+            diff,
+            extra_removed,
+            must_send,
+        })
     }
 
+    fn set_known(&mut self, kind: TypeKind, next: Arc<SotwBody>) {
+        if let Some(st) = self.types.get_mut(&kind) {
+            st.known = Known::Body(next);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &mut self,
         kind: TypeKind,
-        update: Update,
+        next: Arc<SotwBody>,
+        body: &Bytes,
+        resources: usize,
+        removed: &[String],
         snap: &Snapshot,
         shared: &AdsShared,
         tx: &Responses,
@@ -223,18 +295,13 @@ impl Stream {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let version = snap.generation.to_string();
-        let f = frame(&version, kind, &nonce, &update.resources, &update.removed);
+        let f = frame(&version, kind, &nonce, body, removed);
         let bytes = f.len();
         tx.send(Ok(f)).await.map_err(|_| ())?;
         let Some(st) = self.types.get_mut(&kind) else {
             return Ok(());
         };
-        for r in &update.resources {
-            st.known.insert(r.name.clone(), r.version.clone());
-        }
-        for n in &update.removed {
-            st.known.remove(n.as_str());
-        }
+        st.known = Known::Body(next);
         let change_started =
             (st.sent.is_some() && st.sent_generation < snap.generation).then_some(snap.created);
         let sent = Sent {
@@ -242,14 +309,7 @@ impl Stream {
             nonce,
             change_started,
         };
-        record_push(
-            shared,
-            &self.status,
-            kind,
-            &sent,
-            update.resources.len(),
-            bytes,
-        );
+        record_push(shared, &self.status, kind, &sent, resources, bytes);
         st.sent = Some(sent);
         st.sent_generation = snap.generation;
         Ok(())

@@ -18,12 +18,26 @@ impl Interner {
     pub fn intern(&self, names: &[String]) -> (Names, SubscriptionKey) {
         let borrowed: BTreeSet<&str> = names.iter().map(String::as_str).collect();
         let key = subscription_key(borrowed.iter().copied());
+        self.get_or_insert(key, || borrowed.into_iter().map(str::to_owned).collect())
+    }
+
+    /// The shared set equal to `set`.
+    pub fn intern_set(&self, set: BTreeSet<String>) -> (Names, SubscriptionKey) {
+        let key = subscription_key(set.iter().map(String::as_str));
+        self.get_or_insert(key, || set)
+    }
+
+    fn get_or_insert(
+        &self,
+        key: SubscriptionKey,
+        make: impl FnOnce() -> BTreeSet<String>,
+    ) -> (Names, SubscriptionKey) {
         let k = key.unwrap_or_default();
         let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(set) = sets.get(&k).and_then(Weak::upgrade) {
             return (set, key);
         }
-        let set: Names = Arc::new(borrowed.into_iter().map(str::to_owned).collect());
+        let set: Names = Arc::new(make());
         // Sweep sets no stream uses any more, amortised over insertions.
         if sets.len() >= 64 && sets.len().is_power_of_two() {
             sets.retain(|_, w| w.strong_count() > 0);

@@ -97,7 +97,22 @@ impl Protocol for Stream {
         } else {
             st.dirty = true;
         }
-        let (names, key) = subscription(kind, &req.resource_names, &shared.subscriptions);
+        // Envoy repeats its whole subscription in every ACK: compare before interning.
+        let requested = &req.resource_names;
+        let unchanged = !is_new
+            && match &st.names {
+                None => {
+                    requested.iter().any(|n| n == "*")
+                        || (requested.is_empty() && kind.wildcard_by_default())
+                }
+                Some(cur) => {
+                    cur.len() == requested.len() && requested.iter().all(|n| cur.contains(n))
+                }
+            };
+        if unchanged {
+            return;
+        }
+        let (names, key) = subscription(kind, requested, &shared.subscriptions);
         if is_new || key != st.key {
             st.key = key;
             st.names = names;

@@ -7,4 +7,4 @@ mod resource;
 mod snapshot;
 
 pub use resource::{wire, Resource, ResourceSet, TypeKind};
-pub use snapshot::{subscription_key, ProxyView, Snapshot, SotwBody, SubscriptionKey};
+pub use snapshot::{subscription_key, DeltaUpdate, ProxyView, Snapshot, SotwBody, SubscriptionKey};

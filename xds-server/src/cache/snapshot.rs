@@ -45,6 +45,48 @@ impl SotwBody {
     }
 }
 
+/// A Delta response's content between two [`SotwBody`]s of one subscription: the
+/// resources that are new or changed (pre-concatenated wire fragments) and the names
+/// that are gone. Computed once per (previous body, class, subscription) and shared by
+/// every Delta stream that moves between the same two states.
+#[derive(Debug)]
+pub struct DeltaUpdate {
+    pub resources: usize,
+    pub body: Bytes,
+    pub removed: Vec<String>,
+}
+
+impl DeltaUpdate {
+    /// `known(name) -> version` is what the proxy holds; `wanted` its subscription
+    /// (`None`: wildcard), so names it unsubscribed are not reported removed.
+    pub fn between<'a>(
+        known: impl Iterator<Item = (&'a str, &'a str)>,
+        known_version: impl Fn(&str) -> Option<&'a str>,
+        next: &SotwBody,
+        wanted: Option<&BTreeSet<String>>,
+    ) -> DeltaUpdate {
+        let mut body = BytesMut::new();
+        let mut resources = 0;
+        for r in &next.resources {
+            if known_version(&r.name) != Some(&*r.version) {
+                body.extend_from_slice(&r.delta_field);
+                resources += 1;
+            }
+        }
+        let present: BTreeSet<&str> = next.resources.iter().map(|r| &*r.name).collect();
+        let mut removed: Vec<String> = known
+            .filter(|(n, _)| !present.contains(n) && wanted.is_none_or(|w| w.contains(*n)))
+            .map(|(n, _)| n.to_string())
+            .collect();
+        removed.sort();
+        DeltaUpdate {
+            resources,
+            body: body.freeze(),
+            removed,
+        }
+    }
+}
+
 /// Identifies a subscription (a set of resource names) compactly; `None` is wildcard.
 pub type SubscriptionKey = Option<u128>;
 
@@ -64,7 +106,12 @@ pub fn subscription_key<'a>(names: impl IntoIterator<Item = &'a str>) -> Subscri
 pub struct ProxyView {
     layers: [Vec<Arc<ResourceSet>>; 5],
     sotw: Mutex<HashMap<(TypeKind, SubscriptionKey), Arc<SotwBody>>>,
+    /// Keyed by the previous body's address; the value holds that body, so the address
+    /// cannot be reused by another body while the entry exists.
+    deltas: Mutex<DeltaMemo>,
 }
+
+type DeltaMemo = HashMap<(TypeKind, SubscriptionKey, usize), (Arc<SotwBody>, Arc<DeltaUpdate>)>;
 
 impl ProxyView {
     pub fn get(&self, kind: TypeKind, name: &str) -> Option<&Arc<Resource>> {
@@ -131,6 +178,39 @@ impl ProxyView {
             .entry((kind, key))
             .or_insert(body)
             .clone()
+    }
+}
+
+impl ProxyView {
+    /// The Delta update from `prev` (what the proxy holds) to this view's `next`.
+    pub fn delta_update(
+        &self,
+        kind: TypeKind,
+        key: SubscriptionKey,
+        prev: &Arc<SotwBody>,
+        next: &SotwBody,
+        wanted: Option<&BTreeSet<String>>,
+    ) -> Arc<DeltaUpdate> {
+        let memo_key = (kind, key, Arc::as_ptr(prev) as usize);
+        let mut memo = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, u)) = memo.get(&memo_key) {
+            if Arc::ptr_eq(p, prev) {
+                return u.clone();
+            }
+        }
+        let had: HashMap<&str, &str> = prev
+            .resources
+            .iter()
+            .map(|r| (&*r.name, &*r.version))
+            .collect();
+        let update = Arc::new(DeltaUpdate::between(
+            had.iter().map(|(n, v)| (*n, *v)),
+            |n| had.get(n).copied(),
+            next,
+            wanted,
+        ));
+        memo.insert(memo_key, (prev.clone(), update.clone()));
+        update
     }
 }
 
