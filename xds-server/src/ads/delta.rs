@@ -173,17 +173,13 @@ impl Protocol for Stream {
     async fn flush(
         &mut self,
         snap: &Snapshot,
+        view: &ProxyView,
         shared: &AdsShared,
         tx: &Responses,
     ) -> Result<(), ()> {
-        let scope = snap.scope(
-            self.status.node.workload.as_deref(),
-            &self.status.node.namespace,
-        );
-        let view = snap.view(&scope);
         let mut deferred_removals = Vec::new();
         for kind in TypeKind::PUSH_ORDER {
-            let Some(mut update) = self.plan(kind, &view) else {
+            let Some(mut update) = self.plan(kind, view) else {
                 continue;
             };
             let mut removed: Vec<String> = update.diff.removed.clone();

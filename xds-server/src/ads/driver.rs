@@ -7,7 +7,7 @@ use super::grpc::RequestReader;
 use super::node::NodeInfo;
 use super::status::ProxyStatus;
 use super::{AdsShared, ConnectedGauge};
-use crate::cache::Snapshot;
+use crate::cache::{ProxyView, Snapshot};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +29,7 @@ pub(crate) trait Protocol: Send + Sized {
     fn flush(
         &mut self,
         snap: &Snapshot,
+        view: &ProxyView,
         shared: &AdsShared,
         tx: &Responses,
     ) -> impl Future<Output = Result<(), ()>> + Send;
@@ -64,10 +65,15 @@ pub(crate) async fn run<P: Protocol>(
     info!(node = %node.id, workload = ?node.workload, mode = P::MODE, "proxy connected");
     let mut snapshots = shared.snapshots.clone();
     let mut snap = snapshots.borrow_and_update().clone();
+    // The proxy's class can change with the mesh (its WorkloadEntry appears, say), so the
+    // view is looked up again for every snapshot, and only then.
+    let view_of =
+        |snap: &Snapshot| snap.view(&snap.scope(node.workload.as_deref(), &node.namespace));
+    let mut view = view_of(&snap);
     let mut stream = P::new(registration.status.clone());
     stream.on_request(first, &shared);
     loop {
-        if stream.flush(&snap, &shared, &tx).await.is_err() {
+        if stream.flush(&snap, &view, &shared, &tx).await.is_err() {
             break;
         }
         tokio::select! {
@@ -84,6 +90,7 @@ pub(crate) async fn run<P: Protocol>(
                     break;
                 }
                 snap = snapshots.borrow_and_update().clone();
+                view = view_of(&snap);
             }
         }
     }

@@ -5,7 +5,7 @@ use super::driver::{Protocol, Responses};
 use super::interner::{Interner, Names};
 use super::status::ProxyStatus;
 use super::{record_ack, record_nack, record_push, AdsShared, Sent};
-use crate::cache::{wire, Resource, Snapshot, SotwBody, SubscriptionKey, TypeKind};
+use crate::cache::{wire, ProxyView, Resource, Snapshot, SotwBody, SubscriptionKey, TypeKind};
 use bytes::BytesMut;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -124,14 +124,10 @@ impl Protocol for Stream {
     async fn flush(
         &mut self,
         snap: &Snapshot,
+        view: &ProxyView,
         shared: &AdsShared,
         tx: &Responses,
     ) -> Result<(), ()> {
-        let scope = snap.scope(
-            self.status.node.workload.as_deref(),
-            &self.status.node.namespace,
-        );
-        let view = snap.view(&scope);
         let mut deferred_clusters = None;
         for kind in TypeKind::PUSH_ORDER {
             let Some(st) = self.types.get_mut(&kind) else {
