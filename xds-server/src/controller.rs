@@ -103,6 +103,7 @@ impl Controller {
 
     /// Re-reads the folder and publishes a snapshot if the mesh changed.
     pub fn reload(&self) {
+        let reload_started = std::time::Instant::now();
         let outcome = {
             let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
             match store.reload() {
@@ -144,6 +145,7 @@ impl Controller {
             ));
             info!(
                 version = generation,
+                load_ms = (started - reload_started).as_millis() as u64,
                 build_ms = started.elapsed().as_millis() as u64,
                 "config changed; publishing snapshot"
             );

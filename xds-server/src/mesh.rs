@@ -163,6 +163,8 @@ pub struct MeshState {
     pub virtual_services: BTreeMap<String, Arc<VirtualService>>,
     /// Host FQDN -> its DestinationRule.
     pub destination_rules: BTreeMap<String, Arc<DestinationRuleInfo>>,
+    /// Workload id -> FQDNs of the services selecting it.
+    pub workload_services: BTreeMap<String, Vec<String>>,
     /// Object counts per kind, for the admin API.
     pub counts: BTreeMap<&'static str, usize>,
 }
@@ -177,8 +179,40 @@ impl Default for MeshState {
             workloads: BTreeMap::new(),
             virtual_services: BTreeMap::new(),
             destination_rules: BTreeMap::new(),
+            workload_services: BTreeMap::new(),
             counts: BTreeMap::new(),
         }
+    }
+}
+
+/// Workloads by (namespace, label key, label value).
+struct LabelIndex {
+    map: std::collections::HashMap<(String, String, String), Vec<Arc<Workload>>>,
+}
+
+impl LabelIndex {
+    fn new<'a>(workloads: impl Iterator<Item = &'a Arc<Workload>>) -> Self {
+        let mut map: std::collections::HashMap<_, Vec<Arc<Workload>>> = Default::default();
+        for w in workloads {
+            for (k, v) in &w.labels {
+                map.entry((w.namespace.clone(), k.clone(), v.clone()))
+                    .or_default()
+                    .push(w.clone());
+            }
+        }
+        Self { map }
+    }
+
+    /// Workloads that carry at least the rarest label of `selector`.
+    fn candidates(&self, ns: &str, selector: &BTreeMap<String, String>) -> &[Arc<Workload>] {
+        selector
+            .iter()
+            .map(|(k, v)| {
+                let key = (ns.to_string(), k.clone(), v.clone());
+                self.map.get(&key).map(Vec::as_slice).unwrap_or_default()
+            })
+            .min_by_key(|c| c.len())
+            .unwrap_or_default()
     }
 }
 
@@ -337,6 +371,10 @@ impl MeshState {
             mesh.workloads.insert(w.id(), Arc::new(w));
         }
 
+        // Selecting workloads by scanning all of them per service is O(services x
+        // workloads); an index by (namespace, label) keeps large meshes fast.
+        let by_label = LabelIndex::new(mesh.workloads.values());
+        let mut selected: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut host_owner: BTreeMap<String, Source> = BTreeMap::new();
         for se in &entries {
             for (i, host) in se.spec.hosts.iter().enumerate() {
@@ -382,8 +420,8 @@ impl MeshState {
                     })
                     .collect();
                 if let Some(sel) = &selector {
-                    for w in mesh.workloads.values() {
-                        if w.namespace == se.namespace && selects(sel, &w.labels) {
+                    for w in by_label.candidates(&se.namespace, sel) {
+                        if selects(sel, &w.labels) {
                             endpoints.push(Endpoint {
                                 address: w.address,
                                 ports: w.ports.clone(),
@@ -392,6 +430,10 @@ impl MeshState {
                                 weight: None,
                                 workload: Some(w.id()),
                             });
+                            selected
+                                .entry(w.id())
+                                .or_insert_with(Vec::new)
+                                .push(fqdn.clone());
                         }
                     }
                 }
@@ -409,6 +451,9 @@ impl MeshState {
                 );
             }
         }
+
+        drop(by_label);
+        mesh.workload_services = selected;
 
         for dr in &drs {
             let host = mesh.resolve_host(&dr.spec.host, &dr.namespace);
@@ -593,12 +638,11 @@ impl MeshState {
         &'a self,
         w: &'a Workload,
     ) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
-        self.services.values().filter(move |s| {
-            s.namespace == w.namespace
-                && s.selector
-                    .as_ref()
-                    .is_some_and(|sel| selects(sel, &w.labels))
-        })
+        self.workload_services
+            .get(&w.id())
+            .into_iter()
+            .flatten()
+            .filter_map(|fqdn| self.services.get(fqdn))
     }
 
     /// Distinct (workload port, protocol) pairs the sidecar must accept inbound.

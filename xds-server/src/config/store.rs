@@ -170,21 +170,17 @@ impl ConfigStore {
             return Ok(outcome);
         }
 
-        let candidate = |files: &BTreeMap<PathBuf, FileState>| -> Vec<ConfigObject> {
-            let mut objs = Vec::new();
-            for (p, f) in files {
-                let objects = match proposed.get(p) {
-                    Some((_, new)) => new.clone(),
-                    None => f.good.clone(),
-                };
-                if let Some(o) = objects {
-                    objs.extend(o.iter().cloned());
-                }
-            }
-            objs
-        };
-        let objects = candidate(&self.files);
-        match MeshState::build(&objects) {
+        // The objects in effect if this change is accepted: borrowed, not copied.
+        let sets: Vec<Arc<Vec<ConfigObject>>> = self
+            .files
+            .iter()
+            .filter_map(|(p, f)| match proposed.get(p) {
+                Some((_, new)) => new.clone(),
+                None => f.good.clone(),
+            })
+            .collect();
+        let objects = sets.iter().flat_map(|set| set.iter());
+        match MeshState::build(objects) {
             Ok(mesh) => {
                 for (p, (_, new)) in proposed {
                     match new {
