@@ -8,19 +8,25 @@
 //! versions; Delta: with `initial_resource_versions`).
 //!
 //! Responses are read with [`crate::wire`]: type, version, nonce and names only.
+//! Requests are written gRPC-framed (5-byte header, then the message) straight into the
+//! caller's send buffer: the ACKs of a push allocate nothing. What a client derives from
+//! a CDS or LDS response (its clusters or listeners, the EDS or RDS names to subscribe
+//! to) is shared by every client of a thread that received the same bytes: in a storm,
+//! ten thousand clients parse the same cluster list once per thread, not once each.
 
 use crate::mesh::{client_address, ENDPOINT_MARKER, NAMESPACE, ROUTE_MARKER};
 use crate::wire;
 use anyhow::{anyhow, Result};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::protobuf::{value, Struct, Value};
 use envoy_types::pb::google::rpc::Status;
 use memchr::memmem::Finder;
 use prost::Message;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,13 +102,36 @@ pub fn node(index: usize) -> Node {
     }
 }
 
+/// A by-name subscription: the names, and their encoding as
+/// `DiscoveryRequest.resource_names` (field 3) for SotW requests. Shared, not copied.
+#[derive(Debug, Default, Clone)]
+struct Names {
+    set: Arc<BTreeSet<String>>,
+    field: Bytes,
+}
+
+impl Names {
+    fn new(set: BTreeSet<String>) -> Names {
+        let mut buf = BytesMut::new();
+        for n in &set {
+            put_str(&mut buf, 3, n);
+        }
+        Names {
+            set: Arc::new(set),
+            field: buf.freeze(),
+        }
+    }
+
+    fn same(&self, other: &Names) -> bool {
+        Arc::ptr_eq(&self.set, &other.set) || self.set == other.set
+    }
+}
+
 #[derive(Debug, Default)]
 struct TypeState {
     subscribed: bool,
     /// Explicit subscription (EDS, RDS); empty for wildcard types.
-    names: BTreeSet<String>,
-    /// `names` encoded as DiscoveryRequest.resource_names (field 3), for SotW ACKs.
-    names_field: Bytes,
+    names: Names,
     /// SotW: the last accepted version.
     version: String,
     /// The nonce of the last response on this stream.
@@ -116,28 +145,75 @@ struct TypeState {
     pending: BTreeSet<String>,
 }
 
-impl TypeState {
-    fn set_names(&mut self, names: BTreeSet<String>) {
-        let mut buf = BytesMut::new();
-        for n in &names {
-            put_str(&mut buf, 3, n);
-        }
-        self.names_field = buf.freeze();
-        self.names = names;
-    }
+/// gRPC framing: compression flag + 4-byte big-endian length before every message.
+pub const GRPC_HEADER: usize = 5;
+
+/// Appends one gRPC-framed message that `write` encodes into `out`.
+pub fn framed(out: &mut BytesMut, write: impl FnOnce(&mut BytesMut)) {
+    let start = out.len();
+    out.put_bytes(0, GRPC_HEADER);
+    write(out);
+    let len = (out.len() - start - GRPC_HEADER) as u32;
+    out[start + 1..start + GRPC_HEADER].copy_from_slice(&len.to_be_bytes());
 }
 
-/// A SotW ACK: `DiscoveryRequest { version_info = 1; resource_names = 3; type_url = 4;
-/// response_nonce = 5; }` (protobuf fields may come in any order; these come in order).
-fn sotw_ack(st: &TypeState, kind: Kind) -> Bytes {
-    let mut buf = BytesMut::with_capacity(
-        st.names_field.len() + st.version.len() + st.nonce.len() + kind.type_url().len() + 16,
+fn framed_message(out: &mut BytesMut, m: &impl Message) {
+    framed(out, |b| {
+        b.reserve(m.encoded_len());
+        // Cannot fail: the buffer grows as needed.
+        let _ = m.encode(b);
+    });
+}
+
+fn put_message(buf: &mut BytesMut, tag: u32, m: &impl Message) {
+    use prost::encoding::{encode_key, WireType};
+    encode_key(tag, WireType::LengthDelimited, buf);
+    // Cannot fail: the buffer grows as needed.
+    let _ = m.encode_length_delimited(buf);
+}
+
+/// A SotW request: `DiscoveryRequest { version_info = 1; node = 2; resource_names = 3;
+/// type_url = 4; response_nonce = 5; error_detail = 6; }`, the names pre-encoded
+/// (protobuf fields may come in any order; these come in order).
+fn sotw_request(
+    out: &mut BytesMut,
+    version: &str,
+    node: Option<&Node>,
+    names: &Names,
+    kind: Kind,
+    nonce: &str,
+    error: Option<&Status>,
+) {
+    out.reserve(
+        GRPC_HEADER + names.field.len() + version.len() + nonce.len() + kind.type_url().len() + 16,
     );
-    put_str(&mut buf, 1, &st.version);
-    buf.extend_from_slice(&st.names_field);
-    put_str(&mut buf, 4, kind.type_url());
-    put_str(&mut buf, 5, &st.nonce);
-    buf.freeze()
+    framed(out, |b| {
+        put_str(b, 1, version);
+        if let Some(n) = node {
+            put_message(b, 2, n);
+        }
+        b.extend_from_slice(&names.field);
+        put_str(b, 4, kind.type_url());
+        put_str(b, 5, nonce);
+        if let Some(e) = error {
+            put_message(b, 6, e);
+        }
+    });
+}
+
+/// A Delta ACK: `DeltaDiscoveryRequest { type_url = 2; response_nonce = 6; }`.
+fn delta_ack(kind: Kind, nonce: &str, out: &mut BytesMut) {
+    out.reserve(GRPC_HEADER + kind.type_url().len() + nonce.len() + 8);
+    framed(out, |b| {
+        put_str(b, 2, kind.type_url());
+        put_str(b, 6, nonce);
+    });
+}
+
+/// `s = v` without a new allocation when `s` has the room.
+fn set(s: &mut String, v: &str) {
+    s.clear();
+    s.push_str(v);
 }
 
 fn put_str(buf: &mut BytesMut, tag: u32, s: &str) {
@@ -149,12 +225,56 @@ fn put_str(buf: &mut BytesMut, tag: u32, s: &str) {
     }
 }
 
+type Clusters = Arc<BTreeMap<String, bool>>;
+type Listeners = Arc<BTreeMap<String, Vec<String>>>;
+
+/// What a SotW CDS or LDS response means to a client, kept for the next client of the
+/// thread that receives the very same bytes.
+#[derive(Debug)]
+struct Digest {
+    msg: Vec<u8>,
+    clusters: Clusters,
+    listeners: Listeners,
+    /// The EDS (CDS) or RDS (LDS) names to subscribe to.
+    wanted: Names,
+}
+
+thread_local! {
+    /// The last CDS (0) and LDS (1) digest of this thread.
+    static DIGESTS: RefCell<[Option<Arc<Digest>>; 2]> = const { RefCell::new([None, None]) };
+}
+
+/// The digest of `msg`: the thread's last one if it was made from the same bytes.
+fn digest(slot: usize, msg: &[u8], make: impl FnOnce() -> Result<Digest>) -> Result<Arc<Digest>> {
+    let hit = DIGESTS.with(|d| d.borrow()[slot].as_ref().filter(|d| d.msg == msg).cloned());
+    if let Some(d) = hit {
+        return Ok(d);
+    }
+    let d = Arc::new(make()?);
+    DIGESTS.with(|c| c.borrow_mut()[slot] = Some(d.clone()));
+    Ok(d)
+}
+
+/// EDS names of a cluster map.
+fn eds_names(clusters: &BTreeMap<String, bool>) -> Names {
+    Names::new(
+        clusters
+            .iter()
+            .filter(|(_, eds)| **eds)
+            .map(|(n, _)| n.clone())
+            .collect(),
+    )
+}
+
+/// RDS names of a listener map.
+fn rds_names(listeners: &BTreeMap<String, Vec<String>>) -> Names {
+    Names::new(listeners.values().flatten().cloned().collect())
+}
+
 /// What handling one response produced.
 #[derive(Debug)]
 pub struct Outcome {
     pub kind: Kind,
-    /// Requests to send, in order: the ACK/NACK first, then subscription changes.
-    pub requests: Vec<Bytes>,
     pub nacked: bool,
     /// The largest scenario marker found in the response, if scanning was asked for.
     pub marker: Option<u64>,
@@ -176,9 +296,12 @@ pub struct Envoy {
     types: [TypeState; 4],
     node_sent: bool,
     /// Cluster name → uses EDS.
-    clusters: BTreeMap<String, bool>,
+    clusters: Clusters,
     /// Listener name → RDS names it references.
-    listeners: BTreeMap<String, Vec<String>>,
+    listeners: Listeners,
+    /// The EDS names of `clusters`, the RDS names of `listeners` (kept with the maps).
+    eds_wanted: Names,
+    rds_wanted: Names,
 }
 
 impl Envoy {
@@ -189,14 +312,17 @@ impl Envoy {
             nack,
             types: Default::default(),
             node_sent: false,
-            clusters: BTreeMap::new(),
-            listeners: BTreeMap::new(),
+            clusters: Default::default(),
+            listeners: Default::default(),
+            eds_wanted: Names::default(),
+            rds_wanted: Names::default(),
         }
     }
 
-    /// Requests that open a new stream: CDS on the first stream, every existing
-    /// subscription (in CDS, EDS, LDS, RDS order) on a reconnect.
-    pub fn start_stream(&mut self) -> Vec<Bytes> {
+    /// Requests that open a new stream, appended gRPC-framed to `out`: CDS on the first
+    /// stream, every existing subscription (in CDS, EDS, LDS, RDS order) on a reconnect.
+    /// Returns how many.
+    pub fn start_stream(&mut self, out: &mut BytesMut) -> usize {
         self.node_sent = false;
         for st in &mut self.types {
             st.nonce.clear();
@@ -205,13 +331,17 @@ impl Envoy {
         }
         if !self.types[Kind::Cds.idx()].subscribed {
             self.types[Kind::Cds.idx()].subscribed = true;
-            return vec![self.initial_request(Kind::Cds)];
+            self.initial_request(Kind::Cds, out);
+            return 1;
         }
-        let kinds: Vec<Kind> = Kind::ALL
-            .into_iter()
-            .filter(|k| self.types[k.idx()].subscribed)
-            .collect();
-        kinds.into_iter().map(|k| self.initial_request(k)).collect()
+        let mut n = 0;
+        for k in Kind::ALL {
+            if self.types[k.idx()].subscribed {
+                self.initial_request(k, out);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Clusters the client holds.
@@ -234,62 +364,55 @@ impl Envoy {
     fn needed(&self, k: Kind) -> bool {
         match k {
             Kind::Cds | Kind::Lds => true,
-            Kind::Eds => self.clusters.values().any(|eds| *eds),
-            Kind::Rds => self.listeners.values().any(|r| !r.is_empty()),
+            // Some cluster uses EDS; some listener references RDS.
+            Kind::Eds => !self.eds_wanted.set.is_empty(),
+            Kind::Rds => !self.rds_wanted.set.is_empty(),
         }
     }
 
-    fn take_node(&mut self) -> Option<Node> {
-        if self.node_sent {
-            None
-        } else {
-            self.node_sent = true;
-            Some(self.node.clone())
-        }
+    /// True once per stream: the first request carries the node.
+    fn take_node(&mut self) -> bool {
+        !std::mem::replace(&mut self.node_sent, true)
     }
 
-    fn initial_request(&mut self, kind: Kind) -> Bytes {
-        let node = self.take_node();
+    fn initial_request(&mut self, kind: Kind, out: &mut BytesMut) {
+        let with_node = self.take_node();
+        let node = with_node.then_some(&self.node);
         let st = &mut self.types[kind.idx()];
-        let names: Vec<String> = st.names.iter().cloned().collect();
-        let msg = match self.mode {
-            Mode::Sotw => DiscoveryRequest {
-                version_info: st.version.clone(),
-                node,
-                resource_names: names,
-                type_url: kind.type_url().into(),
-                ..Default::default()
-            }
-            .encode_to_vec(),
+        match self.mode {
+            Mode::Sotw => sotw_request(out, &st.version, node, &st.names, kind, "", None),
             Mode::Delta => {
                 st.pending = st
                     .names
+                    .set
                     .iter()
                     .filter(|n| !st.known.contains_key(*n))
                     .cloned()
                     .collect();
-                DeltaDiscoveryRequest {
-                    node,
-                    type_url: kind.type_url().into(),
-                    resource_names_subscribe: names,
-                    initial_resource_versions: st
-                        .known
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                    ..Default::default()
-                }
-                .encode_to_vec()
+                framed_message(
+                    out,
+                    &DeltaDiscoveryRequest {
+                        node: node.cloned(),
+                        type_url: kind.type_url().into(),
+                        resource_names_subscribe: st.names.set.iter().cloned().collect(),
+                        initial_resource_versions: st
+                            .known
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                        ..Default::default()
+                    },
+                )
             }
-        };
-        Bytes::from(msg)
+        }
     }
 
-    /// Handles one response and returns what to send back.
-    pub fn on_message(&mut self, msg: &[u8], scan: Scan) -> Result<Outcome> {
+    /// Handles one response; appends what to send back (gRPC-framed) to `out`: the
+    /// ACK/NACK first, then subscription changes.
+    pub fn on_message(&mut self, msg: &[u8], scan: Scan, out: &mut BytesMut) -> Result<Outcome> {
         match self.mode {
-            Mode::Sotw => self.on_sotw(msg, scan),
-            Mode::Delta => self.on_delta(msg, scan),
+            Mode::Sotw => self.on_sotw(msg, scan, out),
+            Mode::Delta => self.on_delta(msg, scan, out),
         }
     }
 
@@ -319,44 +442,67 @@ impl Envoy {
         }
     }
 
-    fn on_sotw(&mut self, msg: &[u8], scan: Scan) -> Result<Outcome> {
+    fn on_sotw(&mut self, msg: &[u8], scan: Scan, out: &mut BytesMut) -> Result<Outcome> {
         let r = wire::sotw_response(msg)?;
         let kind = Kind::from_type_url(r.type_url)
             .ok_or_else(|| anyhow!("response for unexpected type {}", r.type_url))?;
-        let marker = Self::marker_scan(kind, scan, r.resources.iter().copied());
+        // The markers are searched in the whole message: no need to walk the resources.
+        let marker = Self::marker_scan(kind, scan, std::iter::once(msg));
         let nacked = self.nack == Some(kind);
-        let mut received = BTreeSet::new();
         let st = &self.types[kind.idx()];
         let check_names = !kind.wildcard() && !st.answered && st.responses_since_change < 1;
+        let mut all_received = false;
         if !nacked {
             match kind {
                 Kind::Cds => {
-                    self.clusters.clear();
-                    for body in &r.resources {
-                        let (name, eds) = wire::cluster_summary(body)?;
-                        self.clusters.insert(name.to_string(), eds);
-                    }
+                    let d = digest(0, msg, || {
+                        let mut clusters = BTreeMap::new();
+                        for body in r.resources() {
+                            let (name, eds) = wire::cluster_summary(body?)?;
+                            clusters.insert(name.to_string(), eds);
+                        }
+                        let wanted = eds_names(&clusters);
+                        Ok(Digest {
+                            msg: msg.to_vec(),
+                            clusters: Arc::new(clusters),
+                            listeners: Listeners::default(),
+                            wanted,
+                        })
+                    })?;
+                    self.clusters = d.clusters.clone();
+                    self.eds_wanted = d.wanted.clone();
                 }
                 Kind::Lds => {
-                    self.listeners.clear();
-                    for body in &r.resources {
-                        let name = wire::resource_name(body)?.to_string();
-                        self.listeners.insert(name, wire::listener_rds_names(body)?);
-                    }
+                    let d = digest(1, msg, || {
+                        let mut listeners = BTreeMap::new();
+                        for body in r.resources() {
+                            let body = body?;
+                            let name = wire::resource_name(body)?.to_string();
+                            listeners.insert(name, wire::listener_rds_names(body)?);
+                        }
+                        let wanted = rds_names(&listeners);
+                        Ok(Digest {
+                            msg: msg.to_vec(),
+                            clusters: Clusters::default(),
+                            listeners: Arc::new(listeners),
+                            wanted,
+                        })
+                    })?;
+                    self.listeners = d.listeners.clone();
+                    self.rds_wanted = d.wanted.clone();
                 }
                 Kind::Eds | Kind::Rds if check_names => {
-                    for body in &r.resources {
-                        received.insert(wire::resource_name(body)?);
-                    }
+                    all_received = holds_all(&r, &st.names.set)?;
                 }
                 Kind::Eds | Kind::Rds => {}
             }
         }
-        let node = self.take_node();
+        let with_node = self.take_node();
+        let node = with_node.then_some(&self.node);
         let st = &mut self.types[kind.idx()];
-        st.nonce = r.nonce.to_string();
+        set(&mut st.nonce, r.nonce);
         if !nacked {
-            st.version = r.version.to_string();
+            set(&mut st.version, r.version);
         }
         st.responses_since_change += 1;
         // A response answers the current subscription if it holds every subscribed name,
@@ -364,76 +510,75 @@ impl Envoy {
         st.answered = st.answered
             || kind.wildcard()
             || nacked
-            || (check_names && st.names.iter().all(|n| received.contains(n.as_str())))
+            || all_received
             || st.responses_since_change >= 2;
-        let ack = if node.is_none() && !nacked {
-            // The common case, thousands of times per push: the ACK is assembled from the
-            // subscription's pre-encoded names instead of cloning and encoding them.
-            sotw_ack(st, kind)
-        } else {
-            Bytes::from(
-                DiscoveryRequest {
-                    version_info: st.version.clone(),
-                    node,
-                    resource_names: st.names.iter().cloned().collect(),
-                    type_url: kind.type_url().into(),
-                    response_nonce: st.nonce.clone(),
-                    error_detail: nacked.then(|| Self::nack_status(kind)),
-                    ..Default::default()
-                }
-                .encode_to_vec(),
-            )
-        };
-        let mut requests = vec![ack];
-        self.follow_up(kind, &mut requests);
+        // The common case, thousands of times per push, copies the subscription's
+        // pre-encoded names instead of encoding them.
+        let error = nacked.then(|| Self::nack_status(kind));
+        sotw_request(
+            out,
+            &st.version,
+            node,
+            &st.names,
+            kind,
+            &st.nonce,
+            error.as_ref(),
+        );
+        self.follow_up(kind, out);
         Ok(Outcome {
             kind,
-            requests,
             nacked,
             marker,
         })
     }
 
-    fn on_delta(&mut self, msg: &[u8], scan: Scan) -> Result<Outcome> {
+    fn on_delta(&mut self, msg: &[u8], scan: Scan, out: &mut BytesMut) -> Result<Outcome> {
         let r = wire::delta_response(msg)?;
         let kind = Kind::from_type_url(r.type_url)
             .ok_or_else(|| anyhow!("response for unexpected type {}", r.type_url))?;
         let marker = Self::marker_scan(kind, scan, r.resources.iter().map(|x| x.body));
         let nacked = self.nack == Some(kind);
         if !nacked {
-            for res in &r.resources {
-                match kind {
-                    Kind::Cds => {
+            match kind {
+                Kind::Cds => {
+                    let clusters = Arc::make_mut(&mut self.clusters);
+                    for res in &r.resources {
                         let (_, eds) = wire::cluster_summary(res.body)?;
-                        self.clusters.insert(res.name.to_string(), eds);
+                        clusters.insert(res.name.to_string(), eds);
                     }
-                    Kind::Lds => {
-                        self.listeners
-                            .insert(res.name.to_string(), wire::listener_rds_names(res.body)?);
+                    for name in &r.removed {
+                        clusters.remove(*name);
                     }
-                    Kind::Eds | Kind::Rds => {}
+                    self.eds_wanted = eds_names(&self.clusters);
                 }
-            }
-            for name in &r.removed {
-                match kind {
-                    Kind::Cds => {
-                        self.clusters.remove(*name);
+                Kind::Lds => {
+                    let listeners = Arc::make_mut(&mut self.listeners);
+                    for res in &r.resources {
+                        listeners.insert(res.name.to_string(), wire::listener_rds_names(res.body)?);
                     }
-                    Kind::Lds => {
-                        self.listeners.remove(*name);
+                    for name in &r.removed {
+                        listeners.remove(*name);
                     }
-                    Kind::Eds | Kind::Rds => {}
+                    self.rds_wanted = rds_names(&self.listeners);
                 }
+                Kind::Eds | Kind::Rds => {}
             }
         }
-        let node = self.take_node();
+        let with_node = self.take_node();
         let st = &mut self.types[kind.idx()];
-        st.nonce = r.nonce.to_string();
+        set(&mut st.nonce, r.nonce);
         if !nacked {
             for res in &r.resources {
-                st.pending.remove(res.name);
-                st.known
-                    .insert(res.name.to_string(), res.version.to_string());
+                if !st.pending.is_empty() {
+                    st.pending.remove(res.name);
+                }
+                match st.known.get_mut(res.name) {
+                    Some(v) => set(v, res.version),
+                    None => {
+                        st.known
+                            .insert(res.name.to_string(), res.version.to_string());
+                    }
+                }
             }
             for name in &r.removed {
                 st.pending.remove(*name);
@@ -441,107 +586,133 @@ impl Envoy {
             }
         }
         st.answered = true;
-        let ack = DeltaDiscoveryRequest {
-            node,
-            type_url: kind.type_url().into(),
-            response_nonce: st.nonce.clone(),
-            error_detail: nacked.then(|| Self::nack_status(kind)),
-            ..Default::default()
-        };
-        let mut requests = vec![Bytes::from(ack.encode_to_vec())];
-        self.follow_up(kind, &mut requests);
+        if !with_node && !nacked {
+            delta_ack(kind, &st.nonce, out);
+        } else {
+            framed_message(
+                out,
+                &DeltaDiscoveryRequest {
+                    node: with_node.then(|| self.node.clone()),
+                    type_url: kind.type_url().into(),
+                    response_nonce: st.nonce.clone(),
+                    error_detail: nacked.then(|| Self::nack_status(kind)),
+                    ..Default::default()
+                },
+            );
+        }
+        self.follow_up(kind, out);
         Ok(Outcome {
             kind,
-            requests,
             nacked,
             marker,
         })
     }
 
     /// Envoy's ordering: clusters → endpoints of EDS clusters → listeners → their routes.
-    fn follow_up(&mut self, kind: Kind, requests: &mut Vec<Bytes>) {
+    /// Appends the subscription changes to `out`; returns how many.
+    fn follow_up(&mut self, kind: Kind, out: &mut BytesMut) -> usize {
         match kind {
             Kind::Cds => {
-                let wanted: BTreeSet<String> = self
-                    .clusters
-                    .iter()
-                    .filter(|(_, eds)| **eds)
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                requests.extend(self.resubscribe(Kind::Eds, wanted.clone()));
-                if wanted.is_empty() {
-                    requests.extend(self.subscribe_wildcard(Kind::Lds));
+                let wanted = self.eds_wanted.clone();
+                let empty = wanted.set.is_empty();
+                let mut n = usize::from(self.resubscribe(Kind::Eds, wanted, out));
+                if empty {
+                    n += usize::from(self.subscribe_wildcard(Kind::Lds, out));
                 }
+                n
             }
-            Kind::Eds => requests.extend(self.subscribe_wildcard(Kind::Lds)),
+            Kind::Eds => usize::from(self.subscribe_wildcard(Kind::Lds, out)),
             Kind::Lds => {
-                let wanted: BTreeSet<String> = self.listeners.values().flatten().cloned().collect();
-                requests.extend(self.resubscribe(Kind::Rds, wanted));
+                let wanted = self.rds_wanted.clone();
+                usize::from(self.resubscribe(Kind::Rds, wanted, out))
             }
-            Kind::Rds => {}
+            Kind::Rds => 0,
         }
     }
 
-    fn subscribe_wildcard(&mut self, kind: Kind) -> Option<Bytes> {
+    fn subscribe_wildcard(&mut self, kind: Kind, out: &mut BytesMut) -> bool {
         if self.types[kind.idx()].subscribed {
-            return None;
+            return false;
         }
         self.types[kind.idx()].subscribed = true;
-        Some(self.initial_request(kind))
+        self.initial_request(kind, out);
+        true
     }
 
-    /// Changes the subscription of a by-name type; `None` if nothing changes.
-    fn resubscribe(&mut self, kind: Kind, wanted: BTreeSet<String>) -> Option<Bytes> {
+    /// Changes the subscription of a by-name type; `false` if nothing changes.
+    fn resubscribe(&mut self, kind: Kind, wanted: Names, out: &mut BytesMut) -> bool {
         let st = &self.types[kind.idx()];
-        if st.names == wanted && (st.subscribed || wanted.is_empty()) {
-            return None;
+        if st.names.same(&wanted) && (st.subscribed || wanted.set.is_empty()) {
+            return false;
         }
         if !st.subscribed {
             let st = &mut self.types[kind.idx()];
             st.subscribed = true;
-            st.set_names(wanted);
+            st.names = wanted;
             st.answered = false;
             st.responses_since_change = 0;
-            return Some(self.initial_request(kind));
+            self.initial_request(kind, out);
+            return true;
         }
-        let node = self.take_node();
+        let with_node = self.take_node();
+        let node = with_node.then_some(&self.node);
         let st = &mut self.types[kind.idx()];
         st.answered = false;
         st.responses_since_change = 0;
-        let msg = match self.mode {
+        match self.mode {
             Mode::Sotw => {
-                st.set_names(wanted);
-                DiscoveryRequest {
-                    version_info: st.version.clone(),
-                    node,
-                    resource_names: st.names.iter().cloned().collect(),
-                    type_url: kind.type_url().into(),
-                    response_nonce: st.nonce.clone(),
-                    ..Default::default()
-                }
-                .encode_to_vec()
+                st.names = wanted;
+                sotw_request(out, &st.version, node, &st.names, kind, &st.nonce, None);
             }
             Mode::Delta => {
-                let subscribe: Vec<String> = wanted.difference(&st.names).cloned().collect();
-                let unsubscribe: Vec<String> = st.names.difference(&wanted).cloned().collect();
+                let subscribe: Vec<String> =
+                    wanted.set.difference(&st.names.set).cloned().collect();
+                let unsubscribe: Vec<String> =
+                    st.names.set.difference(&wanted.set).cloned().collect();
                 for n in &unsubscribe {
                     st.pending.remove(n);
                     st.known.remove(n);
                 }
                 st.pending.extend(subscribe.iter().cloned());
-                st.set_names(wanted);
-                DeltaDiscoveryRequest {
-                    node,
-                    type_url: kind.type_url().into(),
-                    resource_names_subscribe: subscribe,
-                    resource_names_unsubscribe: unsubscribe,
-                    ..Default::default()
-                }
-                .encode_to_vec()
+                st.names = wanted;
+                framed_message(
+                    out,
+                    &DeltaDiscoveryRequest {
+                        node: node.cloned(),
+                        type_url: kind.type_url().into(),
+                        resource_names_subscribe: subscribe,
+                        resource_names_unsubscribe: unsubscribe,
+                        ..Default::default()
+                    },
+                );
             }
-        };
-        Some(Bytes::from(msg))
+        }
+        true
     }
+}
+
+/// Whether a SotW response holds every name of `wanted`. Without allocating when the
+/// response lists exactly those names in the same (sorted) order, as servers do.
+fn holds_all(r: &wire::SotwResponse<'_>, wanted: &BTreeSet<String>) -> Result<bool> {
+    let mut expected = wanted.iter();
+    let mut count = 0;
+    let mut in_order = true;
+    for body in r.resources() {
+        let name = wire::resource_name(body?)?;
+        count += 1;
+        if expected.next().map(String::as_str) != Some(name) {
+            in_order = false;
+            break;
+        }
+    }
+    if in_order && count == wanted.len() {
+        return Ok(true);
+    }
+    let mut received = BTreeSet::new();
+    for body in r.resources() {
+        received.insert(wire::resource_name(body?)?);
+    }
+    Ok(wanted.iter().all(|n| received.contains(n.as_str())))
 }
 
 #[cfg(test)]

@@ -7,10 +7,54 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager::RouteSpecifier, HttpConnectionManager, Rds,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryResponse, DiscoveryResponse, Resource,
+    DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::Any;
 use prost::Name;
+
+/// What one response produced, the requests split back into messages.
+struct Out {
+    requests: Vec<Bytes>,
+    nacked: bool,
+    marker: Option<u64>,
+}
+
+/// The gRPC-framed messages of a send buffer.
+fn split(mut b: Bytes) -> Vec<Bytes> {
+    use bytes::Buf;
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        assert_eq!(b.get_u8(), 0, "uncompressed");
+        let len = b.get_u32() as usize;
+        out.push(b.split_to(len));
+    }
+    out
+}
+
+trait Drive {
+    fn on(&mut self, msg: &[u8], scan: Scan) -> Result<Out>;
+    fn start(&mut self) -> Vec<Bytes>;
+}
+
+impl Drive for Envoy {
+    fn on(&mut self, msg: &[u8], scan: Scan) -> Result<Out> {
+        let mut buf = BytesMut::new();
+        let o = self.on_message(msg, scan, &mut buf)?;
+        Ok(Out {
+            requests: split(buf.freeze()),
+            nacked: o.nacked,
+            marker: o.marker,
+        })
+    }
+
+    fn start(&mut self) -> Vec<Bytes> {
+        let mut buf = BytesMut::new();
+        let n = self.start_stream(&mut buf);
+        let requests = split(buf.freeze());
+        assert_eq!(requests.len(), n);
+        requests
+    }
+}
 
 fn any<M: Message + Name>(m: &M) -> Any {
     Any {
@@ -120,7 +164,7 @@ fn dreq(b: &Bytes) -> DeltaDiscoveryRequest {
 #[test]
 fn sotw_follows_envoy_ordering_and_acks() {
     let mut e = Envoy::new(Mode::Sotw, 0, None);
-    let first = e.start_stream();
+    let first = e.start();
     assert_eq!(first.len(), 1);
     let r = req(&first[0]);
     assert_eq!(r.type_url, Kind::Cds.type_url());
@@ -131,7 +175,7 @@ fn sotw_follows_envoy_ordering_and_acks() {
         .starts_with("sidecar~127.1.0.1~bench-0.bench~"));
 
     let out = e
-        .on_message(&sotw(Kind::Cds, "c1", "1", clusters()), Scan::default())
+        .on(&sotw(Kind::Cds, "c1", "1", clusters()), Scan::default())
         .unwrap();
     assert_eq!(out.requests.len(), 2);
     let ack = req(&out.requests[0]);
@@ -149,7 +193,7 @@ fn sotw_follows_envoy_ordering_and_acks() {
     assert!(!e.is_synced());
 
     let out = e
-        .on_message(
+        .on(
             &sotw(
                 Kind::Eds,
                 "e1",
@@ -162,7 +206,7 @@ fn sotw_follows_envoy_ordering_and_acks() {
     assert_eq!(req(&out.requests[1]).type_url, Kind::Lds.type_url());
 
     let out = e
-        .on_message(
+        .on(
             &sotw(Kind::Lds, "l1", "3", vec![listener()]),
             Scan::default(),
         )
@@ -173,14 +217,14 @@ fn sotw_follows_envoy_ordering_and_acks() {
     assert!(!e.is_synced());
 
     let out = e
-        .on_message(&sotw(Kind::Rds, "r1", "4", vec![route()]), Scan::default())
+        .on(&sotw(Kind::Rds, "r1", "4", vec![route()]), Scan::default())
         .unwrap();
     assert_eq!(out.requests.len(), 1);
     assert!(e.is_synced());
 
     // An endpoint change carrying a marker.
     let out = e
-        .on_message(
+        .on(
             &sotw(
                 Kind::Eds,
                 "e2",
@@ -200,7 +244,7 @@ fn sotw_follows_envoy_ordering_and_acks() {
     assert!(e.is_synced());
 
     // Reconnect: every subscription again, with the accepted versions and no nonce.
-    let again = e.start_stream();
+    let again = e.start();
     let kinds: Vec<_> = again.iter().map(|b| req(b).type_url).collect();
     assert_eq!(kinds, Kind::ALL.map(|k| k.type_url().to_string()).to_vec());
     let eds = req(&again[1]);
@@ -213,9 +257,9 @@ fn sotw_follows_envoy_ordering_and_acks() {
 #[test]
 fn sotw_nack_keeps_the_last_accepted_version() {
     let mut e = Envoy::new(Mode::Sotw, 1, Some(Kind::Cds));
-    e.start_stream();
+    e.start();
     let out = e
-        .on_message(&sotw(Kind::Cds, "c1", "1", clusters()), Scan::default())
+        .on(&sotw(Kind::Cds, "c1", "1", clusters()), Scan::default())
         .unwrap();
     assert!(out.nacked);
     let nack = req(&out.requests[0]);
@@ -252,14 +296,14 @@ fn delta(
 #[test]
 fn delta_subscribes_by_difference_and_resumes_with_versions() {
     let mut e = Envoy::new(Mode::Delta, 2, None);
-    let first = e.start_stream();
+    let first = e.start();
     let r = dreq(&first[0]);
     assert_eq!(r.type_url, Kind::Cds.type_url());
     assert!(r.resource_names_subscribe.is_empty());
 
     let cs = clusters();
     let out = e
-        .on_message(
+        .on(
             &delta(
                 Kind::Cds,
                 "1",
@@ -282,7 +326,7 @@ fn delta_subscribes_by_difference_and_resumes_with_versions() {
 
     // Only one endpoint set arrives: still pending.
     let out = e
-        .on_message(
+        .on(
             &delta(
                 Kind::Eds,
                 "2",
@@ -293,18 +337,18 @@ fn delta_subscribes_by_difference_and_resumes_with_versions() {
         )
         .unwrap();
     assert_eq!(out.requests.len(), 2, "ACK + LDS");
-    e.on_message(
+    e.on(
         &delta(Kind::Lds, "3", vec![("l", "vl", listener())], vec![]),
         Scan::default(),
     )
     .unwrap();
-    e.on_message(
+    e.on(
         &delta(Kind::Rds, "4", vec![("8080", "vr", route())], vec![]),
         Scan::default(),
     )
     .unwrap();
     assert!(!e.is_synced(), "b is still pending");
-    e.on_message(
+    e.on(
         &delta(Kind::Eds, "5", vec![], vec!["outbound|8080||b"]),
         Scan::default(),
     )
@@ -313,7 +357,7 @@ fn delta_subscribes_by_difference_and_resumes_with_versions() {
 
     // Cluster b goes away: EDS unsubscribes it.
     let out = e
-        .on_message(
+        .on(
             &delta(Kind::Cds, "6", vec![], vec!["outbound|8080||b"]),
             Scan::default(),
         )
@@ -321,7 +365,7 @@ fn delta_subscribes_by_difference_and_resumes_with_versions() {
     let unsub = dreq(&out.requests[1]);
     assert_eq!(unsub.resource_names_unsubscribe, vec!["outbound|8080||b"]);
 
-    let again = e.start_stream();
+    let again = e.start();
     assert_eq!(again.len(), 4);
     let cds = dreq(&again[0]);
     assert!(cds.node.is_some());
@@ -339,4 +383,60 @@ fn delta_subscribes_by_difference_and_resumes_with_versions() {
             .map(String::as_str),
         Some("ea")
     );
+}
+
+#[test]
+fn clients_of_a_thread_share_what_they_derive_from_the_same_response() {
+    let cds = sotw(Kind::Cds, "c1", "1", clusters());
+    let mut a = Envoy::new(Mode::Sotw, 10, None);
+    let mut b = Envoy::new(Mode::Sotw, 11, None);
+    a.start();
+    b.start();
+    let ra = a.on(&cds, Scan::default()).unwrap();
+    let rb = b.on(&cds, Scan::default()).unwrap();
+    assert!(
+        Arc::ptr_eq(&a.clusters, &b.clusters),
+        "the second client reuses the digest"
+    );
+    assert_eq!(ra.requests[1], rb.requests[1], "the same EDS subscription");
+    assert_eq!(b.cluster_count(), 3);
+    // Different bytes: a new digest.
+    let other = sotw(Kind::Cds, "c2", "2", clusters()[..1].to_vec());
+    let rc = b.on(&other, Scan::default()).unwrap();
+    assert_eq!(b.cluster_count(), 1);
+    assert_eq!(
+        req(&rc.requests[1]).resource_names,
+        vec!["outbound|8080||a"]
+    );
+}
+
+#[test]
+fn eds_answers_the_subscription_in_any_order() {
+    let mut e = Envoy::new(Mode::Sotw, 12, None);
+    e.start();
+    e.on(&sotw(Kind::Cds, "c1", "1", clusters()), Scan::default())
+        .unwrap();
+    // b before a: not the subscription's order, still every name.
+    e.on(
+        &sotw(
+            Kind::Eds,
+            "e1",
+            "2",
+            vec![cla("outbound|8080||b", None), cla("outbound|8080||a", None)],
+        ),
+        Scan::default(),
+    )
+    .unwrap();
+    assert!(e.types[Kind::Eds.idx()].answered);
+    // A first response with one name missing does not answer it.
+    let mut f = Envoy::new(Mode::Sotw, 13, None);
+    f.start();
+    f.on(&sotw(Kind::Cds, "c1", "1", clusters()), Scan::default())
+        .unwrap();
+    f.on(
+        &sotw(Kind::Eds, "e1", "2", vec![cla("outbound|8080||a", None)]),
+        Scan::default(),
+    )
+    .unwrap();
+    assert!(!f.types[Kind::Eds.idx()].answered);
 }

@@ -1,37 +1,37 @@
-//! N simulated Envoys as tokio tasks, one HTTP/2 connection (tonic channel) and one ADS
-//! stream each, with shared counters the scenarios read.
+//! N simulated Envoys as tokio tasks, one HTTP/2 connection (the `h2` crate, no tonic or
+//! hyper) and one ADS stream each, with shared counters the scenarios read.
 //!
-//! Responses are received as raw bytes ([`RawCodec`]) and handed to the
-//! [`crate::client::Envoy`] state machine; requests are pre-encoded bytes.
+//! Each client is one task that drives its connection and its stream: it writes
+//! gRPC-framed requests (assembled by [`crate::client::Envoy`] straight into one send
+//! buffer per client), reads DATA frames, releases their flow-control capacity as it
+//! consumes them, and hands each gRPC message, as a slice of the received frame whenever
+//! the message lies within one (else of a reassembly buffer), to the state machine.
 
 use crate::client::{Envoy, Kind, Mode, Scan};
 use crate::mesh::client_address;
-use anyhow::{bail, Result};
-use bytes::{BufMut, Bytes};
-use std::net::{IpAddr, SocketAddr};
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::{Bytes, BytesMut};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::{Channel, Endpoint};
-use tonic::Status;
 
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
-/// HTTP/2 receive windows of every client connection (hyper's defaults, set explicitly
-/// so the floor's clients use the very same).
-pub const STREAM_WINDOW: u32 = 2 << 20;
-pub const CONN_WINDOW: u32 = 5 << 20;
+/// HTTP/2 receive windows of every client connection: Envoy's defaults for its gRPC
+/// (xDS) connections (`Http2ProtocolOptions.initial_stream_window_size` and
+/// `initial_connection_window_size`: 256 MiB each), so the server is never held back
+/// by flow control more than by a real Envoy. The floor's clients use the same.
+pub const STREAM_WINDOW: u32 = 256 << 20;
+pub const CONN_WINDOW: u32 = 256 << 20;
 /// gRPC framing: compression flag + 4-byte length before every message.
-pub const GRPC_HEADER: u64 = 5;
-
+pub const GRPC_HEADER: u64 = crate::client::GRPC_HEADER as u64;
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 
 /// Nanoseconds since the bench started (never 0, which means "not yet").
@@ -39,46 +39,93 @@ pub fn now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
-/// A codec that passes messages through as bytes: requests are encoded by the caller,
-/// responses decoded lazily by [`crate::wire`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawCodec;
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawEncoder;
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawDecoder;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
+/// Splits the DATA frames of a stream into gRPC messages. A message that lies within
+/// one frame is handed on as a slice of it; one spread over several frames is kept as
+/// the frames' slices (no copy) and, once complete, copied into a buffer of the thread
+/// that is reused for every client: ten thousand clients hold no reassembly buffers,
+/// and the copy goes to memory that is warm in the cache.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    /// A gRPC header cut by a frame boundary.
+    head: [u8; GRPC_HEADER as usize],
+    head_len: usize,
+    /// The message being read: its length (None: reading a header) and its parts so far.
+    need: Option<usize>,
+    parts: Vec<Bytes>,
+    have: usize,
 }
 
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-impl Decoder for RawDecoder {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        use bytes::Buf;
-        let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n)))
+impl Assembler {
+    /// Feeds the next DATA frame's payload; calls `on` for every complete message.
+    pub fn feed(&mut self, mut data: Bytes, mut on: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        const H: usize = GRPC_HEADER as usize;
+        loop {
+            let need = match self.need {
+                Some(n) => n,
+                None => {
+                    let head: [u8; H] = if self.head_len == 0 && data.len() >= H {
+                        let h = [data[0], data[1], data[2], data[3], data[4]];
+                        bytes::Buf::advance(&mut data, H);
+                        h
+                    } else {
+                        let take = (H - self.head_len).min(data.len());
+                        self.head[self.head_len..self.head_len + take]
+                            .copy_from_slice(&data[..take]);
+                        self.head_len += take;
+                        bytes::Buf::advance(&mut data, take);
+                        if self.head_len < H {
+                            return Ok(());
+                        }
+                        self.head_len = 0;
+                        self.head
+                    };
+                    if head[0] != 0 {
+                        bail!("compressed gRPC messages are not supported");
+                    }
+                    let n = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+                    self.need = Some(n);
+                    n
+                }
+            };
+            if self.parts.is_empty() && data.len() >= need {
+                // The common case: the whole message in this frame.
+                on(&data[..need])?;
+                bytes::Buf::advance(&mut data, need);
+                self.need = None;
+                continue;
+            }
+            if data.is_empty() {
+                return Ok(());
+            }
+            let take = (need - self.have).min(data.len());
+            self.parts.push(data.split_to(take));
+            self.have += take;
+            if self.have < need {
+                return Ok(());
+            }
+            let r = SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                s.clear();
+                for p in &self.parts {
+                    s.extend_from_slice(p);
+                }
+                on(&s)
+            });
+            self.parts.clear();
+            self.have = 0;
+            self.need = None;
+            r?;
+        }
+    }
+
+    /// Nothing half-read.
+    #[cfg(test)]
+    pub fn is_idle(&self) -> bool {
+        self.need.is_none() && self.head_len == 0
     }
 }
 
@@ -182,7 +229,14 @@ pub struct Fleet {
 impl Fleet {
     /// Starts clients `range` (their indexes pick node ids and source addresses) at once.
     pub fn spawn(cfg: &FleetConfig, range: Range<usize>) -> Result<Fleet> {
-        let cfg = Arc::new(cfg.clone());
+        let path = match cfg.mode {
+            Mode::Sotw => SOTW_PATH,
+            Mode::Delta => DELTA_PATH,
+        };
+        let uri: http::Uri = format!("http://{}{path}", cfg.addr)
+            .parse()
+            .context("bad server address")?;
+        let cfg = Arc::new((cfg.clone(), uri));
         let probes = Arc::new(Probes::default());
         let mut tasks = JoinSet::new();
         let mut clients = Vec::with_capacity(range.len());
@@ -191,13 +245,7 @@ impl Fleet {
                 index,
                 ..Default::default()
             });
-            let endpoint = Endpoint::from_shared(format!("http://{}", cfg.addr))?
-                .local_address(Some(IpAddr::V4(client_address(index))))
-                .tcp_nodelay(true)
-                .connect_timeout(cfg.connect_timeout)
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONN_WINDOW);
-            tasks.spawn(run(cfg.clone(), endpoint, stats.clone(), probes.clone()));
+            tasks.spawn(run(cfg.clone(), stats.clone(), probes.clone()));
             clients.push(stats);
         }
         Ok(Fleet {
@@ -211,7 +259,9 @@ impl Fleet {
         self.clients.len()
     }
 
-    /// Polls until `pred` holds for every client; returns when it first did.
+    /// Polls until `pred` holds for every client; returns when it first did. Each poll
+    /// resumes at the first client that was missing (a full pass confirms the end), so
+    /// waiting on ten thousand clients costs little.
     pub async fn wait_all(
         &self,
         what: &str,
@@ -219,12 +269,20 @@ impl Fleet {
         pred: impl Fn(&ClientStats) -> bool,
     ) -> Result<Instant> {
         let deadline = Instant::now() + timeout;
+        let mut from = 0;
         loop {
-            let missing = self.clients.iter().filter(|c| !pred(c)).count();
-            if missing == 0 {
-                return Ok(Instant::now());
+            match self.clients[from..].iter().position(|c| !pred(c)) {
+                Some(i) => from += i,
+                None if from == 0 => return Ok(Instant::now()),
+                // Everyone from `from` on: confirm the ones before (a client can fall
+                // back, e.g. on a reconnect).
+                None => {
+                    from = 0;
+                    continue;
+                }
             }
             if Instant::now() > deadline {
+                let missing = self.clients.iter().filter(|c| !pred(c)).count();
                 let err = self
                     .clients
                     .iter()
@@ -269,22 +327,18 @@ fn next_rand(state: &mut u64) -> u64 {
     x.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
 
-async fn run(
-    cfg: Arc<FleetConfig>,
-    endpoint: Endpoint,
-    stats: Arc<ClientStats>,
-    probes: Arc<Probes>,
-) {
+async fn run(cfg: Arc<(FleetConfig, http::Uri)>, stats: Arc<ClientStats>, probes: Arc<Probes>) {
+    let (cfg, uri) = (&cfg.0, &cfg.1);
     stats.started_ns.store(now_ns(), Relaxed);
-    let channel = endpoint.connect_lazy();
     let nack = (stats.index < cfg.nack_clients)
         .then_some(cfg.nack)
         .flatten();
     let mut envoy = Envoy::new(cfg.mode, stats.index, nack);
     let mut rng = (stats.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now_ns();
     let mut attempt: u32 = 0;
+    let mut bufs = Buffers::default();
     for _ in 0..cfg.max_streams {
-        match one_stream(&cfg, &channel, &mut envoy, &stats, &probes).await {
+        match one_stream(cfg, uri, &mut envoy, &stats, &probes, &mut bufs).await {
             Ok(true) => attempt = 0,
             Ok(false) => {}
             Err(e) => {
@@ -294,6 +348,7 @@ async fn run(
             }
         }
         stats.synced.store(false, Relaxed);
+        bufs = Buffers::default();
         // Envoy: a random delay below min(base * 2^attempt, max).
         let ceiling = cfg
             .backoff_base
@@ -306,54 +361,182 @@ async fn run(
     }
 }
 
-/// One ADS stream until it ends; `Ok(true)` if it got at least one response.
+/// A client's buffers, kept across the messages of a stream.
+#[derive(Default)]
+struct Buffers {
+    /// Requests to send (gRPC-framed), handed to h2 as one chunk per response.
+    send: BytesMut,
+    /// Messages split over DATA frames.
+    assembler: Assembler,
+}
+
+/// One connection and ADS stream until it ends; `Ok(true)` if it got at least one response.
 async fn one_stream(
     cfg: &FleetConfig,
-    channel: &Channel,
+    uri: &http::Uri,
     envoy: &mut Envoy,
     stats: &ClientStats,
     probes: &Probes,
+    bufs: &mut Buffers,
 ) -> Result<bool> {
-    let (tx, rx) = mpsc::channel::<Bytes>(64);
-    for r in envoy.start_stream() {
-        tx.send(r).await?;
-    }
-    let mut grpc = tonic::client::Grpc::new(channel.clone()).max_decoding_message_size(usize::MAX);
-    grpc.ready().await?;
-    let path = http::uri::PathAndQuery::from_static(match cfg.mode {
-        Mode::Sotw => SOTW_PATH,
-        Mode::Delta => DELTA_PATH,
-    });
-    let response = grpc
-        .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, RawCodec)
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(client_address(stats.index).into(), 0))?;
+    sock.set_nodelay(true)?;
+    let tcp = tokio::time::timeout(cfg.connect_timeout, sock.connect(cfg.addr))
+        .await
+        .map_err(|_| anyhow!("connect to {} timed out", cfg.addr))?
+        .with_context(|| format!("connect to {}", cfg.addr))?;
+    let (client, mut conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tcp)
         .await?;
+    // One task drives both: the stream's work, and the connection (reads, writes,
+    // window updates) whenever the stream waits.
+    let work = stream(client, uri, envoy, stats, probes, bufs);
+    tokio::select! {
+        biased;
+        r = work => r,
+        r = &mut conn => {
+            r?;
+            bail!("the server closed the connection")
+        }
+    }
+}
+
+async fn stream(
+    client: h2::client::SendRequest<Bytes>,
+    uri: &http::Uri,
+    envoy: &mut Envoy,
+    stats: &ClientStats,
+    probes: &Probes,
+    bufs: &mut Buffers,
+) -> Result<bool> {
+    let mut client = client.ready().await?;
+    let req = http::Request::post(uri.clone())
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(())?;
+    let (response, mut tx) = client.send_request(req, false)?;
+    envoy.start_stream(&mut bufs.send);
+    tx.send_data(bufs.send.split().freeze(), false)?;
+    let response = response.await?;
+    if response.status() != http::StatusCode::OK {
+        bail!("HTTP status {}", response.status());
+    }
+    // A trailers-only response: the stream failed at once.
+    grpc_status(response.headers())?;
     stats.stream_ns.store(now_ns(), Relaxed);
     stats.streams.fetch_add(1, Relaxed);
-    let mut stream = response.into_inner();
+    let mut body = response.into_body();
     let mut got = false;
-    while let Some(msg) = stream.message().await? {
-        got = true;
-        let out = envoy.on_message(&msg, probes.scan())?;
-        for r in out.requests {
-            tx.send(r).await?;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let n = chunk.len();
+        let send = &mut bufs.send;
+        bufs.assembler.feed(chunk, |msg| {
+            got = true;
+            on_message(msg, envoy, stats, probes, send)
+        })?;
+        let _ = body.flow_control().release_capacity(n);
+        if !bufs.send.is_empty() {
+            tx.send_data(bufs.send.split().freeze(), false)?;
         }
-        let now = now_ns();
-        let k = out.kind.idx();
-        stats.responses[k].fetch_add(1, Relaxed);
-        stats.bytes[k].fetch_add(msg.len() as u64 + GRPC_HEADER, Relaxed);
-        if out.nacked {
-            stats.nacks.fetch_add(1, Relaxed);
-        }
-        if let Some(m) = out.marker {
-            let slot = if out.kind == Kind::Eds { 0 } else { 1 };
-            stats.markers[slot].record(m, now);
-        }
-        stats.clusters.store(envoy.cluster_count() as u64, Relaxed);
-        let synced = envoy.is_synced();
-        if synced && !stats.synced.load(Relaxed) {
-            stats.synced_ns.store(now, Relaxed);
-        }
-        stats.synced.store(synced, Relaxed);
+    }
+    if let Some(trailers) = body.trailers().await? {
+        grpc_status(&trailers)?;
     }
     Ok(got)
+}
+
+/// Fails on a `grpc-status` other than 0 (OK).
+fn grpc_status(headers: &http::HeaderMap) -> Result<()> {
+    match headers.get("grpc-status").map(|v| v.as_bytes()) {
+        None | Some(b"0") => Ok(()),
+        Some(code) => {
+            let message = headers
+                .get("grpc-message")
+                .map(|m| String::from_utf8_lossy(m.as_bytes()).to_string())
+                .unwrap_or_default();
+            bail!("grpc-status {}: {message}", String::from_utf8_lossy(code))
+        }
+    }
+}
+
+/// One response: the state machine answers into `send`; the counters follow.
+fn on_message(
+    msg: &[u8],
+    envoy: &mut Envoy,
+    stats: &ClientStats,
+    probes: &Probes,
+    send: &mut BytesMut,
+) -> Result<()> {
+    let out = envoy.on_message(msg, probes.scan(), send)?;
+    let now = now_ns();
+    let k = out.kind.idx();
+    stats.responses[k].fetch_add(1, Relaxed);
+    stats.bytes[k].fetch_add(msg.len() as u64 + GRPC_HEADER, Relaxed);
+    if out.nacked {
+        stats.nacks.fetch_add(1, Relaxed);
+    }
+    if let Some(m) = out.marker {
+        let slot = if out.kind == Kind::Eds { 0 } else { 1 };
+        stats.markers[slot].record(m, now);
+    }
+    stats.clusters.store(envoy.cluster_count() as u64, Relaxed);
+    let synced = envoy.is_synced();
+    if synced && !stats.synced.load(Relaxed) {
+        stats.synced_ns.store(now, Relaxed);
+    }
+    stats.synced.store(synced, Relaxed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(msgs: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in msgs {
+            out.push(0);
+            out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+            out.extend_from_slice(m);
+        }
+        out
+    }
+
+    #[test]
+    fn assembler_reassembles_messages_across_any_split() {
+        let big = vec![7u8; 100_000];
+        let msgs: Vec<&[u8]> = vec![b"a", b"", b"hello", &big, b"z"];
+        let wire = Bytes::from(framed(&msgs));
+        for chunk in [1, 2, 3, 4, 5, 6, 7, 16_384, wire.len()] {
+            let mut a = Assembler::default();
+            let mut got: Vec<Vec<u8>> = Vec::new();
+            let mut at = 0;
+            while at < wire.len() {
+                let end = (at + chunk).min(wire.len());
+                a.feed(wire.slice(at..end), |m| {
+                    got.push(m.to_vec());
+                    Ok(())
+                })
+                .unwrap();
+                at = end;
+            }
+            assert!(a.is_idle(), "chunk {chunk}");
+            assert_eq!(got.len(), msgs.len(), "chunk {chunk}");
+            for (g, m) in got.iter().zip(&msgs) {
+                assert_eq!(g.as_slice(), *m, "chunk {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn assembler_rejects_compressed_messages() {
+        let mut a = Assembler::default();
+        let r = a.feed(Bytes::from_static(&[1, 0, 0, 0, 1, 9]), |_| Ok(()));
+        assert!(r.is_err());
+    }
 }

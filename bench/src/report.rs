@@ -49,6 +49,26 @@ pub struct ChurnFigures {
     pub server_rss_growth_bytes: i64,
 }
 
+/// Figures of an `envoy-convergence` run (real Envoy sidecars).
+#[derive(Debug, Clone, Serialize)]
+pub struct EnvoyFigures {
+    pub envoys: usize,
+    pub envoy_version: String,
+    /// How often each Envoy's admin `/config_dump` was polled after the change.
+    pub poll_interval_ms: f64,
+    /// Polls made, all Envoys together.
+    pub polls: u64,
+    /// From starting the Envoys until the last one had its routes.
+    pub start_all_ms: f64,
+    /// CPU of all Envoys in the measured window (the polls included).
+    pub envoy_cpu_s: f64,
+    pub envoy_rss_mean_bytes: u64,
+    /// From the write until the server saw each Envoy ACK the version it shows
+    /// (`/debug/syncz`, wall clock, 1 ms resolution); null without a Trellis admin port.
+    pub ack_p50_ms: Option<f64>,
+    pub ack_max_ms: Option<f64>,
+}
+
 /// One scenario's figures. Every key is always present; `null` means not measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioResult {
@@ -95,6 +115,7 @@ pub struct ScenarioResult {
     /// ADS streams that ended in an error, summed over clients, during the scenario.
     pub stream_failures: u64,
     pub churn: Option<ChurnFigures>,
+    pub envoy: Option<EnvoyFigures>,
     pub notes: Vec<String>,
 }
 

@@ -124,16 +124,30 @@ pub struct SotwResponse<'a> {
     pub version: &'a str,
     pub type_url: &'a str,
     pub nonce: &'a str,
+    /// The whole message: [`SotwResponse::resources`] reads the resources from it only
+    /// when asked (a push the client only ACKs never walks them).
+    msg: &'a [u8],
+}
+
+impl<'a> SotwResponse<'a> {
     /// The encoded resources (the `value` of each Any).
-    pub resources: Vec<&'a [u8]>,
+    pub fn resources(&self) -> impl Iterator<Item = Result<&'a [u8], WireError>> + 'a {
+        fields(self.msg).filter_map(|f| match f {
+            Ok((2, Value::Bytes(b))) => Some(any_value(b)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+    }
 }
 
 pub fn sotw_response(msg: &[u8]) -> Result<SotwResponse<'_>, WireError> {
-    let mut r = SotwResponse::default();
+    let mut r = SotwResponse {
+        msg,
+        ..Default::default()
+    };
     for f in fields(msg) {
         match f? {
             (1, Value::Bytes(b)) => r.version = utf8(1, b)?,
-            (2, Value::Bytes(b)) => r.resources.push(any_value(b)?),
             (4, Value::Bytes(b)) => r.type_url = utf8(4, b)?,
             (5, Value::Bytes(b)) => r.nonce = utf8(5, b)?,
             _ => {}
@@ -349,13 +363,14 @@ mod tests {
         assert_eq!(r.version, "v1");
         assert_eq!(r.nonce, "7");
         assert_eq!(r.type_url, Cluster::type_url());
-        assert_eq!(r.resources.len(), 2);
+        let resources: Vec<&[u8]> = r.resources().collect::<Result<_, _>>().unwrap();
+        assert_eq!(resources.len(), 2);
         assert_eq!(
-            cluster_summary(r.resources[0]).unwrap(),
+            cluster_summary(resources[0]).unwrap(),
             ("outbound|8080||a", true)
         );
         assert_eq!(
-            cluster_summary(r.resources[1]).unwrap(),
+            cluster_summary(resources[1]).unwrap(),
             ("inbound|8080||", false)
         );
     }

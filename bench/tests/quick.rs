@@ -77,12 +77,32 @@ fn quick_runs_every_scenario_and_writes_json() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let results = v.as_array().expect("an array of scenario results");
-    assert_eq!(results.len(), 10, "5 scenarios x 2 modes");
-    for r in results {
+    // envoy-convergence runs (once per mode, with a simulated policy-change row after it)
+    // when Envoy is found; under CI it must be.
+    let envoy_rows = results
+        .iter()
+        .filter(|r| r["scenario"] == "envoy-convergence")
+        .count();
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        assert_eq!(
+            envoy_rows, 2,
+            "CI=true: envoy-convergence must run in both modes"
+        );
+    }
+    assert!(envoy_rows == 0 || envoy_rows == 2, "{envoy_rows}");
+    assert_eq!(
+        results.len(),
+        10 + 2 * envoy_rows,
+        "5 scenarios x 2 modes, plus envoy-convergence and its comparison row"
+    );
+    for (i, r) in results.iter().enumerate() {
         for k in KEYS {
             assert!(r.get(*k).is_some(), "key {k} missing in {r}");
         }
-        assert_eq!(r["clients"], 20);
+        // envoy-convergence and the policy-change row right after it: 3 clients.
+        let envoy = r["scenario"] == "envoy-convergence"
+            || (i > 0 && results[i - 1]["scenario"] == "envoy-convergence");
+        assert_eq!(r["clients"], if envoy { 3 } else { 20 }, "{r}");
         assert!(r["all_ms"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["bytes_per_client"].as_f64().unwrap() > 0.0, "{r}");
     }
@@ -97,7 +117,20 @@ fn quick_runs_every_scenario_and_writes_json() {
         "churn",
         "reconnect",
     ] {
-        assert_eq!(scenarios.iter().filter(|x| **x == s).count(), 2, "{s}");
+        let extra = if s == "policy-change" { envoy_rows } else { 0 };
+        assert_eq!(
+            scenarios.iter().filter(|x| **x == s).count(),
+            2 + extra,
+            "{s}"
+        );
+    }
+    for r in results
+        .iter()
+        .filter(|r| r["scenario"] == "envoy-convergence")
+    {
+        assert_eq!(r["clients"], 3, "{r}");
+        assert_eq!(r["envoy"]["envoys"], 3, "{r}");
+        assert!(r["envoy"]["polls"].as_u64().unwrap() > 0, "{r}");
     }
     let storm = results.iter().find(|r| r["scenario"] == "storm").unwrap();
     assert!(storm["rss_per_proxy_bytes"].is_number(), "{storm}");

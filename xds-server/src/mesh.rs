@@ -430,10 +430,7 @@ impl MeshState {
                                 weight: None,
                                 workload: Some(w.id()),
                             });
-                            selected
-                                .entry(w.id())
-                                .or_insert_with(Vec::new)
-                                .push(fqdn.clone());
+                            selected.entry(w.id()).or_default().push(fqdn.clone());
                         }
                     }
                 }
