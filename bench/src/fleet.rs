@@ -4,8 +4,9 @@
 //! Each client is one task that drives its connection and its stream: it writes
 //! gRPC-framed requests (assembled by [`crate::client::Envoy`] straight into one send
 //! buffer per client), reads DATA frames, releases their flow-control capacity as it
-//! consumes them, and hands each gRPC message, as a slice of the received frame whenever
-//! the message lies within one (else of a reassembly buffer), to the state machine.
+//! consumes them, and hands each gRPC message to the state machine: a slice of the
+//! received frame when the message lies within one, else a copy in the thread's
+//! reassembly buffer (see [`Assembler`]).
 
 use crate::client::{Envoy, Kind, Mode, Scan};
 use crate::mesh::client_address;
@@ -32,6 +33,7 @@ pub const STREAM_WINDOW: u32 = 256 << 20;
 pub const CONN_WINDOW: u32 = 256 << 20;
 /// gRPC framing: compression flag + 4-byte length before every message.
 pub const GRPC_HEADER: u64 = crate::client::GRPC_HEADER as u64;
+
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 
 /// Nanoseconds since the bench started (never 0, which means "not yet").
