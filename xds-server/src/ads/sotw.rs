@@ -106,7 +106,10 @@ impl Protocol for Stream {
                         || (requested.is_empty() && kind.wildcard_by_default())
                 }
                 Some(cur) => {
-                    cur.len() == requested.len() && requested.iter().all(|n| cur.contains(n))
+                    cur.len() == requested.len()
+                        // Sorted requests (the usual case) compare in one pass.
+                        && (cur.iter().eq(requested.iter())
+                            || requested.iter().all(|n| cur.contains(n)))
                 }
             };
         if unchanged {
