@@ -264,6 +264,21 @@ async fn wait_mesh_loaded(s: &Settings, t: &Target) -> Result<()> {
     r.map(|_| ())
 }
 
+/// Server CPU and memory for a scenario measuring one push, from `/proc` before and after.
+fn set_one_push_figures(
+    r: &mut ScenarioResult,
+    before: Option<ProcStats>,
+    after: Option<ProcStats>,
+) {
+    if let (Some(a), Some(b)) = (before, after) {
+        r.server_cpu_s = Some(b.cpu_s - a.cpu_s);
+        r.server_cpu_per_push_s = r.server_cpu_s;
+        r.server_rss_bytes = Some(b.rss_bytes);
+        r.server_peak_rss_bytes = Some(b.peak_rss_bytes);
+    }
+    r.pushes = 1;
+}
+
 fn ms_between(from_ns: u64, to_ns: u64) -> f64 {
     to_ns.saturating_sub(from_ns) as f64 / 1e6
 }
@@ -551,13 +566,7 @@ async fn change(
         .collect();
     let l = Latencies::from_ms(times.iter().map(|at| ms_between(t0, *at)).collect());
     r.set_latencies(&l, l.max(), l.min());
-    if let (Some(a), Some(b)) = (srv0, srv1) {
-        r.server_cpu_s = Some(b.cpu_s - a.cpu_s);
-        r.server_cpu_per_push_s = r.server_cpu_s;
-        r.server_rss_bytes = Some(b.rss_bytes);
-        r.server_peak_rss_bytes = Some(b.peak_rss_bytes);
-    }
-    r.pushes = 1;
+    set_one_push_figures(r, srv0, srv1);
     r.bytes_per_client = mean_bytes_since(&fleet, &base, &[kind]);
     r.nacks = nack_count(&fleet);
     note_failures(&fleet, r, fail0);

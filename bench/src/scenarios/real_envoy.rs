@@ -247,13 +247,7 @@ pub(super) async fn envoy_convergence(
         .collect();
     let l = Latencies::from_ms(times);
     r.set_latencies(&l, l.max(), l.min());
-    if let (Some(a), Some(b)) = (srv0, srv1) {
-        r.server_cpu_s = Some(b.cpu_s - a.cpu_s);
-        r.server_cpu_per_push_s = r.server_cpu_s;
-        r.server_rss_bytes = Some(b.rss_bytes);
-        r.server_peak_rss_bytes = Some(b.peak_rss_bytes);
-    }
-    r.pushes = 1;
+    set_one_push_figures(r, srv0, srv1);
     r.server_push_latency_mean_ms = push_latency_ms(metrics0, t.metrics().await, Kind::Rds);
     // The server's view: when it saw each Envoy's RDS ACK after the write (one push).
     let mut ack_ms: Vec<f64> = Vec::new();
