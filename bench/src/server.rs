@@ -193,6 +193,8 @@ impl ServerProcess {
             .arg(xds_addr.to_string())
             .arg("--admin-addr")
             .arg(admin_addr.to_string())
+            .arg("--secure-addr")
+            .arg("off")
             .env(
                 "RUST_LOG",
                 std::env::var("XDS_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),

@@ -8,8 +8,9 @@ use crate::metrics::Metrics;
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use cert_authority::Authority;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ pub struct AdminState {
     pub controller: Arc<Controller>,
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
+    pub authority: Option<Authority>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -28,6 +30,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/configz", get(configz))
         .route("/debug/config_dump", get(config_dump))
         .route("/metrics", get(metrics))
+        .route("/debug/ca", get(ca_status))
+        .route("/ca/rotate-root", post(rotate_root))
         .with_state(state)
 }
 
@@ -101,4 +105,53 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+fn no_ca() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "this server runs without a CA (no secure port)\n",
+    )
+        .into_response()
+}
+
+/// The CA's trust state, a running rotation, and which proxies it waits for. Roots
+/// only: no private key is ever part of an admin answer.
+async fn ca_status(State(s): State<AdminState>) -> Response {
+    let Some(ca) = &s.authority else {
+        return no_ca();
+    };
+    let trust = ca.current();
+    let roots: Vec<_> = trust
+        .roots
+        .iter()
+        .map(|r| json!({"fingerprint": r.fingerprint, "subject": r.subject, "not_after": r.not_after}))
+        .collect();
+    let pending = crate::identity::rotation::pending(&s.registry, trust.epoch);
+    let with_secrets = s
+        .registry
+        .all()
+        .iter()
+        .filter(|p| p.secrets().epoch_sent.is_some())
+        .count();
+    Json(json!({
+        "trust_domain": ca.trust_domain(),
+        "epoch": trust.epoch,
+        "signer": trust.signer,
+        "roots": roots,
+        "rotation": trust.rotation,
+        "proxies_with_secrets": with_secrets,
+        "pending": pending,
+    }))
+    .into_response()
+}
+
+async fn rotate_root(State(s): State<AdminState>) -> Response {
+    let Some(ca) = &s.authority else {
+        return no_ca();
+    };
+    match ca.start_rotation() {
+        Ok(status) => (StatusCode::ACCEPTED, Json(json!(status))).into_response(),
+        Err(e) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
+    }
 }

@@ -10,6 +10,16 @@ pub struct BootstrapOptions {
     pub admin_port: u16,
     pub delta: bool,
     pub cluster_domain: String,
+    /// Set: connect to the secure port with this token, trusting these roots.
+    pub secure: Option<SecureBootstrap>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SecureBootstrap {
+    pub token: String,
+    pub trust_bundle_pem: String,
+    /// The control plane's SPIFFE id, checked against its serving certificate.
+    pub server_id: String,
 }
 
 /// Istio's node id form, which the server parses back into workload and namespace.
@@ -23,6 +33,31 @@ pub fn node_id(w: &Workload, cluster_domain: &str) -> String {
 pub fn bootstrap(w: &Workload, opts: &BootstrapOptions) -> Result<String, serde_yaml_ng::Error> {
     let api_type = if opts.delta { "DELTA_GRPC" } else { "GRPC" };
     let ads = json!({ "ads": {}, "resource_api_version": "V3" });
+    let mut grpc_service = json!({ "envoy_grpc": { "cluster_name": "xds-grpc" } });
+    let mut xds_cluster_tls = serde_json::Value::Null;
+    if let Some(sec) = &opts.secure {
+        // Envoy sends initial_metadata with every stream: the server reads the caller
+        // from it. The token is a credential: this bootstrap is as secret as the token.
+        grpc_service["initial_metadata"] =
+            json!([{ "key": "authorization", "value": format!("Bearer {}", sec.token) }]);
+        xds_cluster_tls = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": "xds-server.trellis-system.svc",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "validation_context": {
+                        "trusted_ca": { "inline_string": sec.trust_bundle_pem },
+                        "match_typed_subject_alt_names": [{
+                            "san_type": "URI",
+                            "matcher": { "exact": sec.server_id },
+                        }],
+                    },
+                },
+            },
+        });
+    }
     let doc = json!({
         "node": {
             "id": node_id(w, &opts.cluster_domain),
@@ -40,7 +75,7 @@ pub fn bootstrap(w: &Workload, opts: &BootstrapOptions) -> Result<String, serde_
                 "api_type": api_type,
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": true,
-                "grpc_services": [{ "envoy_grpc": { "cluster_name": "xds-grpc" } }],
+                "grpc_services": [grpc_service],
             },
             "cds_config": ads,
             "lds_config": ads,
@@ -76,5 +111,9 @@ pub fn bootstrap(w: &Workload, opts: &BootstrapOptions) -> Result<String, serde_
             }},
         },
     });
+    let mut doc = doc;
+    if !xds_cluster_tls.is_null() {
+        doc["static_resources"]["clusters"][0]["transport_socket"] = xds_cluster_tls;
+    }
     serde_yaml_ng::to_string(&doc)
 }

@@ -13,6 +13,7 @@ pub mod cache;
 pub mod config;
 pub mod controller;
 pub mod dump;
+pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod server;

@@ -1,14 +1,19 @@
 //! `xds-server`: serve xDS for a config folder, or print a sidecar's Envoy bootstrap.
 
 use anyhow::{bail, Context, Result};
+use cert_authority::{Authority, CaOptions, SpiffeId, TokenKind};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
-use xds_server::bootstrap::{bootstrap, BootstrapOptions};
+use xds_server::bootstrap::{bootstrap, BootstrapOptions, SecureBootstrap};
 use xds_server::config::store::ConfigStore;
-use xds_server::server::Server;
+use xds_server::server::{SecureOptions, Server};
+
+mod ca_cli;
+use ca_cli::ca_command;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,8 +45,30 @@ enum Command {
         /// Admin HTTP address (/debug/syncz, /metrics, ...).
         #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:15014")]
         admin_addr: SocketAddr,
+        /// Secure port: ADS with secrets and Istio's CA service over TLS, callers
+        /// authenticated by client certificate or token. `off` disables it (and the CA).
+        #[arg(long, env = "TRELLIS_SECURE_ADDR", default_value = "127.0.0.1:15012")]
+        secure_addr: SecureAddr,
+        #[command(flatten)]
+        ca: CaArgs,
+        /// Lifetime of the workload certificates the server makes for sidecars.
+        #[arg(long, env = "TRELLIS_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = duration)]
+        workload_cert_ttl: Duration,
+        /// Upper bound for any certificate lifetime a caller asks for.
+        #[arg(long, env = "TRELLIS_MAX_CERT_TTL", default_value = "168h", value_parser = duration)]
+        max_cert_ttl: Duration,
         #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
+    },
+    /// Bootstrap tokens: a sidecar proves its identity on the secure port with one.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// The running server's CA: status and root rotation.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
     },
     /// Print the Envoy bootstrap (YAML) for a workload's sidecar.
     Bootstrap {
@@ -59,7 +86,87 @@ enum Command {
         /// Use incremental (Delta) xDS instead of state of the world.
         #[arg(long)]
         delta: bool,
+        /// Bootstrap token (from `xds-server token create`): the sidecar then connects
+        /// to the secure port with it and gets its certificate over SDS.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Where the sidecar reaches the secure port (with --token-file).
+        #[arg(long, env = "TRELLIS_SECURE_ADDR", default_value = "127.0.0.1:15012")]
+        secure_addr: SocketAddr,
+        /// The server's CA dir: the trust bundle is read from its trust-bundle.pem.
+        #[arg(long, env = "TRELLIS_CA_DIR", default_value = ".trellis/ca")]
+        ca_dir: PathBuf,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct CaArgs {
+    /// CA state: self-signed root and key (0600), token signing key, rotation state.
+    #[arg(long, env = "TRELLIS_CA_DIR", default_value = ".trellis/ca")]
+    ca_dir: PathBuf,
+    /// Use an existing CA in Istio's layout (ca-cert.pem, ca-key.pem, root-cert.pem,
+    /// cert-chain.pem) instead of a self-signed root; the folder is watched.
+    #[arg(long, env = "TRELLIS_PLUGGED_CA_DIR")]
+    plugged_ca_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Print a signed bootstrap token for a workload identity.
+    Create {
+        /// The identity, as NAMESPACE/SERVICE_ACCOUNT.
+        #[arg(long)]
+        identity: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "24h", value_parser = duration)]
+        ttl: Duration,
+        /// Trust domain of the identity: taken from the MeshConfig in this folder.
+        #[arg(long, env = "TRELLIS_CONFIG_DIR")]
+        config_dir: Option<PathBuf>,
+        #[command(flatten)]
+        ca: CaArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Print the CA's roots, trust epoch and any rotation in progress.
+    Status {
+        #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:15014")]
+        admin_addr: SocketAddr,
+    },
+    /// Rotate the self-signed root with zero downtime: add the new root to every trust
+    /// bundle, re-issue every certificate under it, then drop the old root. Each phase
+    /// waits for every connected proxy to ACK; progress is printed until done.
+    RotateRoot {
+        #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:15014")]
+        admin_addr: SocketAddr,
+        /// Start the rotation and return without waiting for it to finish.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this long (the rotation itself goes on).
+        #[arg(long, default_value = "10m", value_parser = duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct SecureAddr(Option<SocketAddr>);
+
+impl std::str::FromStr for SecureAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(SecureAddr(None));
+        }
+        s.parse()
+            .map(|a| SecureAddr(Some(a)))
+            .map_err(|e| format!("{e} (an address like 127.0.0.1:15012, or off)"))
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    xds_server::config::parse_duration(s)
 }
 
 fn init_tracing(format: LogFormat) {
@@ -82,14 +189,47 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 
-async fn serve(config_dir: PathBuf, xds_addr: SocketAddr, admin_addr: SocketAddr) -> Result<()> {
+struct ServeArgs {
+    config_dir: PathBuf,
+    xds_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    secure_addr: SecureAddr,
+    ca: CaArgs,
+    workload_cert_ttl: Duration,
+    max_cert_ttl: Duration,
+}
+
+fn ca_options(ca: CaArgs, max_ttl: Duration) -> CaOptions {
+    CaOptions {
+        dir: ca.ca_dir,
+        plugged: ca.plugged_ca_dir,
+        max_ttl,
+        ..CaOptions::default()
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let ServeArgs {
+        config_dir,
+        xds_addr,
+        admin_addr,
+        ..
+    } = args;
     let xds = bind(xds_addr, "xDS").await?;
     let admin = bind(admin_addr, "the admin API").await?;
     if !xds_addr.ip().is_loopback() {
         warn!(addr = %xds_addr, "plaintext xDS is bound off loopback: anyone who reaches it gets the mesh config");
     }
-    let server = Server::start(config_dir.clone(), xds, admin).await?;
-    info!(xds = %server.xds_addr, admin = %server.admin_addr, config_dir = %config_dir.display(), "xds-server serving");
+    let secure = match args.secure_addr.0 {
+        Some(addr) => Some(SecureOptions {
+            listener: bind(addr, "the secure port").await?,
+            ca: ca_options(args.ca, args.max_cert_ttl),
+            workload_ttl: Some(args.workload_cert_ttl),
+        }),
+        None => None,
+    };
+    let server = Server::start_with(config_dir.clone(), xds, admin, secure).await?;
+    info!(xds = %server.xds_addr, secure = ?server.secure_addr, admin = %server.admin_addr, config_dir = %config_dir.display(), "xds-server serving");
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -102,13 +242,27 @@ async fn serve(config_dir: PathBuf, xds_addr: SocketAddr, admin_addr: SocketAddr
     server.run_until(shutdown).await.map_err(anyhow::Error::msg)
 }
 
-fn print_bootstrap(
-    workload: &str,
+struct BootstrapArgs {
+    workload: String,
     config_dir: PathBuf,
     xds_addr: SocketAddr,
     admin_port: u16,
     delta: bool,
-) -> Result<()> {
+    token_file: Option<PathBuf>,
+    secure_addr: SocketAddr,
+    ca_dir: PathBuf,
+}
+
+fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
+    let BootstrapArgs {
+        workload,
+        config_dir,
+        xds_addr,
+        admin_port,
+        delta,
+        ..
+    } = args;
+    let workload = workload.as_str();
     let (store, outcome) = ConfigStore::open(&config_dir)?;
     for e in &outcome.new_errors {
         eprintln!("warning: {e}");
@@ -126,13 +280,62 @@ fn print_bootstrap(
             }
         );
     };
+    let secure = match &args.token_file {
+        Some(f) => {
+            let token = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the token file {}", f.display()))?
+                .trim()
+                .to_string();
+            let bundle = args.ca_dir.join(xds_server::identity::TRUST_BUNDLE_FILE);
+            let trust_bundle_pem = std::fs::read_to_string(&bundle).with_context(|| {
+                format!(
+                    "cannot read the trust bundle {} (the server writes it on start; is --ca-dir the server's?)",
+                    bundle.display()
+                )
+            })?;
+            Some(SecureBootstrap {
+                token,
+                trust_bundle_pem,
+                server_id: xds_server::identity::server_identity(&mesh.trust_domain).uri(),
+            })
+        }
+        None => None,
+    };
     let opts = BootstrapOptions {
-        xds_addr,
+        xds_addr: if secure.is_some() {
+            args.secure_addr
+        } else {
+            xds_addr
+        },
         admin_port,
         delta,
         cluster_domain: mesh.cluster_domain.clone(),
+        secure,
     };
     print!("{}", bootstrap(w, &opts)?);
+    Ok(())
+}
+
+fn create_token(
+    identity: &str,
+    ttl: Duration,
+    config_dir: Option<PathBuf>,
+    ca: CaArgs,
+) -> Result<()> {
+    let trust_domain = match config_dir {
+        Some(dir) => ConfigStore::open(&dir)?.0.mesh().trust_domain.clone(),
+        None => CaOptions::default().trust_domain,
+    };
+    let id = SpiffeId::from_ns_sa(&trust_domain, identity)?;
+    let opts = CaOptions {
+        trust_domain,
+        ..ca_options(ca, CaOptions::default().max_ttl)
+    };
+    let authority = Authority::open(opts)?;
+    let token = authority
+        .tokens()
+        .create(&id, TokenKind::Workload, ttl, Default::default())?;
+    println!("{token}");
     Ok(())
 }
 
@@ -143,12 +346,25 @@ fn main() -> std::process::ExitCode {
             config_dir,
             xds_addr,
             admin_addr,
+            secure_addr,
+            ca,
+            workload_cert_ttl,
+            max_cert_ttl,
             log_format,
         } => {
             init_tracing(log_format);
+            let args = ServeArgs {
+                config_dir,
+                xds_addr,
+                admin_addr,
+                secure_addr,
+                ca,
+                workload_cert_ttl,
+                max_cert_ttl,
+            };
             tokio::runtime::Runtime::new()
                 .context("cannot start the async runtime")
-                .and_then(|rt| rt.block_on(serve(config_dir, xds_addr, admin_addr)))
+                .and_then(|rt| rt.block_on(serve(args)))
         }
         Command::Bootstrap {
             workload,
@@ -156,7 +372,29 @@ fn main() -> std::process::ExitCode {
             xds_addr,
             admin_port,
             delta,
-        } => print_bootstrap(&workload, config_dir, xds_addr, admin_port, delta),
+            token_file,
+            secure_addr,
+            ca_dir,
+        } => print_bootstrap(BootstrapArgs {
+            workload,
+            config_dir,
+            xds_addr,
+            admin_port,
+            delta,
+            token_file,
+            secure_addr,
+            ca_dir,
+        }),
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    identity,
+                    ttl,
+                    config_dir,
+                    ca,
+                },
+        } => create_token(&identity, ttl, config_dir, ca),
+        Command::Ca { command } => ca_command(command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -5,11 +5,17 @@ use crate::admin::{self, AdminState};
 use crate::ads::{status::ProxyRegistry, AdsService, AdsShared};
 use crate::config::store::StoreError;
 use crate::controller::Controller;
+use crate::identity::auth::Authenticator;
+use crate::identity::ca_service::CaService;
+use crate::identity::secrets::CaSecrets;
+use crate::identity::{self, IdentityError};
 use crate::metrics::Metrics;
+use cert_authority::{Authority, CaOptions};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -22,6 +28,19 @@ pub enum ServerError {
     Watch(#[from] notify::Error),
     #[error("cannot read the local address of a listener: {0}")]
     Listener(#[source] std::io::Error),
+    #[error("cannot open the CA: {0}")]
+    Ca(#[from] cert_authority::CaError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// The secure port (ADS + CA over TLS) and the CA behind it.
+pub struct SecureOptions {
+    pub listener: TcpListener,
+    /// The trust domain is filled in from the mesh config.
+    pub ca: CaOptions,
+    /// Lifetime of the certificates the server makes for proxies (`None`: the CA default).
+    pub workload_ttl: Option<Duration>,
 }
 
 /// Accept queue for the ADS listener: a fleet of sidecars reconnecting at once (a
@@ -44,12 +63,15 @@ pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub struct Server {
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub secure_addr: Option<SocketAddr>,
+    pub authority: Option<Authority>,
     pub controller: Arc<Controller>,
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<Result<(), String>>,
     _watch: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Server {
@@ -60,6 +82,16 @@ impl Server {
         xds: TcpListener,
         admin: TcpListener,
     ) -> Result<Server, ServerError> {
+        Self::start_with(config_dir, xds, admin, None).await
+    }
+
+    /// Like [`Server::start`], plus the secure port and the CA when `secure` is given.
+    pub async fn start_with(
+        config_dir: PathBuf,
+        xds: TcpListener,
+        admin: TcpListener,
+        secure: Option<SecureOptions>,
+    ) -> Result<Server, ServerError> {
         let metrics = Arc::new(Metrics::default());
         let controller = Controller::open(&config_dir, metrics.clone())?;
         let watch = controller.watch()?;
@@ -68,14 +100,48 @@ impl Server {
         let admin_addr = admin.local_addr().map_err(ServerError::Listener)?;
         let shared = AdsShared {
             snapshots: controller.subscribe(),
+            secrets: None,
             subscriptions: Default::default(),
             registry: registry.clone(),
             metrics: metrics.clone(),
         };
+        let mut background = Vec::new();
+        let mut secure_addr = None;
+        let mut authority = None;
+        let mut secure_server = None;
+        if let Some(opts) = secure {
+            let mut ca = opts.ca;
+            ca.trust_domain = controller.snapshot().mesh.trust_domain.clone();
+            let ca_dir = ca.dir.clone();
+            let plugged = ca.plugged.clone();
+            let auth_ca = Authority::open(ca)?;
+            if let Some(dir) = plugged {
+                background.push(identity::watch_plugged(auth_ca.clone(), &dir)?);
+            }
+            let addr = opts.listener.local_addr().map_err(ServerError::Listener)?;
+            let live =
+                identity::tls::live_config(auth_ca.clone(), identity::tls::cert_ips(addr), ca_dir)?;
+            background.push(live.task);
+            background.push(identity::rotation::spawn(auth_ca.clone(), registry.clone()));
+            let authn = Arc::new(Authenticator::new(auth_ca.clone()));
+            let secure_shared = AdsShared {
+                secrets: Some(Arc::new(CaSecrets::new(auth_ca.clone(), opts.workload_ttl))),
+                ..shared.clone()
+            };
+            let incoming = identity::tls::incoming(opts.listener, live.config);
+            secure_server = Some((
+                incoming,
+                AdsService::secure(secure_shared, authn.clone()),
+                CaService::server(auth_ca.clone(), authn),
+            ));
+            secure_addr = Some(addr);
+            authority = Some(auth_ca);
+        }
         let router = admin::router(AdminState {
             controller: controller.clone(),
             registry: registry.clone(),
             metrics: metrics.clone(),
+            authority: authority.clone(),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -88,14 +154,30 @@ impl Server {
                     let _ = stopped.await;
                 });
             let admin = axum::serve(admin, router);
+            let secure = async move {
+                match secure_server {
+                    Some((incoming, ads, ca)) => tonic::transport::Server::builder()
+                        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                        .add_service(ads)
+                        .add_service(ca)
+                        .serve_with_incoming(incoming)
+                        .await
+                        .map_err(|e| format!("secure xDS server failed: {e}")),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = xds => r.map_err(|e| format!("xDS server failed: {e}")),
                 r = admin => r.map_err(|e| format!("admin server failed: {e}")),
+                r = secure => r,
             }
         });
         Ok(Server {
             xds_addr,
             admin_addr,
+            secure_addr,
+            authority,
+            background,
             controller,
             registry,
             metrics,
@@ -121,6 +203,9 @@ impl Server {
         }
         self.task.abort();
         self._watch.abort();
+        for t in &self.background {
+            t.abort();
+        }
     }
 }
 

@@ -278,6 +278,9 @@ impl Mesh {
             .arg(self.xds_addr.to_string())
             .arg("--admin-addr")
             .arg(self.admin_addr.to_string())
+            // These tests are about plaintext xDS; the secure port has its own tests.
+            .arg("--secure-addr")
+            .arg("off")
             .env("RUST_LOG", "info");
         let name = format!("xds-server-{}", self.servers_started);
         let mut server = ChildGuard::spawn(&name, command, self.dir.path())?;

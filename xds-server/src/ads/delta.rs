@@ -6,7 +6,7 @@
 //! shared bodies that the view computes once for every stream of the class.
 
 use super::codec::Frame;
-use super::driver::{Protocol, Responses};
+use super::driver::{Protocol, Responses, Views};
 use super::interner::Names;
 use super::status::ProxyStatus;
 use super::{record_ack, record_nack, record_push, AdsShared, Sent};
@@ -173,13 +173,13 @@ impl Protocol for Stream {
     async fn flush(
         &mut self,
         snap: &Snapshot,
-        view: &ProxyView,
+        views: &Views<'_>,
         shared: &AdsShared,
         tx: &Responses,
     ) -> Result<(), ()> {
         let mut deferred_removals = Vec::new();
         for kind in TypeKind::PUSH_ORDER {
-            let Some(mut update) = self.plan(kind, view) else {
+            let Some(mut update) = self.plan(kind, views.of(kind)) else {
                 continue;
             };
             let mut removed: Vec<String> = update.diff.removed.clone();

@@ -5,17 +5,54 @@
 use super::codec::Frame;
 use super::grpc::RequestReader;
 use super::node::NodeInfo;
+use super::secrets::ProxySecrets;
+use super::service::Caller;
 use super::status::ProxyStatus;
 use super::{AdsShared, ConnectedGauge};
-use crate::cache::{ProxyView, Snapshot};
+use crate::cache::{ProxyView, Snapshot, TypeKind};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tonic::Status;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub(crate) type Responses = mpsc::Sender<Result<Frame, Status>>;
+
+/// What a stream serves from: its class's shared view, and its own secrets.
+pub(crate) struct Views<'a> {
+    pub class: &'a ProxyView,
+    pub own: &'a ProxyView,
+}
+
+impl Views<'_> {
+    pub fn of(&self, kind: TypeKind) -> &ProxyView {
+        if kind == TypeKind::Secret {
+            self.own
+        } else {
+            self.class
+        }
+    }
+}
+
+/// Why an authenticated caller may not be this node, if it may not: a proxy can only
+/// claim workloads that run as the identity it proved.
+fn claim_error(snap: &Snapshot, node: &NodeInfo, caller: &Caller) -> Option<String> {
+    let id = &caller.identity;
+    if node.namespace != id.namespace {
+        return Some(format!(
+            "identity {id} may not act for a proxy in namespace {:?}",
+            node.namespace
+        ));
+    }
+    let w = snap.mesh.workloads.get(node.workload.as_deref()?)?;
+    (w.namespace != id.namespace || w.service_account != id.service_account).then(|| {
+        format!(
+            "identity {id} may not claim workload {}.{}: it runs as service account {:?}",
+            w.name, w.namespace, w.service_account
+        )
+    })
+}
 
 /// One protocol variant's per-stream state machine.
 pub(crate) trait Protocol: Send + Sized {
@@ -29,7 +66,7 @@ pub(crate) trait Protocol: Send + Sized {
     fn flush(
         &mut self,
         snap: &Snapshot,
-        view: &ProxyView,
+        views: &Views<'_>,
         shared: &AdsShared,
         tx: &Responses,
     ) -> impl Future<Output = Result<(), ()>> + Send;
@@ -37,6 +74,7 @@ pub(crate) trait Protocol: Send + Sized {
 
 pub(crate) async fn run<P: Protocol>(
     shared: Arc<AdsShared>,
+    caller: Option<Caller>,
     mut requests: RequestReader<P::Request>,
     tx: Responses,
 ) {
@@ -60,21 +98,58 @@ pub(crate) async fn run<P: Protocol>(
             return;
         }
     };
-    let registration = shared.registry.register(node.clone(), P::MODE);
-    let _gauge = ConnectedGauge::new(shared.metrics.clone(), P::MODE);
-    info!(node = %node.id, workload = ?node.workload, mode = P::MODE, "proxy connected");
     let mut snapshots = shared.snapshots.clone();
     let mut snap = snapshots.borrow_and_update().clone();
+    if let Some(msg) = caller.as_ref().and_then(|c| claim_error(&snap, &node, c)) {
+        warn!(node = %node.id, error = %msg, "proxy refused");
+        let _ = tx.send(Err(Status::permission_denied(msg))).await;
+        return;
+    }
+    let registration = shared.registry.register(node.clone(), P::MODE);
+    let status = registration.status.clone();
+    let _gauge = ConnectedGauge::new(shared.metrics.clone(), P::MODE);
+    let mut secrets = match (&caller, &shared.secrets) {
+        (Some(c), Some(provider)) => {
+            status.set_identity(c.identity.uri());
+            match provider.open(&c.identity, &node.id) {
+                Ok(rx) => Some(rx),
+                Err(e) => {
+                    warn!(node = %node.id, identity = %c.identity, error = %e, "cannot make the proxy's certificate");
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!(
+                            "cannot issue a certificate for {}: {e}",
+                            c.identity
+                        ))))
+                        .await;
+                    return;
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut own: Arc<ProxySecrets> = match secrets.as_mut() {
+        Some(rx) => rx.borrow_and_update().clone(),
+        None => Arc::default(),
+    };
+    info!(node = %node.id, workload = ?node.workload, identity = ?caller.as_ref().map(|c| c.identity.uri()), mode = P::MODE, "proxy connected");
     // The proxy's class can change with the mesh (its WorkloadEntry appears, say), so the
     // view is looked up again for every snapshot, and only then.
     let view_of =
         |snap: &Snapshot| snap.view(&snap.scope(node.workload.as_deref(), &node.namespace));
     let mut view = view_of(&snap);
-    let mut stream = P::new(registration.status.clone());
+    let mut stream = P::new(status.clone());
     stream.on_request(first, &shared);
     loop {
-        if stream.flush(&snap, &view, &shared, &tx).await.is_err() {
+        let secret_pushes = status.type_status(TypeKind::Secret).map(|t| t.pushes);
+        let views = Views {
+            class: &view,
+            own: &own.view,
+        };
+        if stream.flush(&snap, &views, &shared, &tx).await.is_err() {
             break;
+        }
+        if secrets.is_some() {
+            track_secrets(&status, &own, secret_pushes);
         }
         tokio::select! {
             r = requests.message() => match r {
@@ -90,9 +165,51 @@ pub(crate) async fn run<P: Protocol>(
                     break;
                 }
                 snap = snapshots.borrow_and_update().clone();
+                if let Some(msg) = caller.as_ref().and_then(|c| claim_error(&snap, &node, c)) {
+                    warn!(node = %node.id, error = %msg, "proxy no longer matches its identity");
+                    let _ = tx.send(Err(Status::permission_denied(msg))).await;
+                    break;
+                }
                 view = view_of(&snap);
+            }
+            changed = async {
+                match secrets.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match (changed, secrets.as_mut()) {
+                    (Ok(()), Some(rx)) => own = rx.borrow_and_update().clone(),
+                    // The provider gave up on this proxy (its task ended): better to
+                    // drop the stream than to serve a certificate nobody renews.
+                    _ => break,
+                }
             }
         }
     }
     info!(node = %node.id, mode = P::MODE, "proxy disconnected");
+}
+
+/// Keeps the proxy's secret epochs right after a flush. A push means the proxy was sent
+/// this epoch's secrets (its ACK will say it holds them); no push means what it was
+/// sent before is already what this epoch asks for.
+fn track_secrets(status: &ProxyStatus, own: &ProxySecrets, pushes_before: Option<u64>) {
+    let ts = status.type_status(TypeKind::Secret);
+    let pushed = ts.as_ref().map(|t| t.pushes) != pushes_before;
+    let synced = ts
+        .as_ref()
+        .is_some_and(|t| t.sent_version.is_some() && t.synced());
+    status.update_secrets(|s| {
+        s.cert_serial.clone_from(&own.cert_serial);
+        s.cert_not_after = own.cert_not_after;
+        s.cert_root.clone_from(&own.cert_root);
+        if pushed {
+            s.epoch_sent = Some(own.epoch);
+        } else if s.epoch_sent.is_some_and(|e| e < own.epoch) {
+            s.epoch_sent = Some(own.epoch);
+            if synced {
+                s.epoch_acked = Some(own.epoch);
+            }
+        }
+    });
 }

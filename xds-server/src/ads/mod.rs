@@ -12,12 +12,13 @@ mod driver;
 pub mod grpc;
 pub mod interner;
 pub mod node;
+pub mod secrets;
 mod service;
 mod sotw;
 pub mod status;
 
 pub use codec::Frame;
-pub use service::AdsService;
+pub use service::{AdsService, Authenticate, Caller};
 
 use crate::cache::{Snapshot, TypeKind};
 use crate::metrics::{Metrics, ModeLabel, TypeLabel};
@@ -30,6 +31,9 @@ use tokio::sync::watch;
 #[derive(Debug, Clone)]
 pub struct AdsShared {
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Serves `default` and `ROOTCA` to proxies that proved an identity; `None` where
+    /// this server hands out no secrets (the plaintext port).
+    pub secrets: Option<Arc<dyn secrets::SecretProvider>>,
     pub subscriptions: Arc<interner::Interner>,
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
@@ -114,6 +118,10 @@ pub(crate) fn record_ack(shared: &AdsShared, status: &ProxyStatus, kind: TypeKin
             .observe(t.elapsed().as_secs_f64());
     }
     status.acked(kind, &sent.version);
+    if kind == TypeKind::Secret {
+        // Stale nonces never get here, so this ACK is for the latest secrets sent.
+        status.update_secrets(|s| s.epoch_acked = s.epoch_sent);
+    }
     tracing::debug!(node = %status.node.id, type_url = kind.type_url(), version = %sent.version, nonce = %sent.nonce, "ACK");
 }
 

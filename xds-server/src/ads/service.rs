@@ -5,6 +5,7 @@
 use super::driver::{self, Protocol};
 use super::grpc::{RequestReader, ResponseBody};
 use super::{delta, sotw, AdsShared};
+use cert_authority::SpiffeId;
 use futures::future::BoxFuture;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -23,15 +24,45 @@ const DELTA_PATH: &str =
 /// Small on purpose: waiting here is what lets newer snapshots supersede older ones.
 const STREAM_BUFFER: usize = 2;
 
+/// Who proved what on the secure port.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub identity: SpiffeId,
+    /// "certificate" or "token": how the identity was proved.
+    pub via: &'static str,
+}
+
+/// Establishes the caller of a request on the secure port (client certificate or
+/// bearer token); its error is the gRPC status to answer with.
+pub trait Authenticate: Send + Sync + std::fmt::Debug {
+    fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<Caller, Status>;
+}
+
 #[derive(Clone, Debug)]
 pub struct AdsService {
     shared: Arc<AdsShared>,
+    /// Set on the secure port: every stream must prove an identity.
+    auth: Option<Arc<dyn Authenticate>>,
 }
 
 impl AdsService {
+    /// The plaintext port: anyone may stream config, nobody gets secrets.
     pub fn new(shared: AdsShared) -> Self {
         Self {
             shared: Arc::new(shared),
+            auth: None,
+        }
+    }
+
+    /// The secure port: callers are authenticated and get their own secrets.
+    pub fn secure(shared: AdsShared, auth: Arc<dyn Authenticate>) -> Self {
+        Self {
+            shared: Arc::new(shared),
+            auth: Some(auth),
         }
     }
 }
@@ -40,13 +71,22 @@ impl NamedService for AdsService {
     const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 }
 
-fn start<P: Protocol + 'static, B>(shared: Arc<AdsShared>, body: B) -> http::Response<Body>
+fn start<P: Protocol + 'static, B>(
+    shared: Arc<AdsShared>,
+    caller: Option<Caller>,
+    body: B,
+) -> http::Response<Body>
 where
     B: http_body::Body + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-    tokio::spawn(driver::run::<P>(shared, RequestReader::new(body), tx));
+    tokio::spawn(driver::run::<P>(
+        shared,
+        caller,
+        RequestReader::new(body),
+        tx,
+    ));
     let mut response = http::Response::new(Body::new(ResponseBody::new(rx)));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -77,6 +117,10 @@ where
             .filter(|v| *v != "identity")
             .map(str::to_owned);
         let path = req.uri().path().to_owned();
+        let caller = self
+            .auth
+            .as_ref()
+            .map(|a| a.authenticate(req.headers(), req.extensions()));
         let body = req.into_body();
         Box::pin(async move {
             if let Some(enc) = encoding {
@@ -85,9 +129,16 @@ where
                         .into_http(),
                 );
             }
+            let caller = match caller.transpose() {
+                Ok(c) => c,
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "ADS stream refused");
+                    return Ok(status.into_http());
+                }
+            };
             Ok(match path.as_str() {
-                SOTW_PATH => start::<sotw::Stream, B>(shared, body),
-                DELTA_PATH => start::<delta::Stream, B>(shared, body),
+                SOTW_PATH => start::<sotw::Stream, B>(shared, caller, body),
+                DELTA_PATH => start::<delta::Stream, B>(shared, caller, body),
                 _ => Status::unimplemented(format!("unknown ADS method {path}")).into_http(),
             })
         })

@@ -1,11 +1,11 @@
 //! State-of-the-world ADS streams.
 
 use super::codec::Frame;
-use super::driver::{Protocol, Responses};
+use super::driver::{Protocol, Responses, Views};
 use super::interner::{Interner, Names};
 use super::status::ProxyStatus;
 use super::{record_ack, record_nack, record_push, AdsShared, Sent};
-use crate::cache::{wire, ProxyView, Resource, Snapshot, SotwBody, SubscriptionKey, TypeKind};
+use crate::cache::{wire, Resource, Snapshot, SotwBody, SubscriptionKey, TypeKind};
 use bytes::BytesMut;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -127,7 +127,7 @@ impl Protocol for Stream {
     async fn flush(
         &mut self,
         snap: &Snapshot,
-        view: &ProxyView,
+        views: &Views<'_>,
         shared: &AdsShared,
         tx: &Responses,
     ) -> Result<(), ()> {
@@ -136,7 +136,7 @@ impl Protocol for Stream {
             let Some(st) = self.types.get_mut(&kind) else {
                 continue;
             };
-            let body = view.sotw_body(kind, st.names.as_deref(), st.key);
+            let body = views.of(kind).sotw_body(kind, st.names.as_deref(), st.key);
             let unchanged = st.sent.as_ref().is_some_and(|s| s.version == body.version);
             if unchanged && !st.dirty {
                 continue;

@@ -6,7 +6,7 @@ use crate::cache::TypeKind;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -38,6 +38,24 @@ pub struct ProxyStatus {
     pub mode: &'static str,
     pub connected_at_ms: u64,
     types: Mutex<BTreeMap<TypeKind, TypeStatus>>,
+    /// The SPIFFE identity the proxy proved on the secure port (`None` on plaintext xDS).
+    #[serde(skip)]
+    identity: OnceLock<String>,
+    #[serde(skip)]
+    secrets: Mutex<SecretsStatus>,
+}
+
+/// Which trust epoch (see `cert_authority::TrustState::epoch`) a proxy's secrets were
+/// sent and ACKed at: root rotation moves on only when every proxy holding secrets
+/// ACKed the current one.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SecretsStatus {
+    pub epoch_sent: Option<u64>,
+    pub epoch_acked: Option<u64>,
+    /// The workload certificate in use: serial, expiry, and which root anchors it.
+    pub cert_serial: Option<String>,
+    pub cert_not_after: Option<u64>,
+    pub cert_root: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +65,10 @@ pub struct ProxyStatusView {
     pub namespace: String,
     pub mode: &'static str,
     pub connected_at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<SecretsStatus>,
     pub synced: bool,
     pub types: BTreeMap<&'static str, TypeStatus>,
 }
@@ -98,6 +120,31 @@ impl ProxyStatus {
             .cloned()
     }
 
+    pub fn set_identity(&self, uri: String) {
+        let _ = self.identity.set(uri);
+    }
+
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.get().map(String::as_str)
+    }
+
+    pub fn secrets(&self) -> SecretsStatus {
+        self.secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn update_secrets(&self, f: impl FnOnce(&mut SecretsStatus)) {
+        f(&mut self.secrets.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Whether this proxy holds secrets that have not caught up with trust epoch `epoch`.
+    pub fn behind_epoch(&self, epoch: u64) -> bool {
+        let s = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
+        s.epoch_sent.is_some() && s.epoch_acked.is_none_or(|a| a < epoch)
+    }
+
     pub fn view(&self) -> ProxyStatusView {
         let types: BTreeMap<&'static str, TypeStatus> = self
             .types
@@ -112,6 +159,8 @@ impl ProxyStatus {
             namespace: self.node.namespace.clone(),
             mode: self.mode,
             connected_at_ms: self.connected_at_ms,
+            identity: self.identity.get().cloned(),
+            secrets: self.identity.get().map(|_| self.secrets()),
             synced: types.values().all(TypeStatus::synced),
             types,
         }
@@ -150,6 +199,8 @@ impl ProxyRegistry {
             mode,
             connected_at_ms: now_ms(),
             types: Mutex::default(),
+            identity: OnceLock::new(),
+            secrets: Mutex::default(),
         });
         self.proxies
             .lock()
