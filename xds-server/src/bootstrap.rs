@@ -14,10 +14,19 @@ pub struct BootstrapOptions {
     pub secure: Option<SecureBootstrap>,
 }
 
+/// How the sidecar trusts the secure port's certificate.
+#[derive(Debug, Clone)]
+pub enum XdsTrust {
+    /// Watch the server's file-based SDS secret (same filesystem): survives root rotations.
+    File { path: String, dir: String },
+    /// These roots, inline: the bootstrap must be made again after a root rotation.
+    Inline(String),
+}
+
 #[derive(Debug, Clone)]
 pub struct SecureBootstrap {
     pub token: String,
-    pub trust_bundle_pem: String,
+    pub trust: XdsTrust,
     /// The control plane's SPIFFE id, checked against its serving certificate.
     pub server_id: String,
 }
@@ -28,6 +37,32 @@ pub fn node_id(w: &Workload, cluster_domain: &str) -> String {
         "sidecar~{}~{}.{}~{}.svc.{cluster_domain}",
         w.address, w.name, w.namespace, w.namespace
     )
+}
+
+fn common_tls(sec: &SecureBootstrap) -> serde_json::Value {
+    let san = json!([{ "san_type": "URI", "matcher": { "exact": sec.server_id } }]);
+    match &sec.trust {
+        XdsTrust::Inline(pem) => json!({
+            "alpn_protocols": ["h2"],
+            "validation_context": {
+                "trusted_ca": { "inline_string": pem },
+                "match_typed_subject_alt_names": san,
+            },
+        }),
+        XdsTrust::File { path, dir } => json!({
+            "alpn_protocols": ["h2"],
+            "combined_validation_context": {
+                "default_validation_context": { "match_typed_subject_alt_names": san },
+                "validation_context_sds_secret_config": {
+                    "name": crate::identity::XDS_TRUST_SECRET,
+                    "sds_config": {
+                        "resource_api_version": "V3",
+                        "path_config_source": { "path": path, "watched_directory": { "path": dir } },
+                    },
+                },
+            },
+        }),
+    }
 }
 
 pub fn bootstrap(w: &Workload, opts: &BootstrapOptions) -> Result<String, serde_yaml_ng::Error> {
@@ -45,16 +80,7 @@ pub fn bootstrap(w: &Workload, opts: &BootstrapOptions) -> Result<String, serde_
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": "xds-server.trellis-system.svc",
-                "common_tls_context": {
-                    "alpn_protocols": ["h2"],
-                    "validation_context": {
-                        "trusted_ca": { "inline_string": sec.trust_bundle_pem },
-                        "match_typed_subject_alt_names": [{
-                            "san_type": "URI",
-                            "matcher": { "exact": sec.server_id },
-                        }],
-                    },
-                },
+                "common_tls_context": common_tls(sec),
             },
         });
     }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
-use xds_server::bootstrap::{bootstrap, BootstrapOptions, SecureBootstrap};
+use xds_server::bootstrap::{bootstrap, BootstrapOptions, SecureBootstrap, XdsTrust};
 use xds_server::config::store::ConfigStore;
 use xds_server::server::{SecureOptions, Server};
 
@@ -93,9 +93,15 @@ enum Command {
         /// Where the sidecar reaches the secure port (with --token-file).
         #[arg(long, env = "TRELLIS_SECURE_ADDR", default_value = "127.0.0.1:15012")]
         secure_addr: SocketAddr,
-        /// The server's CA dir: the trust bundle is read from its trust-bundle.pem.
+        /// The server's CA dir: the sidecar trusts the secure port through the
+        /// file-based SDS secret the server keeps there (xds-trust.json), so it follows
+        /// root rotations.
         #[arg(long, env = "TRELLIS_CA_DIR", default_value = ".trellis/ca")]
         ca_dir: PathBuf,
+        /// Embed the current trust bundle instead (for a sidecar on another host); such
+        /// a bootstrap must be made again after a root rotation.
+        #[arg(long)]
+        inline_trust: bool,
     },
 }
 
@@ -251,6 +257,7 @@ struct BootstrapArgs {
     token_file: Option<PathBuf>,
     secure_addr: SocketAddr,
     ca_dir: PathBuf,
+    inline_trust: bool,
 }
 
 fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
@@ -286,16 +293,33 @@ fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
                 .with_context(|| format!("cannot read the token file {}", f.display()))?
                 .trim()
                 .to_string();
-            let bundle = args.ca_dir.join(xds_server::identity::TRUST_BUNDLE_FILE);
-            let trust_bundle_pem = std::fs::read_to_string(&bundle).with_context(|| {
+            let file = if args.inline_trust {
+                xds_server::identity::TRUST_BUNDLE_FILE
+            } else {
+                xds_server::identity::XDS_TRUST_FILE
+            };
+            let path = std::path::absolute(args.ca_dir.join(file))
+                .with_context(|| format!("bad --ca-dir {}", args.ca_dir.display()))?;
+            let content = std::fs::read_to_string(&path).with_context(|| {
                 format!(
-                    "cannot read the trust bundle {} (the server writes it on start; is --ca-dir the server's?)",
-                    bundle.display()
+                    "cannot read {} (the server writes it on start; is --ca-dir the server's?)",
+                    path.display()
                 )
             })?;
+            let trust = if args.inline_trust {
+                XdsTrust::Inline(content)
+            } else {
+                XdsTrust::File {
+                    path: path.display().to_string(),
+                    dir: path
+                        .parent()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default(),
+                }
+            };
             Some(SecureBootstrap {
                 token,
-                trust_bundle_pem,
+                trust,
                 server_id: xds_server::identity::server_identity(&mesh.trust_domain).uri(),
             })
         }
@@ -375,6 +399,7 @@ fn main() -> std::process::ExitCode {
             token_file,
             secure_addr,
             ca_dir,
+            inline_trust,
         } => print_bootstrap(BootstrapArgs {
             workload,
             config_dir,
@@ -384,6 +409,7 @@ fn main() -> std::process::ExitCode {
             token_file,
             secure_addr,
             ca_dir,
+            inline_trust,
         }),
         Command::Token {
             command:

@@ -44,14 +44,35 @@ pub fn server_identity(trust_domain: &str) -> SpiffeId {
 /// server so bootstraps made during or after a rotation trust the right roots.
 pub const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
 
+/// File-based SDS for the sidecars' own connection to the secure port: a
+/// `DiscoveryResponse` with one validation-context secret, [`XDS_TRUST_SECRET`]. Envoy
+/// watches it (bootstraps reference it with `path_config_source`), so a sidecar that
+/// reconnects after a root rotation trusts the new root without a new bootstrap.
+pub const XDS_TRUST_FILE: &str = "xds-trust.json";
+pub const XDS_TRUST_SECRET: &str = "trellis-xds-trust";
+
+/// Writes the trust bundle as PEM and as the file-based SDS secret, each atomically
+/// (renamed into place: Envoy's watch reacts to the move, never sees half a file).
 pub fn write_trust_bundle(ca_dir: &Path, bundle_pem: &str) -> Result<(), IdentityError> {
-    let path = ca_dir.join(TRUST_BUNDLE_FILE);
-    let tmp = ca_dir.join(format!(".{TRUST_BUNDLE_FILE}.tmp"));
+    let sds = serde_json::json!({
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            "name": XDS_TRUST_SECRET,
+            "validation_context": { "trusted_ca": { "inline_string": bundle_pem } },
+        }]
+    });
+    write_atomic(ca_dir, TRUST_BUNDLE_FILE, bundle_pem)?;
+    write_atomic(ca_dir, XDS_TRUST_FILE, &sds.to_string())
+}
+
+fn write_atomic(dir: &Path, name: &str, content: &str) -> Result<(), IdentityError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
     let err = |source| IdentityError::Write {
         path: path.display().to_string(),
         source,
     };
-    std::fs::write(&tmp, bundle_pem).map_err(err)?;
+    std::fs::write(&tmp, content).map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)
 }
 
