@@ -5,6 +5,7 @@
 //! fails half-way.
 
 use crate::config::model::*;
+use crate::config::peer_authentication::{PeerAuthenticationSpec, PeerAuthentications};
 use crate::config::{parse_duration, ConfigError, ConfigObject, Object, Source};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -59,6 +60,9 @@ pub struct Endpoint {
     pub weight: Option<u32>,
     /// `name.namespace` of the WorkloadEntry, `None` for inline ServiceEntry endpoints.
     pub workload: Option<String>,
+    /// The WorkloadEntry's service account (its SPIFFE identity), `None` for inline
+    /// endpoints; part of the endpoint so a change re-translates the service's clusters.
+    pub service_account: Option<String>,
 }
 
 impl Endpoint {
@@ -143,12 +147,16 @@ pub struct VirtualService {
 pub struct SubsetInfo {
     pub labels: BTreeMap<String, String>,
     pub lb: Option<String>,
+    /// `trafficPolicy.tls.mode` of the subset (DISABLE / ISTIO_MUTUAL).
+    pub tls: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DestinationRuleInfo {
     pub key: String,
     pub lb: Option<String>,
+    /// `trafficPolicy.tls.mode` (DISABLE / ISTIO_MUTUAL); `None`: automatic mTLS.
+    pub tls: Option<String>,
     pub subsets: BTreeMap<String, SubsetInfo>,
 }
 
@@ -157,6 +165,10 @@ pub struct MeshState {
     pub trust_domain: String,
     pub cluster_domain: String,
     pub connect_timeout: Duration,
+    /// Istio's root namespace: where mesh-wide policies live.
+    pub root_namespace: String,
+    /// Mutual TLS modes by workload and port (PeerAuthentication).
+    pub peer_authentication: Arc<PeerAuthentications>,
     pub services: BTreeMap<String, Arc<Service>>,
     pub workloads: BTreeMap<String, Arc<Workload>>,
     /// Host FQDN -> the VirtualService routing it.
@@ -175,6 +187,8 @@ impl Default for MeshState {
             trust_domain: "cluster.local".into(),
             cluster_domain: "cluster.local".into(),
             connect_timeout: Duration::from_secs(10),
+            root_namespace: "istio-system".into(),
+            peer_authentication: Arc::default(),
             services: BTreeMap::new(),
             workloads: BTreeMap::new(),
             virtual_services: BTreeMap::new(),
@@ -282,6 +296,7 @@ impl MeshState {
         let mut wes = Vec::new();
         let mut vss = Vec::new();
         let mut drs = Vec::new();
+        let mut pas: Vec<&Object<PeerAuthenticationSpec>> = Vec::new();
         let mut mesh_config: Option<&Object<MeshConfigSpec>> = None;
         for obj in objects {
             *mesh.counts.entry(obj.kind()).or_default() += 1;
@@ -313,6 +328,7 @@ impl MeshState {
                 ConfigObject::WorkloadEntry(o) => wes.push(o),
                 ConfigObject::VirtualService(o) => vss.push(o),
                 ConfigObject::DestinationRule(o) => drs.push(o),
+                ConfigObject::PeerAuthentication(o) => pas.push(o),
             }
         }
         if let Some(mc) = mesh_config {
@@ -326,7 +342,34 @@ impl MeshState {
                 // Already validated per document.
                 mesh.connect_timeout = parse_duration(t).unwrap_or(mesh.connect_timeout);
             }
+            if let Some(ns) = &mc.spec.root_namespace {
+                mesh.root_namespace = ns.clone();
+            }
         }
+
+        // Istio never applies a selector policy of the root namespace (it is neither
+        // mesh-wide nor a workload policy there); Trellis says so instead of ignoring it.
+        pas.retain(|pa| {
+            let misplaced =
+                pa.namespace == mesh.root_namespace && pa.spec.match_labels().is_some();
+            if misplaced {
+                errs.push(
+                    pa,
+                    "PeerAuthentication",
+                    "spec.selector",
+                    format!(
+                        "a policy with a selector in the root namespace `{}` applies to no workload (Istio ignores it); put it in the workload's namespace, or drop the selector for a mesh-wide policy",
+                        mesh.root_namespace
+                    ),
+                );
+            }
+            !misplaced
+        });
+        mesh.peer_authentication = Arc::new(PeerAuthentications::new(
+            &mesh.root_namespace,
+            pas.iter()
+                .map(|pa| (pa.namespace.as_str(), pa.name.as_str(), &pa.spec)),
+        ));
 
         for we in &wes {
             let annotation_ip = |key: &str, errs: &mut Errors| -> Option<IpAddr> {
@@ -416,6 +459,7 @@ impl MeshState {
                             locality: e.locality.clone(),
                             weight: e.weight,
                             workload: None,
+                            service_account: None,
                         })
                     })
                     .collect();
@@ -429,6 +473,7 @@ impl MeshState {
                                 locality: w.locality.clone(),
                                 weight: None,
                                 workload: Some(w.id()),
+                                service_account: Some(w.service_account.clone()),
                             });
                             selected.entry(w.id()).or_default().push(fqdn.clone());
                         }
@@ -477,11 +522,17 @@ impl MeshState {
                     .and_then(|t| t.load_balancer.as_ref())
                     .map(|l| l.simple.clone())
             };
+            let tls = |tp: &Option<TrafficPolicy>| {
+                tp.as_ref()
+                    .and_then(|t| t.tls.as_ref())
+                    .map(|t| t.mode.clone())
+            };
             mesh.destination_rules.insert(
                 host,
                 Arc::new(DestinationRuleInfo {
                     key: dr.key(),
                     lb: lb(&dr.spec.traffic_policy),
+                    tls: tls(&dr.spec.traffic_policy),
                     subsets: dr
                         .spec
                         .subsets
@@ -492,6 +543,7 @@ impl MeshState {
                                 SubsetInfo {
                                     labels: s.labels.clone(),
                                     lb: lb(&s.traffic_policy),
+                                    tls: tls(&s.traffic_policy),
                                 },
                             )
                         })

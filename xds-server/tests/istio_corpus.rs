@@ -96,6 +96,22 @@ fn every_corpus_document_is_accepted_or_clearly_rejected() {
         println!("  {n:4}  {r}");
     }
     assert!(accepted > 0, "nothing in the corpus was accepted");
+    // Supported kinds and values must stay accepted (a regression shows up here, not
+    // only as a changed count): PeerAuthentication, DestinationRule tls.mode ISTIO_MUTUAL.
+    for supported in ["kind PeerAuthentication", "tls mode ISTIO_MUTUAL"] {
+        assert!(
+            !reasons.keys().any(|r| r.contains(supported)),
+            "{supported} is rejected: {reasons:?}"
+        );
+    }
+    let peer_authentications = accepted_objects
+        .iter()
+        .filter(|o| o.kind() == "PeerAuthentication")
+        .count();
+    assert!(
+        peer_authentications >= 2,
+        "the corpus's PeerAuthentications (peer-authn-strict.yaml, authn.yaml) are accepted"
+    );
 
     // Accepted objects of each file must at least join into a mesh or be rejected with
     // a cross-object error, and translate without panicking.

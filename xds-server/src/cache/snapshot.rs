@@ -221,31 +221,105 @@ struct ServiceResources {
     service: Arc<Service>,
     rule: Option<Arc<DestinationRuleInfo>>,
     connect_timeout: Duration,
+    /// For proxies without an identity (plaintext).
     clusters: Vec<Arc<Resource>>,
+    /// For proxies with an identity (mTLS-capable): built on first use only, since a
+    /// mesh without labelled workloads never needs them. A cluster that comes out the
+    /// same as its plaintext twin (DISABLE, MESH_EXTERNAL) is that same `Resource`.
+    identity_clusters: OnceLock<Vec<Arc<Resource>>>,
     endpoints: Vec<Arc<Resource>>,
 }
 
+/// What a carried-over [`ServiceResources`] depends on beyond its own service and rule;
+/// compared once per snapshot rather than once per service.
+#[derive(Debug, Clone, Copy)]
+struct MeshInputs {
+    /// Trust domain unchanged: the identity clusters' SAN checks still hold.
+    trust_domain: bool,
+    /// PeerAuthentication unchanged: endpoint metadata (which ports take mTLS) still holds.
+    peer_authentication: bool,
+}
+
+impl MeshInputs {
+    fn between(prev: &MeshState, next: &MeshState) -> MeshInputs {
+        MeshInputs {
+            trust_domain: prev.trust_domain == next.trust_domain,
+            peer_authentication: prev.peer_authentication == next.peer_authentication,
+        }
+    }
+}
+
 impl ServiceResources {
-    fn build(mesh: &MeshState, svc: &Arc<Service>) -> ServiceResources {
-        ServiceResources {
-            service: svc.clone(),
-            rule: mesh.destination_rules.get(&svc.fqdn).cloned(),
-            connect_timeout: mesh.connect_timeout,
-            clusters: translate::service_clusters(mesh, svc)
-                .iter()
-                .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c))
-                .collect(),
-            endpoints: translate::service_endpoints(mesh, svc)
+    /// Translates `svc`, reusing from `prev` (the same service's resources in the last
+    /// snapshot) whatever part did not change.
+    fn build(
+        mesh: &MeshState,
+        svc: &Arc<Service>,
+        prev: Option<(&ServiceResources, MeshInputs)>,
+    ) -> ServiceResources {
+        let rule = mesh.destination_rules.get(&svc.fqdn).cloned();
+        let clusters_valid = prev.filter(|(p, _)| {
+            *p.service == **svc
+                && p.rule.as_deref() == rule.as_deref()
+                && p.connect_timeout == mesh.connect_timeout
+        });
+        let (clusters, identity_clusters) = match clusters_valid {
+            Some((p, inputs)) => (
+                p.clusters.clone(),
+                if inputs.trust_domain {
+                    p.identity_clusters.clone()
+                } else {
+                    OnceLock::new()
+                },
+            ),
+            None => (
+                translate::service_clusters(mesh, svc)
+                    .iter()
+                    .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c))
+                    .collect(),
+                OnceLock::new(),
+            ),
+        };
+        let endpoints = match clusters_valid {
+            Some((p, inputs)) if inputs.peer_authentication => p.endpoints.clone(),
+            _ => translate::service_endpoints(mesh, svc)
                 .iter()
                 .map(|c| Resource::new(TypeKind::Endpoint, c.cluster_name.as_str(), c))
                 .collect(),
+        };
+        ServiceResources {
+            service: svc.clone(),
+            rule,
+            connect_timeout: mesh.connect_timeout,
+            clusters,
+            identity_clusters,
+            endpoints,
         }
     }
 
-    fn still_valid(&self, mesh: &MeshState, svc: &Service) -> bool {
+    fn still_valid(&self, mesh: &MeshState, svc: &Service, inputs: MeshInputs) -> bool {
         *self.service == *svc
             && self.rule.as_deref() == mesh.destination_rules.get(&svc.fqdn).map(|r| &**r)
             && self.connect_timeout == mesh.connect_timeout
+            && inputs.trust_domain
+            && inputs.peer_authentication
+    }
+
+    /// `mesh` is any mesh this entry is valid for: the result is the same for all.
+    fn identity_clusters(&self, mesh: &MeshState) -> &[Arc<Resource>] {
+        self.identity_clusters.get_or_init(|| {
+            translate::service_clusters_with_identity(mesh, &self.service)
+                .iter()
+                .zip(&self.clusters)
+                .map(|(c, plain)| {
+                    if c.transport_socket.is_none() && c.transport_socket_matches.is_empty() {
+                        plain.clone()
+                    } else {
+                        Resource::new(TypeKind::Cluster, c.name.as_str(), c)
+                    }
+                })
+                .collect()
+        })
     }
 }
 
@@ -292,6 +366,19 @@ fn same_routing(a: &MeshState, b: &MeshState) -> bool {
         && a.virtual_services == b.virtual_services
 }
 
+/// Everything besides the workload itself that a class's listeners and inbound clusters
+/// are built from: service ports, which services select which workload (the inbound
+/// ports), and the inbound policies (mTLS modes, trust domain). A policy that shapes
+/// inbound listeners must be compared here, or a class keeps its stale listeners.
+fn same_listener_inputs(a: &MeshState, b: &MeshState) -> bool {
+    same_ports(a, b)
+        && a.connect_timeout == b.connect_timeout
+        && a.trust_domain == b.trust_domain
+        && a.peer_authentication == b.peer_authentication
+        && a.workload_services == b.workload_services
+        && a.root_namespace == b.root_namespace
+}
+
 /// An immutable, fully translated state of the mesh. Streams hold an `Arc<Snapshot>`
 /// and move to the newest one when they get to it: slow streams skip intermediate
 /// snapshots (latest wins) and memory is bounded by the snapshots still referenced.
@@ -302,6 +389,8 @@ pub struct Snapshot {
     pub mesh: Arc<MeshState>,
     services: BTreeMap<String, Arc<ServiceResources>>,
     clusters: Arc<ResourceSet>,
+    /// Outbound clusters for proxies with an identity; built when the first such view is.
+    identity_clusters: OnceLock<Arc<ResourceSet>>,
     endpoints: Arc<ResourceSet>,
     /// Lazily built per proxy class: only classes with connected proxies cost anything.
     views: Memo<ProxyScope, Arc<ProxyView>>,
@@ -318,18 +407,21 @@ impl Snapshot {
 
     /// Builds a snapshot reusing whatever `prev` computed from unchanged inputs.
     pub fn build_from(generation: u64, mesh: Arc<MeshState>, prev: Option<&Snapshot>) -> Snapshot {
+        let inputs = prev.map(|p| MeshInputs::between(&p.mesh, &mesh));
         let services: BTreeMap<String, Arc<ServiceResources>> = mesh
             .services
             .iter()
             .map(|(fqdn, svc)| {
-                let reused = prev
-                    .and_then(|p| p.services.get(fqdn))
-                    .filter(|r| r.still_valid(&mesh, svc))
-                    .cloned();
-                (
-                    fqdn.clone(),
-                    reused.unwrap_or_else(|| Arc::new(ServiceResources::build(&mesh, svc))),
-                )
+                let last = prev.and_then(|p| p.services.get(fqdn)).zip(inputs);
+                let resources = match last {
+                    Some((r, i)) if r.still_valid(&mesh, svc, i) => r.clone(),
+                    _ => Arc::new(ServiceResources::build(
+                        &mesh,
+                        svc,
+                        last.map(|(r, i)| (&**r, i)),
+                    )),
+                };
+                (fqdn.clone(), resources)
             })
             .collect();
         let clusters = ResourceSet::new(services.values().flat_map(|s| s.clusters.iter().cloned()));
@@ -338,10 +430,7 @@ impl Snapshot {
         let (routes, listeners) = match prev {
             Some(p) => (
                 carry(&p.routes, same_routing(&p.mesh, &mesh)),
-                carry(
-                    &p.listeners,
-                    same_ports(&p.mesh, &mesh) && p.mesh.connect_timeout == mesh.connect_timeout,
-                ),
+                carry(&p.listeners, same_listener_inputs(&p.mesh, &mesh)),
             ),
             None => Default::default(),
         };
@@ -351,6 +440,7 @@ impl Snapshot {
             mesh,
             services,
             clusters,
+            identity_clusters: OnceLock::new(),
             endpoints,
             views: Mutex::default(),
             routes: Mutex::new(routes),
@@ -365,6 +455,20 @@ impl Snapshot {
             Some(w) if self.mesh.workloads.contains_key(w) => ProxyScope::Workload(w.to_string()),
             _ => ProxyScope::Namespace(namespace.to_string()),
         }
+    }
+
+    /// Outbound clusters for proxies with an identity, built once per snapshot from the
+    /// per-service sets (which carry over between snapshots like the plaintext ones).
+    fn identity_clusters(&self) -> Arc<ResourceSet> {
+        self.identity_clusters
+            .get_or_init(|| {
+                ResourceSet::new(
+                    self.services
+                        .values()
+                        .flat_map(|s| s.identity_clusters(&self.mesh).iter().cloned()),
+                )
+            })
+            .clone()
     }
 
     fn namespace_routes(&self, ns: &str) -> Arc<ResourceSet> {
@@ -424,17 +528,23 @@ impl Snapshot {
 
     fn build_view(&self, scope: &ProxyScope) -> ProxyView {
         let mut v = ProxyView::default();
-        let ns = match scope {
-            ProxyScope::Workload(id) => self
-                .mesh
-                .workloads
-                .get(id)
-                .map(|w| w.namespace.clone())
-                .unwrap_or_default(),
-            ProxyScope::Namespace(ns) => ns.clone(),
+        let workload = match scope {
+            ProxyScope::Workload(id) => self.mesh.workloads.get(id),
+            ProxyScope::Namespace(_) => None,
+        };
+        let ns = match (scope, workload) {
+            (_, Some(w)) => w.namespace.clone(),
+            (ProxyScope::Namespace(ns), None) => ns.clone(),
+            (ProxyScope::Workload(_), None) => String::new(),
         };
         let (listeners, inbound) = self.workload_sets(scope);
-        v.push_layer(TypeKind::Cluster, self.clusters.clone());
+        // Only a sidecar that receives the `default` and `ROOTCA` secrets may be given
+        // clusters that reference them; everyone else keeps the plaintext set.
+        if workload.is_some_and(|w| translate::tls::has_identity(&w.labels)) {
+            v.push_layer(TypeKind::Cluster, self.identity_clusters());
+        } else {
+            v.push_layer(TypeKind::Cluster, self.clusters.clone());
+        }
         if !inbound.map.is_empty() {
             v.push_layer(TypeKind::Cluster, inbound);
         }

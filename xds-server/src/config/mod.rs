@@ -6,6 +6,7 @@
 
 pub mod model;
 pub mod parse;
+pub mod peer_authentication;
 pub mod store;
 pub mod validate;
 
@@ -115,6 +116,7 @@ pub enum ConfigObject {
     WorkloadEntry(Object<model::WorkloadEntrySpec>),
     VirtualService(Object<model::VirtualServiceSpec>),
     DestinationRule(Object<model::DestinationRuleSpec>),
+    PeerAuthentication(Object<peer_authentication::PeerAuthenticationSpec>),
 }
 
 impl ConfigObject {
@@ -125,6 +127,7 @@ impl ConfigObject {
             ConfigObject::WorkloadEntry(_) => "WorkloadEntry",
             ConfigObject::VirtualService(_) => "VirtualService",
             ConfigObject::DestinationRule(_) => "DestinationRule",
+            ConfigObject::PeerAuthentication(_) => "PeerAuthentication",
         }
     }
 
@@ -135,6 +138,7 @@ impl ConfigObject {
             ConfigObject::WorkloadEntry(o) => &o.source,
             ConfigObject::VirtualService(o) => &o.source,
             ConfigObject::DestinationRule(o) => &o.source,
+            ConfigObject::PeerAuthentication(o) => &o.source,
         }
     }
 
@@ -145,6 +149,7 @@ impl ConfigObject {
             ConfigObject::WorkloadEntry(o) => o.key(),
             ConfigObject::VirtualService(o) => o.key(),
             ConfigObject::DestinationRule(o) => o.key(),
+            ConfigObject::PeerAuthentication(o) => o.key(),
         }
     }
 }

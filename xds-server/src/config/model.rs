@@ -33,6 +33,10 @@ pub struct MeshConfigSpec {
     /// Upstream connect timeout for every outbound cluster (Go duration, e.g. `2s`).
     #[serde(default)]
     pub connect_timeout: Option<String>,
+    /// Istio's root namespace (default `istio-system`): policies here without a
+    /// selector are mesh-wide.
+    #[serde(default)]
+    pub root_namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -193,6 +197,16 @@ pub struct DestinationRuleSpec {
 pub struct TrafficPolicy {
     #[serde(default)]
     pub load_balancer: Option<LoadBalancerSettings>,
+    #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
+}
+
+/// Istio's `ClientTLSSettings`: only `mode` (DISABLE / ISTIO_MUTUAL), since user
+/// certificates (SIMPLE / MUTUAL) are not supported yet.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTlsSettings {
+    pub mode: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

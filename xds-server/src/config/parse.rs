@@ -16,6 +16,8 @@ const ISTIO_NETWORKING: &[&str] = &[
     "networking.istio.io/v1alpha3",
 ];
 const TRELLIS: &str = "trellis.dev/v1alpha1";
+/// Istio's security API group (v1beta1 is the same schema as v1).
+const ISTIO_SECURITY: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
 
 /// Istio kinds a user may reasonably expect; rejected with a "not supported yet" message
 /// rather than "unknown kind" so the error tells them it is a feature gap, not a typo.
@@ -25,7 +27,6 @@ const KNOWN_UNSUPPORTED: &[&str] = &[
     "WorkloadGroup",
     "EnvoyFilter",
     "ProxyConfig",
-    "PeerAuthentication",
     "RequestAuthentication",
     "AuthorizationPolicy",
     "Telemetry",
@@ -204,6 +205,9 @@ fn parse_document(text: &str, source: &Source) -> Result<Option<ConfigObject>, B
         ("DestinationRule", true, _) => {
             ConfigObject::DestinationRule(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?))
         }
+        ("PeerAuthentication", _, api) if ISTIO_SECURITY.contains(&api) => {
+            ConfigObject::PeerAuthentication(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?))
+        }
         ("MeshConfig", _, TRELLIS) => ConfigObject::MeshConfig(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?)),
         (k, _, api) if KNOWN_UNSUPPORTED.contains(&k) => {
             return Err(err(
@@ -221,7 +225,7 @@ fn parse_document(text: &str, source: &Source) -> Result<Option<ConfigObject>, B
                 source,
                 Some(object_name),
                 Some("apiVersion".into()),
-                format!("{k} ({api}) is not a mesh resource Trellis reads (networking.istio.io/v1, {TRELLIS})"),
+                format!("{k} ({api}) is not a mesh resource Trellis reads (networking.istio.io/v1, security.istio.io/v1, {TRELLIS})"),
             ))
         }
     };

@@ -41,6 +41,7 @@ pub fn object(obj: &ConfigObject) -> Result<(), FieldError> {
         ConfigObject::WorkloadEntry(o) => workload_entry(&o.spec, "spec"),
         ConfigObject::VirtualService(o) => virtual_service(&o.spec),
         ConfigObject::DestinationRule(o) => destination_rule(&o.spec),
+        ConfigObject::PeerAuthentication(o) => super::peer_authentication::validate(&o.spec),
     }
 }
 
@@ -53,6 +54,9 @@ fn mesh_config(spec: &MeshConfigSpec) -> Result<(), FieldError> {
     }
     if let Some(t) = &spec.connect_timeout {
         positive_duration(t).map_err(|m| fe("spec.connectTimeout", m))?;
+    }
+    if let Some(ns) = &spec.root_namespace {
+        object_name(ns).map_err(|m| fe("spec.rootNamespace", m))?;
     }
     Ok(())
 }
@@ -391,6 +395,23 @@ fn traffic_policy(tp: &TrafficPolicy, f: &str) -> Result<(), FieldError> {
                 )
             };
             return Err(fe(format!("{f}.loadBalancer.simple"), msg));
+        }
+    }
+    if let Some(tls) = &tp.tls {
+        match tls.mode.as_str() {
+            "DISABLE" | "ISTIO_MUTUAL" => {}
+            m @ ("SIMPLE" | "MUTUAL") => {
+                return Err(fe(
+                    format!("{f}.tls.mode"),
+                    format!("tls mode {m} (TLS origination with user certificates) is not supported yet (supported: DISABLE, ISTIO_MUTUAL)"),
+                ))
+            }
+            m => {
+                return Err(fe(
+                    format!("{f}.tls.mode"),
+                    format!("unknown tls mode `{m}` (supported: DISABLE, ISTIO_MUTUAL)"),
+                ))
+            }
         }
     }
     Ok(())

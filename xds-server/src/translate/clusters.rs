@@ -1,5 +1,5 @@
-use super::{ads, any, duration, inbound_cluster_name, outbound_cluster_name};
-use crate::mesh::{MeshState, Protocol, Service, Workload};
+use super::{ads, any, duration, inbound_cluster_name, outbound_cluster_name, tls};
+use crate::mesh::{MeshState, Protocol, Service, ServicePortInfo, Workload};
 use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
     Cluster,
@@ -63,27 +63,39 @@ fn eds_cluster(mesh: &MeshState, name: String, lb: Option<&str>, protocol: Proto
     c
 }
 
-/// One EDS cluster per port of a service, plus one per DestinationRule subset.
+/// One EDS cluster per port of a service, plus one per DestinationRule subset, as
+/// proxies without an identity get them: plaintext.
 pub fn service_clusters(mesh: &MeshState, svc: &Service) -> Vec<Cluster> {
+    build_service_clusters(mesh, svc, false)
+}
+
+/// The same clusters (same names, same order) for proxies with an identity: with the
+/// client side of mutual TLS where automatic mTLS or the DestinationRule asks for it.
+pub fn service_clusters_with_identity(mesh: &MeshState, svc: &Service) -> Vec<Cluster> {
+    build_service_clusters(mesh, svc, true)
+}
+
+fn build_service_clusters(mesh: &MeshState, svc: &Service, identity: bool) -> Vec<Cluster> {
     let mut out = Vec::new();
     let dr = mesh.destination_rules.get(&svc.fqdn);
     let default_lb = dr.and_then(|d| d.lb.as_deref());
-    for p in &svc.ports {
-        out.push(eds_cluster(
+    let mut push = |p: &ServicePortInfo, subset: Option<&str>, lb: Option<&str>| {
+        let mut c = eds_cluster(
             mesh,
-            outbound_cluster_name(p.number, None, &svc.fqdn),
-            default_lb,
+            outbound_cluster_name(p.number, subset, &svc.fqdn),
+            lb,
             p.protocol,
-        ));
+        );
+        if identity {
+            tls::secure_cluster(mesh, svc, p, subset, &mut c);
+        }
+        out.push(c);
+    };
+    for p in &svc.ports {
+        push(p, None, default_lb);
         if let Some(dr) = dr {
             for (subset, info) in &dr.subsets {
-                let lb = info.lb.as_deref().or(default_lb);
-                out.push(eds_cluster(
-                    mesh,
-                    outbound_cluster_name(p.number, Some(subset), &svc.fqdn),
-                    lb,
-                    p.protocol,
-                ));
+                push(p, Some(subset), info.lb.as_deref().or(default_lb));
             }
         }
     }

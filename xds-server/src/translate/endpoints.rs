@@ -1,5 +1,5 @@
 use super::clusters::socket_address;
-use super::outbound_cluster_name;
+use super::{outbound_cluster_name, tls};
 use crate::mesh::{Endpoint as MeshEndpoint, MeshState, Service, ServicePortInfo};
 use envoy_types::pb::envoy::config::core::v3::Locality;
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -19,6 +19,8 @@ fn locality(l: Option<&str>) -> Option<Locality> {
 }
 
 fn assignment(
+    mesh: &MeshState,
+    svc: &Service,
     name: String,
     port: &ServicePortInfo,
     eps: &[&MeshEndpoint],
@@ -37,6 +39,7 @@ fn assignment(
                     ..Default::default()
                 })),
                 load_balancing_weight: e.weight.map(|w| UInt32Value { value: w }),
+                metadata: tls::endpoint_metadata(mesh, svc, e, e.port_for(port)),
                 ..Default::default()
             });
     }
@@ -65,6 +68,8 @@ pub fn service_endpoints(mesh: &MeshState, svc: &Service) -> Vec<ClusterLoadAssi
     for p in &svc.ports {
         let all = mesh.subset_endpoints(svc, None);
         out.push(assignment(
+            mesh,
+            svc,
             outbound_cluster_name(p.number, None, &svc.fqdn),
             p,
             &all,
@@ -72,6 +77,8 @@ pub fn service_endpoints(mesh: &MeshState, svc: &Service) -> Vec<ClusterLoadAssi
         for s in &subsets {
             let eps = mesh.subset_endpoints(svc, Some(s));
             out.push(assignment(
+                mesh,
+                svc,
                 outbound_cluster_name(p.number, Some(s), &svc.fqdn),
                 p,
                 &eps,

@@ -1,17 +1,22 @@
 use super::clusters::socket_address;
-use super::{ads, any, duration, inbound_cluster_name, ProxyScope};
+use super::{ads, any, duration, inbound_cluster_name, tls, ProxyScope};
+use crate::config::peer_authentication::MtlsMode;
 use crate::mesh::{MeshState, Protocol, Workload};
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::listener::v3::{
-    filter::ConfigType, Filter, FilterChain, Listener,
+    filter::ConfigType, listener_filter::ConfigType as ListenerFilterConfig, Filter, FilterChain,
+    FilterChainMatch, Listener, ListenerFilter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route, RouteAction,
     RouteConfiguration, RouteMatch, VirtualHost,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    http_connection_manager::{CodecType, RouteSpecifier},
+    http_connection_manager::{
+        CodecType, ForwardClientCertDetails, RouteSpecifier, SetCurrentClientCertDetails,
+    },
     http_filter::ConfigType as HttpFilterConfig,
     HttpConnectionManager, HttpFilter, Rds,
 };
@@ -21,18 +26,25 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+fn router() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(HttpFilterConfig::TypedConfig(any(&Router::default()))),
+        ..Default::default()
+    }
+}
+
 fn hcm(stat_prefix: String, route: RouteSpecifier) -> Filter {
-    let m = HttpConnectionManager {
+    hcm_filter(HttpConnectionManager {
         stat_prefix,
         codec_type: CodecType::Auto as i32,
         route_specifier: Some(route),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(HttpFilterConfig::TypedConfig(any(&Router::default()))),
-            ..Default::default()
-        }],
+        http_filters: vec![router()],
         ..Default::default()
-    };
+    })
+}
+
+fn hcm_filter(m: HttpConnectionManager) -> Filter {
     Filter {
         name: "envoy.filters.network.http_connection_manager".into(),
         config_type: Some(ConfigType::TypedConfig(any(&m))),
@@ -98,40 +110,155 @@ fn outbound(mesh: &MeshState, bind: IpAddr) -> Vec<Listener> {
         .collect()
 }
 
-/// Inbound listeners on the workload address, forwarding to the application.
+/// The HTTP filters of a workload's inbound connection manager on `port` (the
+/// workload's port), in order; the router last. Policy filters (authorization, JWT)
+/// go here, before the router, so every inbound chain (mTLS and plaintext) gets them.
+pub(crate) fn inbound_http_filters(
+    _mesh: &MeshState,
+    _w: &Workload,
+    _port: u32,
+) -> Vec<HttpFilter> {
+    vec![router()]
+}
+
+/// The network filters of a workload's inbound TCP port, in order; `tcp_proxy` last.
+pub(crate) fn inbound_tcp_filters(_mesh: &MeshState, _w: &Workload, port: u32) -> Vec<Filter> {
+    vec![tcp_proxy(
+        format!("inbound_{port}"),
+        inbound_cluster_name(port),
+    )]
+}
+
+/// Whether an inbound filter chain terminates mutual TLS: the connection manager then
+/// tells the app who called (the caller's SPIFFE id in `x-forwarded-client-cert`),
+/// and a plaintext chain strips any such header a caller forged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chain {
+    Mtls,
+    Plaintext,
+}
+
+fn inbound_filters(
+    mesh: &MeshState,
+    w: &Workload,
+    port: u32,
+    protocol: Protocol,
+    chain: Chain,
+) -> Vec<Filter> {
+    if protocol == Protocol::Tcp {
+        return inbound_tcp_filters(mesh, w, port);
+    }
+    let cluster = inbound_cluster_name(port);
+    let rc = RouteConfiguration {
+        name: cluster.clone(),
+        virtual_hosts: vec![VirtualHost {
+            name: cluster.clone(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                name: "default".into(),
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(Action::Route(RouteAction {
+                    cluster_specifier: Some(ClusterSpecifier::Cluster(cluster)),
+                    timeout: Some(duration(Default::default())),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut m = HttpConnectionManager {
+        stat_prefix: format!("inbound_{port}"),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(RouteSpecifier::RouteConfig(rc)),
+        http_filters: inbound_http_filters(mesh, w, port),
+        // SANITIZE (Envoy's default, so plaintext chains encode as before).
+        forward_client_cert_details: ForwardClientCertDetails::Sanitize as i32,
+        ..Default::default()
+    };
+    if chain == Chain::Mtls {
+        m.forward_client_cert_details = ForwardClientCertDetails::SanitizeSet as i32;
+        m.set_current_client_cert_details = Some(SetCurrentClientCertDetails {
+            uri: true,
+            ..Default::default()
+        });
+    }
+    vec![hcm_filter(m)]
+}
+
+/// Filter chains of one inbound port by its PeerAuthentication mode. PERMISSIVE tells
+/// TLS from plaintext with the TLS inspector, so both kinds of caller share the port.
+fn inbound_chains(
+    mesh: &MeshState,
+    w: &Workload,
+    port: u32,
+    protocol: Protocol,
+    mode: MtlsMode,
+) -> (Vec<ListenerFilter>, Vec<FilterChain>) {
+    let mtls = |transport_protocol: &str| FilterChain {
+        name: "mtls".into(),
+        filter_chain_match: (!transport_protocol.is_empty()).then(|| FilterChainMatch {
+            transport_protocol: transport_protocol.into(),
+            ..Default::default()
+        }),
+        filters: inbound_filters(mesh, w, port, protocol, Chain::Mtls),
+        transport_socket: Some(tls::inbound_transport_socket(mesh, protocol)),
+        ..Default::default()
+    };
+    let plaintext = || FilterChain {
+        filters: inbound_filters(mesh, w, port, protocol, Chain::Plaintext),
+        ..Default::default()
+    };
+    match mode {
+        MtlsMode::Strict => (Vec::new(), vec![mtls("")]),
+        MtlsMode::Permissive | MtlsMode::Unset => {
+            let inspector = ListenerFilter {
+                name: "envoy.filters.listener.tls_inspector".into(),
+                config_type: Some(ListenerFilterConfig::TypedConfig(any(
+                    &TlsInspector::default(),
+                ))),
+                ..Default::default()
+            };
+            let raw = FilterChain {
+                name: "plaintext".into(),
+                filter_chain_match: Some(FilterChainMatch {
+                    transport_protocol: "raw_buffer".into(),
+                    ..Default::default()
+                }),
+                ..plaintext()
+            };
+            (vec![inspector], vec![mtls("tls"), raw])
+        }
+        MtlsMode::Disable => (Vec::new(), vec![plaintext()]),
+    }
+}
+
+/// Inbound listeners on the workload address, forwarding to the application. A
+/// workload with an identity gets the chains its PeerAuthentication mode asks for;
+/// one without (no certificate to present) keeps a single plaintext chain.
 fn inbound(mesh: &MeshState, w: &Workload) -> Vec<Listener> {
+    let identity = tls::has_identity(&w.labels);
     mesh.inbound_ports(w)
         .into_iter()
         .map(|(port, protocol)| {
-            let cluster = inbound_cluster_name(port);
-            let filter = if protocol == Protocol::Tcp {
-                tcp_proxy(format!("inbound_{port}"), cluster)
+            let mode = if identity {
+                mesh.peer_authentication.mode(&w.namespace, &w.labels, port)
             } else {
-                let rc = RouteConfiguration {
-                    name: cluster.clone(),
-                    virtual_hosts: vec![VirtualHost {
-                        name: cluster.clone(),
-                        domains: vec!["*".into()],
-                        routes: vec![Route {
-                            name: "default".into(),
-                            r#match: Some(RouteMatch {
-                                path_specifier: Some(PathSpecifier::Prefix("/".into())),
-                                ..Default::default()
-                            }),
-                            action: Some(Action::Route(RouteAction {
-                                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster)),
-                                timeout: Some(duration(Default::default())),
-                                ..Default::default()
-                            })),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                };
-                hcm(format!("inbound_{port}"), RouteSpecifier::RouteConfig(rc))
+                MtlsMode::Disable
             };
-            listener(w.address, port, TrafficDirection::Inbound, filter)
+            let (listener_filters, filter_chains) = inbound_chains(mesh, w, port, protocol, mode);
+            Listener {
+                name: format!("{}_{port}", w.address),
+                address: Some(socket_address(w.address, port)),
+                traffic_direction: TrafficDirection::Inbound as i32,
+                listener_filters,
+                filter_chains,
+                ..Default::default()
+            }
         })
         .collect()
 }

@@ -10,8 +10,11 @@ mod clusters;
 mod endpoints;
 mod listeners;
 mod routes;
+pub mod tls;
 
-pub use clusters::{inbound_clusters, outbound_clusters, service_clusters};
+pub use clusters::{
+    inbound_clusters, outbound_clusters, service_clusters, service_clusters_with_identity,
+};
 pub use endpoints::{endpoints, service_endpoints};
 pub use listeners::listeners;
 pub use routes::routes;
