@@ -255,6 +255,10 @@ fn inbound(mesh: &MeshState, w: &Workload) -> Vec<Listener> {
                 name: format!("{}_{port}", w.address),
                 address: Some(socket_address(w.address, port)),
                 traffic_direction: TrafficDirection::Inbound as i32,
+                // The TLS inspector waits for the client's first bytes; a protocol where
+                // the server speaks first would otherwise be cut off at the listener
+                // filter timeout instead of going on as plaintext (Istio does the same).
+                continue_on_listener_filters_timeout: !listener_filters.is_empty(),
                 listener_filters,
                 filter_chains,
                 ..Default::default()

@@ -3,8 +3,9 @@
 //! Naming follows Istio so a config dump reads the same: clusters
 //! `outbound|PORT|SUBSET|FQDN` and `inbound|PORT||`, route configurations named by port,
 //! virtual hosts `FQDN:PORT`. Which proxies share which output (DESIGN.md "proxy classes"):
-//! outbound clusters and endpoints are mesh-wide, route configurations depend on the
-//! proxy's namespace (short host names), listeners and inbound clusters on its workload.
+//! outbound clusters and endpoints are mesh-wide (clusters in two variants: plaintext, and
+//! with mutual TLS for sidecars with an identity, see [`tls`]), route configurations depend
+//! on the proxy's namespace (short host names), listeners and inbound clusters on its workload.
 
 mod clusters;
 mod endpoints;
