@@ -6,6 +6,7 @@
 
 use crate::config::model::*;
 use crate::config::peer_authentication::{PeerAuthenticationSpec, PeerAuthentications};
+use crate::config::security::{Named, SecurityPolicies};
 use crate::config::{parse_duration, ConfigError, ConfigObject, Object, Source};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -169,6 +170,8 @@ pub struct MeshState {
     pub root_namespace: String,
     /// Mutual TLS modes by workload and port (PeerAuthentication).
     pub peer_authentication: Arc<PeerAuthentications>,
+    /// AuthorizationPolicies and RequestAuthentications (inbound RBAC and JWT).
+    pub security: SecurityPolicies,
     pub services: BTreeMap<String, Arc<Service>>,
     pub workloads: BTreeMap<String, Arc<Workload>>,
     /// Host FQDN -> the VirtualService routing it.
@@ -189,6 +192,7 @@ impl Default for MeshState {
             connect_timeout: Duration::from_secs(10),
             root_namespace: "istio-system".into(),
             peer_authentication: Arc::default(),
+            security: SecurityPolicies::default(),
             services: BTreeMap::new(),
             workloads: BTreeMap::new(),
             virtual_services: BTreeMap::new(),
@@ -252,6 +256,15 @@ impl Errors {
     }
 }
 
+/// A policy without its file position, so moving it between files is not a mesh change.
+fn named<T: Clone>(o: &Object<T>) -> Named<T> {
+    Named {
+        namespace: o.namespace.clone(),
+        name: o.name.clone(),
+        spec: o.spec.clone(),
+    }
+}
+
 fn describe(s: &Source) -> String {
     format!("{} document {}", s.file, s.document)
 }
@@ -297,6 +310,7 @@ impl MeshState {
         let mut vss = Vec::new();
         let mut drs = Vec::new();
         let mut pas: Vec<&Object<PeerAuthenticationSpec>> = Vec::new();
+        let (mut authz, mut authn) = (Vec::new(), Vec::new());
         let mut mesh_config: Option<&Object<MeshConfigSpec>> = None;
         for obj in objects {
             *mesh.counts.entry(obj.kind()).or_default() += 1;
@@ -329,6 +343,8 @@ impl MeshState {
                 ConfigObject::VirtualService(o) => vss.push(o),
                 ConfigObject::DestinationRule(o) => drs.push(o),
                 ConfigObject::PeerAuthentication(o) => pas.push(o),
+                ConfigObject::AuthorizationPolicy(o) => authz.push(named(o)),
+                ConfigObject::RequestAuthentication(o) => authn.push(named(o)),
             }
         }
         if let Some(mc) = mesh_config {
@@ -370,6 +386,7 @@ impl MeshState {
             pas.iter()
                 .map(|pa| (pa.namespace.as_str(), pa.name.as_str(), &pa.spec)),
         ));
+        mesh.security = SecurityPolicies::new(authz, authn);
 
         for we in &wes {
             let annotation_ip = |key: &str, errs: &mut Errors| -> Option<IpAddr> {

@@ -377,6 +377,7 @@ fn same_listener_inputs(a: &MeshState, b: &MeshState) -> bool {
         && a.peer_authentication == b.peer_authentication
         && a.workload_services == b.workload_services
         && a.root_namespace == b.root_namespace
+        && a.security == b.security
 }
 
 /// An immutable, fully translated state of the mesh. Streams hold an `Arc<Snapshot>`

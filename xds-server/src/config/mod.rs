@@ -7,6 +7,8 @@
 pub mod model;
 pub mod parse;
 pub mod peer_authentication;
+pub mod request_authentication;
+pub mod security;
 pub mod store;
 pub mod validate;
 
@@ -117,6 +119,8 @@ pub enum ConfigObject {
     VirtualService(Object<model::VirtualServiceSpec>),
     DestinationRule(Object<model::DestinationRuleSpec>),
     PeerAuthentication(Object<peer_authentication::PeerAuthenticationSpec>),
+    AuthorizationPolicy(Object<security::AuthorizationPolicySpec>),
+    RequestAuthentication(Object<request_authentication::RequestAuthenticationSpec>),
 }
 
 impl ConfigObject {
@@ -128,6 +132,8 @@ impl ConfigObject {
             ConfigObject::VirtualService(_) => "VirtualService",
             ConfigObject::DestinationRule(_) => "DestinationRule",
             ConfigObject::PeerAuthentication(_) => "PeerAuthentication",
+            ConfigObject::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            ConfigObject::RequestAuthentication(_) => "RequestAuthentication",
         }
     }
 
@@ -139,6 +145,8 @@ impl ConfigObject {
             ConfigObject::VirtualService(o) => &o.source,
             ConfigObject::DestinationRule(o) => &o.source,
             ConfigObject::PeerAuthentication(o) => &o.source,
+            ConfigObject::AuthorizationPolicy(o) => &o.source,
+            ConfigObject::RequestAuthentication(o) => &o.source,
         }
     }
 
@@ -150,6 +158,8 @@ impl ConfigObject {
             ConfigObject::VirtualService(o) => o.key(),
             ConfigObject::DestinationRule(o) => o.key(),
             ConfigObject::PeerAuthentication(o) => o.key(),
+            ConfigObject::AuthorizationPolicy(o) => o.key(),
+            ConfigObject::RequestAuthentication(o) => o.key(),
         }
     }
 }

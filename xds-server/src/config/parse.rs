@@ -27,8 +27,6 @@ const KNOWN_UNSUPPORTED: &[&str] = &[
     "WorkloadGroup",
     "EnvoyFilter",
     "ProxyConfig",
-    "RequestAuthentication",
-    "AuthorizationPolicy",
     "Telemetry",
     "WasmPlugin",
 ];
@@ -207,6 +205,12 @@ fn parse_document(text: &str, source: &Source) -> Result<Option<ConfigObject>, B
         }
         ("PeerAuthentication", _, api) if ISTIO_SECURITY.contains(&api) => {
             ConfigObject::PeerAuthentication(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?))
+        }
+        ("AuthorizationPolicy", _, api) if ISTIO_SECURITY.contains(&api) => {
+            ConfigObject::AuthorizationPolicy(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?))
+        }
+        ("RequestAuthentication", _, api) if ISTIO_SECURITY.contains(&api) => {
+            ConfigObject::RequestAuthentication(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?))
         }
         ("MeshConfig", _, TRELLIS) => ConfigObject::MeshConfig(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?)),
         (k, _, api) if KNOWN_UNSUPPORTED.contains(&k) => {

@@ -42,6 +42,8 @@ pub fn object(obj: &ConfigObject) -> Result<(), FieldError> {
         ConfigObject::VirtualService(o) => virtual_service(&o.spec),
         ConfigObject::DestinationRule(o) => destination_rule(&o.spec),
         ConfigObject::PeerAuthentication(o) => super::peer_authentication::validate(&o.spec),
+        ConfigObject::AuthorizationPolicy(o) => super::security::validate_authorization(&o.spec),
+        ConfigObject::RequestAuthentication(o) => super::request_authentication::validate(&o.spec),
     }
 }
 

@@ -113,20 +113,20 @@ fn outbound(mesh: &MeshState, bind: IpAddr) -> Vec<Listener> {
 /// The HTTP filters of a workload's inbound connection manager on `port` (the
 /// workload's port), in order; the router last. Policy filters (authorization, JWT)
 /// go here, before the router, so every inbound chain (mTLS and plaintext) gets them.
-pub(crate) fn inbound_http_filters(
-    _mesh: &MeshState,
-    _w: &Workload,
-    _port: u32,
-) -> Vec<HttpFilter> {
-    vec![router()]
+pub(crate) fn inbound_http_filters(mesh: &MeshState, w: &Workload, _port: u32) -> Vec<HttpFilter> {
+    let mut filters = super::authz::http_filters(mesh, w);
+    filters.push(router());
+    filters
 }
 
 /// The network filters of a workload's inbound TCP port, in order; `tcp_proxy` last.
-pub(crate) fn inbound_tcp_filters(_mesh: &MeshState, _w: &Workload, port: u32) -> Vec<Filter> {
-    vec![tcp_proxy(
+pub(crate) fn inbound_tcp_filters(mesh: &MeshState, w: &Workload, port: u32) -> Vec<Filter> {
+    let mut filters = super::authz::network_filters(mesh, w);
+    filters.push(tcp_proxy(
         format!("inbound_{port}"),
         inbound_cluster_name(port),
-    )]
+    ));
+    filters
 }
 
 /// Whether an inbound filter chain terminates mutual TLS: the connection manager then
@@ -176,6 +176,7 @@ fn inbound_filters(
         codec_type: CodecType::Auto as i32,
         route_specifier: Some(RouteSpecifier::RouteConfig(rc)),
         http_filters: inbound_http_filters(mesh, w, port),
+        normalize_path: super::authz::normalize_path(mesh, w),
         // SANITIZE (Envoy's default, so plaintext chains encode as before).
         forward_client_cert_details: ForwardClientCertDetails::Sanitize as i32,
         ..Default::default()

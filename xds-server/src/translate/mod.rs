@@ -7,8 +7,10 @@
 //! with mutual TLS for sidecars with an identity, see [`tls`]), route configurations depend
 //! on the proxy's namespace (short host names), listeners and inbound clusters on its workload.
 
+pub mod authz;
 mod clusters;
 mod endpoints;
+pub mod jwt;
 mod listeners;
 mod routes;
 pub mod tls;

@@ -1,0 +1,104 @@
+//! Envoy accepts the generated authorization and JWT config: every inbound listener of
+//! every workload in `fixtures/authz/` (mTLS and plaintext chains, HTTP and TCP), with
+//! its inbound clusters, goes through `envoy --mode validate` (Envoy 1.40, installed by
+//! `scripts/install-envoy.sh`). Skips without Envoy on a developer machine, fails under
+//! `CI=true`.
+#![allow(clippy::unwrap_used)]
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use xds_server::cache::{Snapshot, TypeKind};
+use xds_server::config::store::ConfigStore;
+use xds_server::dump::resource_json;
+use xds_server::translate::ProxyScope;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/authz")
+}
+
+/// A static bootstrap holding a workload's inbound listeners and inbound clusters, with
+/// an ADS config so that the SDS secrets of the mTLS chains resolve (nothing connects in
+/// validate mode).
+fn bootstrap(snap: &Snapshot, workload: &str) -> Value {
+    let w = &snap.mesh.workloads[workload];
+    let view = snap.view(&ProxyScope::Workload(workload.into()));
+    let prefix = format!("{}_", w.address);
+    let listeners: Vec<Value> = view
+        .iter(TypeKind::Listener)
+        .filter(|l| l.name.starts_with(&prefix))
+        .map(|l| resource_json(l)["resource"].clone())
+        .collect();
+    assert!(!listeners.is_empty(), "{workload} has no inbound listener");
+    let mut clusters: Vec<Value> = view
+        .iter(TypeKind::Cluster)
+        .filter(|c| c.name.starts_with("inbound|"))
+        .map(|c| resource_json(c)["resource"].clone())
+        .collect();
+    clusters.push(json!({
+        "name": "xds-grpc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "xds-grpc",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": 15010}
+            }}}]}]
+        }
+    }));
+    json!({
+        "node": {
+            "id": format!("sidecar~{}~{workload}~{}.svc.cluster.local", w.address, w.namespace),
+            "cluster": "authz-validate"
+        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]
+            }
+        }
+    })
+}
+
+#[test]
+fn envoy_accepts_every_generated_inbound_listener() {
+    let Some(envoy) = trellis_tests::require_envoy() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Envoy reads a file JWKS when it loads the listener: give it a real one.
+    let jwks = dir.path().join("files.json");
+    std::fs::write(
+        &jwks,
+        r#"{"keys": [{"kty": "oct", "alg": "HS256", "kid": "f1", "k": "ZmlsZS1zZWNyZXQta2V5LWZvci10aGUtdGVzdHMtMDE"}]}"#,
+    )
+    .unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    for e in std::fs::read_dir(fixture()).unwrap().flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        let text = text.replace("/etc/trellis/jwks/files.json", jwks.to_str().unwrap());
+        std::fs::write(config.join(e.file_name()), text).unwrap();
+    }
+    let (store, outcome) = ConfigStore::open(&config).unwrap();
+    assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
+    let snap = Snapshot::build(1, store.mesh());
+    let workloads: Vec<String> = snap.mesh.workloads.keys().cloned().collect();
+    assert!(workloads.len() >= 10, "{workloads:?}");
+    let mut failures = Vec::new();
+    for workload in &workloads {
+        let name = workload.replace('.', "-");
+        let yaml = serde_json::to_string_pretty(&bootstrap(&snap, workload)).unwrap();
+        if let Err(e) = trellis_tests::envoy_validate(&envoy, dir.path(), &name, &yaml) {
+            failures.push(format!("{workload}: {e:#}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
