@@ -41,6 +41,14 @@ fn id(sa: &str) -> SpiffeId {
 }
 
 async fn start(workload_ttl: Option<Duration>) -> Secure {
+    start_with(
+        workload_ttl,
+        include_str!("fixtures/protocol/workloads.yaml"),
+    )
+    .await
+}
+
+async fn start_with(workload_ttl: Option<Duration>, workloads: &str) -> Secure {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config");
     std::fs::create_dir(&config).unwrap();
@@ -50,10 +58,7 @@ async fn start(workload_ttl: Option<Duration>) -> Secure {
             "services.yaml",
             include_str!("fixtures/protocol/services.yaml"),
         ),
-        (
-            "workloads.yaml",
-            include_str!("fixtures/protocol/workloads.yaml"),
-        ),
+        ("workloads.yaml", workloads),
     ] {
         std::fs::write(config.join(file), text).unwrap();
     }
@@ -440,4 +445,38 @@ async fn bootstrap_trust_bundle_file_matches_the_ca() {
     let file = std::fs::read_to_string(dir.join(xds_server::identity::TRUST_BUNDLE_FILE)).unwrap();
     assert_eq!(file, s.ca.current().bundle_pem);
     let _ = Path::new(&dir);
+}
+
+#[tokio::test]
+async fn a_workload_labelled_for_mtls_must_use_the_secure_port() {
+    let labelled = include_str!("fixtures/protocol/workloads.yaml").replace(
+        "labels: {app: reviews, version: v1}",
+        "labels: {app: reviews, version: v1, security.istio.io/tlsMode: istio}",
+    );
+    let s = start_with(None, &labelled).await;
+    let plain = Endpoint::from_shared(format!("http://{}", s.server.xds_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = sds(plain, None, REVIEWS_V1, &["default"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("connect on the secure port"),
+        "{}",
+        err.message()
+    );
+    // On the secure port it gets its certificate.
+    let token = s.token("bookinfo-reviews");
+    let resp = sds(
+        s.channel(None).await,
+        Some(&token),
+        REVIEWS_V1,
+        &["default"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(secrets(&resp).len(), 1);
 }

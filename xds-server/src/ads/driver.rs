@@ -37,7 +37,21 @@ impl Views<'_> {
 
 /// Why an authenticated caller may not be this node, if it may not: a proxy can only
 /// claim workloads that run as the identity it proved.
-fn claim_error(snap: &Snapshot, node: &NodeInfo, caller: &Caller) -> Option<String> {
+fn claim_error(snap: &Snapshot, node: &NodeInfo, caller: Option<&Caller>) -> Option<String> {
+    let Some(caller) = caller else {
+        // Its config would point at secrets it can never get here: fail closed, loudly,
+        // rather than serve a workload meant for mTLS a plaintext config.
+        let w = snap.mesh.workloads.get(node.workload.as_deref()?)?;
+        return crate::translate::tls::has_identity(&w.labels).then(|| {
+            format!(
+                "workload {}.{} is labelled {}=istio (a sidecar with a certificate): \
+                 connect on the secure port with a token (xds-server bootstrap --token-file)",
+                w.name,
+                w.namespace,
+                crate::translate::tls::TLS_MODE_LABEL
+            )
+        });
+    };
     let id = &caller.identity;
     if node.namespace != id.namespace {
         return Some(format!(
@@ -100,7 +114,7 @@ pub(crate) async fn run<P: Protocol>(
     };
     let mut snapshots = shared.snapshots.clone();
     let mut snap = snapshots.borrow_and_update().clone();
-    if let Some(msg) = caller.as_ref().and_then(|c| claim_error(&snap, &node, c)) {
+    if let Some(msg) = claim_error(&snap, &node, caller.as_ref()) {
         warn!(node = %node.id, error = %msg, "proxy refused");
         let _ = tx.send(Err(Status::permission_denied(msg))).await;
         return;
@@ -165,7 +179,7 @@ pub(crate) async fn run<P: Protocol>(
                     break;
                 }
                 snap = snapshots.borrow_and_update().clone();
-                if let Some(msg) = caller.as_ref().and_then(|c| claim_error(&snap, &node, c)) {
+                if let Some(msg) = claim_error(&snap, &node, caller.as_ref()) {
                     warn!(node = %node.id, error = %msg, "proxy no longer matches its identity");
                     let _ = tx.send(Err(Status::permission_denied(msg))).await;
                     break;
