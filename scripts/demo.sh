@@ -3,7 +3,9 @@
 #   builds the workspace, installs Envoy 1.40 (pinned wheel, into .venv), starts xds-server
 #   on a copy of examples/, starts an echo app and an Envoy sidecar per WorkloadEntry,
 #   sends traffic through the sidecars, edits the routing YAML live and measures how long
-#   the change takes to reach every sidecar, prints what went where and the syncz table.
+#   the change takes to reach every sidecar, prints what went where and the syncz table;
+#   then mesh security: SPIFFE certificates over SDS, mutual TLS, PeerAuthentication STRICT,
+#   an AuthorizationPolicy, and a root rotation under traffic counting failed requests.
 # Everything it starts is stopped on exit or Ctrl-C.
 #   scripts/demo.sh            run the demo and exit
 #   scripts/demo.sh --stay     keep the mesh running afterwards until Ctrl-C
@@ -22,6 +24,7 @@ done
 
 XDS_ADDR="${TRELLIS_DEMO_XDS_ADDR:-127.0.0.1:15010}"
 ADMIN_ADDR="${TRELLIS_DEMO_ADMIN_ADDR:-127.0.0.1:15014}"
+SECURE_ADDR="${TRELLIS_DEMO_SECURE_ADDR:-127.0.0.1:15012}"
 RUN_DIR="$(mktemp -d -t trellis-demo.XXXXXX)"
 PIDS=()
 
@@ -44,13 +47,22 @@ BIN="${CARGO_TARGET_DIR:-${REPO_ROOT}/target}/debug"
 
 step "install Envoy"
 ENVOY="$(scripts/install-envoy.sh)"
-"${ENVOY}" --version | head -1
+"${ENVOY}" --version | head -1 || true
 
 step "start xds-server on a copy of examples/ (${RUN_DIR}/config)"
 cp -r examples "${RUN_DIR}/config"
 "${BIN}/xds-server" serve --config-dir "${RUN_DIR}/config" --xds-addr "${XDS_ADDR}" \
-    --admin-addr "${ADMIN_ADDR}" >"${RUN_DIR}/xds-server.log" 2>&1 &
+    --admin-addr "${ADMIN_ADDR}" --secure-addr "${SECURE_ADDR}" --ca-dir "${RUN_DIR}/ca" \
+    >"${RUN_DIR}/xds-server.log" 2>&1 &
 PIDS+=($!)
+SERVER_PID=$!
+for _ in $(seq 100); do
+    [[ -f "${RUN_DIR}/ca/xds-trust.json" ]] && break
+    if ! kill -0 "${SERVER_PID}" 2>/dev/null; then
+        echo "demo: xds-server exited:" >&2; tail -5 "${RUN_DIR}/xds-server.log" >&2; exit 1
+    fi
+    sleep 0.1
+done
 
 # WorkloadEntries of the example mesh: name, app address, version label.
 mapfile -t WORKLOADS < <(python3 - "${RUN_DIR}/config" <<'PY'
@@ -60,32 +72,41 @@ for doc in text.split("\n---"):
     name = re.search(r"^  name: (\S+)", doc, re.M)
     app = re.search(r"app-address: (\S+)", doc)
     ver = re.search(r"version: (\w+)", doc)
+    sa = re.search(r"serviceAccount: (\S+)", doc)
     if name and app:
-        print(name.group(1), app.group(1), ver.group(1) if ver else "")
+        print(name.group(1), app.group(1), ver.group(1) if ver else "", sa.group(1) if sa else "default")
 PY
 )
 
 step "start ${#WORKLOADS[@]} echo apps and their Envoy sidecars"
 for i in "${!WORKLOADS[@]}"; do
-    read -r name app version <<<"${WORKLOADS[$i]}"
+    read -r name app version sa <<<"${WORKLOADS[$i]}"
     "${BIN}/echo" --listen "${app}:9080" --name "${name}" --version "${version}" \
         >"${RUN_DIR}/echo-${name}.log" 2>&1 &
     PIDS+=($!)
     # Every other sidecar speaks Delta xDS, to show both protocol variants side by side.
     mode=()
     if (( i % 2 == 1 )); then mode=(--delta); fi
+    # The sidecar proves its identity (its service account) with a bootstrap token.
+    "${BIN}/xds-server" token create --identity "default/${sa}" --config-dir "${RUN_DIR}/config" \
+        --ca-dir "${RUN_DIR}/ca" >"${RUN_DIR}/${name}.token"
     "${BIN}/xds-server" bootstrap --workload "${name}.default" --config-dir "${RUN_DIR}/config" \
-        --xds-addr "${XDS_ADDR}" --admin-port 15000 "${mode[@]}" >"${RUN_DIR}/${name}.bootstrap.yaml"
+        --token-file "${RUN_DIR}/${name}.token" --secure-addr "${SECURE_ADDR}" --ca-dir "${RUN_DIR}/ca" \
+        --admin-port 15000 "${mode[@]}" >"${RUN_DIR}/${name}.bootstrap.yaml"
+    # As Istio's pilot-agent does: on a listener update (a policy change) old connections
+    # are drained at once, so new policy applies to every request soon after.
     "${ENVOY}" -c "${RUN_DIR}/${name}.bootstrap.yaml" --disable-hot-restart --concurrency 1 \
+        --drain-strategy immediate --drain-time-s 45 \
         --log-level warning >"${RUN_DIR}/envoy-${name}.log" 2>&1 &
     PIDS+=($!)
-    echo "  ${name}: app ${app}:9080, sidecar ${mode[*]:-(sotw)}, admin on its outbound address :15000"
+    echo "  ${name}: app ${app}:9080, identity default/${sa}, sidecar ${mode[*]:-(sotw)}, admin on its outbound address :15000"
 done
 
-python3 - "${ADMIN_ADDR}" "${RUN_DIR}/config/reviews-routing.yaml" "${#WORKLOADS[@]}" <<'PY'
-import json, sys, time, urllib.request, collections
+python3 - "${ADMIN_ADDR}" "${RUN_DIR}/config/reviews-routing.yaml" "${#WORKLOADS[@]}" "${BIN}" "${RUN_DIR}/config" <<'PY'
+import json, sys, time, urllib.request, urllib.error, collections, subprocess, threading, os
 
 admin, routing_file, expected = sys.argv[1], sys.argv[2], int(sys.argv[3])
+bin_dir, config_dir = sys.argv[4], sys.argv[5]
 CLIENT = "127.0.3.1:9080"  # productpage's sidecar: its outbound listener for port 9080
 
 def syncz():
@@ -158,6 +179,103 @@ for p in sorted(s["proxies"], key=lambda p: p["workload"] or ""):
         mark = "ACK" if st.get("acked_version") == st.get("sent_version") else ("NACK" if st.get("nacks") else "sent")
         cells.append(f"{(st.get('sent_version') or '-')[:12]:<13}{mark:<4} {st.get('resources', 0):>3}")
     print(f"  {p['workload'] or p['id']:<24} {p['mode']:<6} " + " ".join(f"{c:<22}" for c in cells))
+
+def write_config(name, text):
+    path = os.path.join(config_dir, name)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+def status_of(url, host, timeout=2):
+    req = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except Exception as e:
+        return type(e).__name__
+
+def in_a_row(check, what, n=5, timeout=60):
+    # A policy change applies to new connections at once and to old ones after a drain.
+    def ok():
+        return all(check() for _ in range(n))
+    t0 = time.time()
+    wait(ok, what, timeout, interval=0.05)
+    return (time.time() - t0) * 1000
+
+print("\n==> identity: every sidecar got a SPIFFE certificate from the built-in CA, over SDS")
+for p in sorted(syncz()["proxies"], key=lambda p: p["workload"] or ""):
+    sec = p.get("secrets") or {}
+    exp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(sec.get("cert_not_after") or 0))
+    print(f"  {p['workload']:<22} {p.get('identity')}  serial {(sec.get('cert_serial') or '-')[:10]}  expires {exp}")
+xfcc = get("ratings:9080")["headers"].get("x-forwarded-client-cert", "")
+caller = next((f for f in xfcc.split(";") if f.startswith("URI=")), "URI=?")
+print(f"  ratings' sidecar saw the caller over mutual TLS as {caller[4:]}")
+
+DIRECT = "http://127.0.1.5:9080/"   # ratings-v1's inbound address, bypassing any sidecar
+print("\n==> PeerAuthentication: PERMISSIVE (the default) also takes plaintext; STRICT refuses it")
+print(f"  plaintext request straight to ratings-v1's sidecar: {status_of(DIRECT, 'ratings')}")
+write_config("peer-authentication.yaml", """apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: default}
+spec:
+  mtls: {mode: STRICT}
+""")
+ms = in_a_row(lambda: status_of(DIRECT, "ratings") != 200, "STRICT to refuse plaintext")
+print(f"  after applying STRICT ({ms:.0f} ms): {status_of(DIRECT, 'ratings')}  (no TLS client certificate, no connection)")
+print(f"  sidecar to sidecar (mTLS) still: {tally(20, 'ratings:9080')}")
+
+DETAILS_SIDECAR = "http://127.0.3.2:9080/"   # details' outbound listener
+PRODUCTPAGE_SIDECAR = f"http://{CLIENT}/"
+print("\n==> AuthorizationPolicy: only productpage may call ratings")
+write_config("ratings-authz.yaml", """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-callers, namespace: default}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/default/sa/bookinfo-productpage]}
+""")
+ms = in_a_row(lambda: status_of(DETAILS_SIDECAR, "ratings") == 403, "the policy to deny details")
+print(f"  applied in {ms:.0f} ms")
+print(f"  productpage -> ratings: {status_of(PRODUCTPAGE_SIDECAR, 'ratings')}")
+print(f"  details     -> ratings: {status_of(DETAILS_SIDECAR, 'ratings')}  (RBAC: principal bookinfo-details is not allowed)")
+
+print("\n==> root rotation while traffic flows (productpage -> reviews and ratings, over mTLS)")
+def ca():
+    with urllib.request.urlopen(f"http://{admin}/debug/ca", timeout=2) as r:
+        return json.load(r)
+before = [r["fingerprint"][:16] for r in ca()["roots"]]
+counts = collections.Counter()
+stop = threading.Event()
+def load():
+    while not stop.is_set():
+        for host in ("reviews", "ratings"):
+            counts[status_of(PRODUCTPAGE_SIDECAR, host, timeout=5)] += 1
+threads = [threading.Thread(target=load) for _ in range(2)]
+for t in threads:
+    t.start()
+time.sleep(1)
+t0 = time.time()
+proc = subprocess.run([f"{bin_dir}/xds-server", "ca", "rotate-root", "--admin-addr", admin, "--timeout", "120s"],
+                      capture_output=True, text=True, timeout=180)
+rotation_ms = (time.time() - t0) * 1000
+time.sleep(1)
+stop.set()
+for t in threads:
+    t.join()
+for line in proc.stdout.splitlines():
+    print(f"  | {line}")
+if proc.returncode != 0:
+    sys.exit(f"demo: rotation failed: {proc.stderr.strip()}")
+after = [r["fingerprint"][:16] for r in ca()["roots"]]
+roots = {p.get("secrets", {}).get("cert_root", "")[:16] for p in syncz()["proxies"]}
+ok, failed = counts.pop(200, 0), sum(counts.values())
+print(f"  roots before {before}, after {after}; every sidecar's certificate now chains to {sorted(roots)}")
+print(f"  rotation took {rotation_ms:.0f} ms; {ok + failed} requests meanwhile, {failed} failed {dict(counts) if counts else ''}")
 PY
 
 if [[ "${STAY}" == 1 ]]; then
