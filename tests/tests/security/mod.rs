@@ -26,9 +26,13 @@
 // Each test uses a different part of this module.
 #![allow(dead_code)]
 
+mod checks;
+mod config;
 pub mod jwt;
-pub mod traffic;
+mod traffic;
 
+pub use checks::*;
+pub use config::*;
 pub use traffic::*;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,9 +44,9 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context as _};
 use serde_json::Value;
 use trellis_tests::{
-    cargo_bin, envoy_admin_get, free_port, http_get, http_request, run_to_completion, start_echo,
-    start_envoy_with, test_dir, wait_envoy_live, ChildGuard, EnvoyOptions, HttpResponse,
-    LoopbackNet, ENVOY_START_TIMEOUT,
+    cargo_bin, envoy_admin_get, free_port, http_get, run_to_completion, start_echo,
+    start_envoy_with, test_dir, wait_envoy_live, ChildGuard, EnvoyOptions, LoopbackNet,
+    ENVOY_START_TIMEOUT,
 };
 
 use crate::common::{mesh_yaml, CONVERGE_TIMEOUT, NAMESPACE, POLL, PORT};
@@ -170,7 +174,7 @@ pub struct Addrs {
     pub outbound: IpAddr,
 }
 
-fn addrs(net: &LoopbackNet, w: &WorkloadDef) -> Addrs {
+pub(crate) fn addrs(net: &LoopbackNet, w: &WorkloadDef) -> Addrs {
     Addrs {
         inbound: net.ip(w.host),
         app: net.ip(w.host + 50),
@@ -809,243 +813,4 @@ fn regex_escape(s: &str) -> String {
             special.then_some('\\').into_iter().chain([c])
         })
         .collect()
-}
-
-/// WorkloadEntries of `workloads`, each labelled as an mTLS-capable sidecar.
-pub fn workloads_yaml(net: &LoopbackNet, workloads: &[WorkloadDef]) -> String {
-    workloads
-        .iter()
-        .map(|w| {
-            let a = addrs(net, w);
-            format!(
-                "apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata:
-  name: {name}
-  namespace: {NAMESPACE}
-  annotations:
-    sidecar.trellis.dev/app-address: \"{app_ip}\"
-    sidecar.trellis.dev/outbound-address: \"{outbound_ip}\"
-spec:
-  address: \"{inbound_ip}\"
-  labels:
-    app: {app}
-    version: v1
-    {TLS_MODE_LABEL}: istio
-  serviceAccount: {sa}
-  ports:
-    http: {PORT}
-{tcp}",
-                tcp = w
-                    .tcp_port
-                    .map(|p| format!("    tcp: {p}\n"))
-                    .unwrap_or_default(),
-                name = w.name,
-                app = w.app,
-                sa = w.service_account,
-                app_ip = a.app,
-                outbound_ip = a.outbound,
-                inbound_ip = a.inbound,
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("---\n")
-}
-
-/// A ServiceEntry per app, selecting the workloads labelled `app: APP`: HTTP on
-/// [`PORT`] and TCP on the app's `tcp_port`, if any.
-pub fn services_yaml(workloads: &[WorkloadDef]) -> String {
-    let mut services: BTreeMap<&str, Option<u16>> = BTreeMap::new();
-    for w in workloads.iter().filter(|w| w.has_app) {
-        let tcp = services.entry(w.app).or_default();
-        *tcp = tcp.or(w.tcp_port);
-    }
-    services
-        .iter()
-        .map(|(app, tcp)| {
-            let tcp = tcp
-                .map(|p| format!("  - {{number: {p}, name: tcp, protocol: TCP}}\n"))
-                .unwrap_or_default();
-            format!(
-                "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: {app}
-  namespace: {NAMESPACE}
-spec:
-  hosts: [{app}.{NAMESPACE}.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports:
-  - {{number: {PORT}, name: http, protocol: HTTP}}
-{tcp}  workloadSelector:
-    labels: {{app: {app}}}
-"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("---\n")
-}
-
-/// PeerAuthentication for the whole namespace.
-pub fn peer_authentication_yaml(mode: &str) -> String {
-    format!(
-        "apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata:
-  name: default
-  namespace: {NAMESPACE}
-spec:
-  mtls:
-    mode: {mode}
-"
-    )
-}
-
-/// One request through a sidecar's outbound listener to service `app` (Host: app).
-pub fn call(
-    outbound: SocketAddr,
-    app: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> anyhow::Result<HttpResponse> {
-    let mut all: Vec<(&str, &str)> = vec![("host", app)];
-    all.extend_from_slice(headers);
-    http_request(outbound, method, path, &all, &[], REQUEST_TIMEOUT)
-}
-
-/// The `URI=` elements of the `x-forwarded-client-cert` header the echo app received
-/// (several elements are `,`-separated, fields `;`-separated).
-pub fn xfcc_uris(body: &Value) -> Vec<String> {
-    body["headers"]["x-forwarded-client-cert"]
-        .as_str()
-        .unwrap_or_default()
-        .split([',', ';'])
-        .filter_map(|field| field.trim().strip_prefix("URI="))
-        .map(|uri| uri.trim_matches('"').to_owned())
-        .collect()
-}
-
-/// The response came from app `app` (200).
-pub fn check_app(response: &HttpResponse, app: &str) -> anyhow::Result<()> {
-    ensure!(
-        response.status == 200,
-        "status {} (expected 200): {}",
-        response.status,
-        response.text().chars().take(300).collect::<String>()
-    );
-    let workload = response.header("x-echo-workload");
-    ensure!(
-        workload == Some(app),
-        "answered by {workload:?}, expected {app:?}"
-    );
-    Ok(())
-}
-
-/// The response came from app `app` (200) and the app saw the caller's identity
-/// `client_id` in `x-forwarded-client-cert`: the hop between the sidecars was mutual TLS.
-pub fn check_mtls(response: &HttpResponse, app: &str, client_id: &str) -> anyhow::Result<()> {
-    check_app(response, app)?;
-    let body = response.json()?;
-    let uris = xfcc_uris(&body);
-    ensure!(
-        uris.iter().any(|u| u == client_id),
-        "the app did not see {client_id} in x-forwarded-client-cert (URIs {uris:?}); headers: {}",
-        body["headers"]
-    );
-    Ok(())
-}
-
-/// `status` of one request, or the transport error.
-pub fn status_of(result: anyhow::Result<HttpResponse>) -> Result<u16, String> {
-    result.map(|r| r.status).map_err(|e| format!("{e:#}"))
-}
-
-/// Waits (bounded by [`POLICY_TIMEOUT`]) until [`IN_A_ROW`] requests in a row get
-/// `expected` (a status, or `Err` for no HTTP response): a policy change has reached the
-/// sidecar and every connection opened before it is gone.
-#[track_caller]
-pub fn wait_statuses(
-    what: &str,
-    expected: Result<u16, ()>,
-    mut send: impl FnMut() -> anyhow::Result<HttpResponse>,
-    context: impl Fn() -> String,
-) {
-    let started = std::time::Instant::now();
-    let result = trellis_tests::poll_until(POLICY_TIMEOUT, POLL, || {
-        for i in 0..IN_A_ROW {
-            let got = send();
-            let ok = match (&expected, &got) {
-                (Ok(status), Ok(r)) => r.status == *status,
-                (Err(()), Err(_)) => true,
-                _ => false,
-            };
-            if !ok {
-                return Err(format!("request {i} in a row got {}", describe(&got)));
-            }
-        }
-        Ok(())
-    });
-    match result {
-        Ok(()) => eprintln!(
-            "{what}: {} in a row after {:.1?}",
-            describe_expected(&expected),
-            started.elapsed()
-        ),
-        Err(e) => panic!(
-            "{what}: waiting for {}: {e}; {}",
-            describe_expected(&expected),
-            context()
-        ),
-    }
-}
-
-fn describe(got: &anyhow::Result<HttpResponse>) -> String {
-    match got {
-        Ok(r) => format!(
-            "HTTP {} {}",
-            r.status,
-            r.text().chars().take(200).collect::<String>()
-        ),
-        Err(e) => format!("error: {e:#}"),
-    }
-}
-
-fn describe_expected(expected: &Result<u16, ()>) -> String {
-    match expected {
-        Ok(s) => format!("HTTP {s}"),
-        Err(()) => "no HTTP response".to_owned(),
-    }
-}
-
-/// Asserts that `n` requests all get `expected` (a status, or `Err` for "no HTTP
-/// response at all"), naming what came back otherwise.
-#[track_caller]
-pub fn assert_statuses(
-    what: &str,
-    n: usize,
-    expected: Result<u16, ()>,
-    mut send: impl FnMut() -> anyhow::Result<HttpResponse>,
-) {
-    let started = std::time::Instant::now();
-    for i in 0..n {
-        let got = send();
-        let ok = match (&expected, &got) {
-            (Ok(status), Ok(r)) => r.status == *status,
-            (Err(()), Err(_)) => true,
-            _ => false,
-        };
-        assert!(
-            ok,
-            "{what}: request {i} of {n}: expected {}, got {}",
-            describe_expected(&expected),
-            describe(&got)
-        );
-    }
-    eprintln!(
-        "{what}: {n} x {} ({:.1?})",
-        describe_expected(&expected),
-        started.elapsed()
-    );
 }
