@@ -1,6 +1,7 @@
 //! `xds-bench`: N simulated Envoy ADS clients against an ADS server, fan-out scenarios,
 //! and the HTTP/2 floor each scenario is compared to. See `bench/README.md`.
 
+mod ca;
 mod client;
 mod envoy;
 mod fleet;
@@ -46,6 +47,8 @@ enum Command {
     Floor,
     #[value(hide = true)]
     FloorServe,
+    /// The built-in CA's cost per operation (--clients operations of each kind).
+    Ca,
 }
 
 #[derive(Debug, Parser)]
@@ -213,6 +216,12 @@ fn settings(cli: &Cli) -> Result<Settings> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if cli.scenario == Command::Ca {
+        let v = ca::run(cli.clients.clamp(1, 100_000))?;
+        ca::print(&v);
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
     if cli.scenario == Command::FloorServe {
         return floor::serve_main(&cli.frames, cli.on_accept).await;
     }
@@ -283,7 +292,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Floor | Command::FloorServe => {}
+        Command::Floor | Command::FloorServe | Command::Ca => {}
     }
     raise_nofile(s.clients);
     let mut results: Vec<ScenarioResult> = Vec::new();

@@ -136,3 +136,26 @@ fn quick_runs_every_scenario_and_writes_json() {
     assert!(storm["rss_per_proxy_bytes"].is_number(), "{storm}");
     assert!(storm["floor_ratio"].is_number(), "{storm}");
 }
+
+#[test]
+fn ca_reports_every_operation() {
+    let out = Command::new(env!("CARGO_BIN_EXE_xds-bench"))
+        .args(["ca", "--clients", "20"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    for key in [
+        "issue_with_new_key_us",
+        "sign_csr_us",
+        "token_verify_us",
+        "rotation_phases_ms",
+    ] {
+        assert!(json[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {json}");
+    }
+}

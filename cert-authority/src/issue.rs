@@ -19,8 +19,12 @@ pub struct IssuedCert {
     pub identity: SpiffeId,
     /// Serial number, lowercase hex.
     pub serial: String,
+    /// Backdated by a minute for clock skew between hosts: not when it was made.
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When the CA made it: renewal is timed from here, since `not_before` is backdated
+    /// (with a short TTL, half of `not_after - not_before` would already be past).
+    pub issued_at: SystemTime,
     /// Leaf + intermediates, never the root: what Envoy's `tls_certificate.certificate_chain` gets.
     pub chain_pem: String,
     /// The root this chain verifies to.
@@ -35,14 +39,14 @@ impl IssuedCert {
     pub fn renew_at(&self, jitter: f64) -> SystemTime {
         let lifetime = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(self.issued_at)
             .unwrap_or_default();
         let jitter = if jitter.is_finite() {
             jitter.clamp(0.0, 1.0)
         } else {
             0.0
         };
-        self.not_before + lifetime / 2 + lifetime.mul_f64(0.1 * jitter)
+        self.issued_at + lifetime / 2 + lifetime.mul_f64(0.1 * jitter)
     }
 }
 
@@ -119,6 +123,7 @@ pub(crate) fn sign_leaf(
         serial: pem::hex(&serial),
         not_before,
         not_after,
+        issued_at: now,
         chain_pem,
         root_pem: signer.anchor.pem.clone(),
         root_fingerprint: signer.anchor.fingerprint.clone(),
@@ -136,6 +141,7 @@ mod tests {
             serial: "40".into(),
             not_before: UNIX_EPOCH + Duration::from_secs(not_before),
             not_after: UNIX_EPOCH + Duration::from_secs(not_after),
+            issued_at: UNIX_EPOCH + Duration::from_secs(not_before),
             chain_pem: String::new(),
             root_pem: String::new(),
             root_fingerprint: String::new(),
@@ -157,6 +163,16 @@ mod tests {
             let t = at(j);
             assert!(t >= at(0.0) && t <= at(1.0));
         }
+    }
+
+    #[test]
+    fn short_lived_certificates_renew_in_the_future_despite_backdating() {
+        // 20 s TTL, not_before backdated 60 s: renewal is 10-12 s after issuance,
+        // not in the past (which made proxies renew without pause).
+        let mut c = cert(1_000 - 60, 1_000 + 20);
+        c.issued_at = UNIX_EPOCH + Duration::from_secs(1_000);
+        let at = c.renew_at(0.0).duration_since(UNIX_EPOCH).unwrap();
+        assert_eq!(at, Duration::from_secs(1_010));
     }
 
     #[test]

@@ -16,6 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
+
 pub struct CaSecrets {
     authority: Authority,
     ttl: Option<Duration>,
@@ -111,9 +113,13 @@ impl SecretProvider for CaSecrets {
         tokio::spawn(async move {
             loop {
                 let renew_at = cert.renew_at(jitter(&proxy, &cert.serial));
+                // Never sooner than a second: a certificate that is already due (a
+                // clock jump, a TTL shorter than the clock-skew margin) must not turn
+                // into a hot loop of issuance.
                 let wait = renew_at
                     .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
+                    .unwrap_or(Duration::ZERO)
+                    .max(MIN_RENEW_INTERVAL);
                 let renew = tokio::select! {
                     _ = tx.closed() => return,
                     _ = tokio::time::sleep(wait) => true,
