@@ -22,6 +22,16 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HowLabel {
+    pub how: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     pub registry: Registry,
@@ -37,6 +47,13 @@ pub struct Metrics {
     pub config_errors: Gauge,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub snapshot_generation: Gauge,
+    /// Certificates issued, by how: `proxy_key` (the server made the key) or `csr`.
+    pub ca_issued: Family<HowLabel, Counter>,
+    /// Streams and CA calls refused on the secure port, by gRPC code.
+    pub secure_refused: Family<CodeLabel, Counter>,
+    pub ca_trust_epoch: Gauge,
+    /// 0: no rotation; 1 add_new_root, 2 reissue, 3 remove_old_root.
+    pub ca_rotation_phase: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -62,6 +79,30 @@ impl Default for Metrics {
         let config_errors = Gauge::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
         let snapshot_generation = Gauge::default();
+        let ca_issued = Family::<HowLabel, Counter>::default();
+        let secure_refused = Family::<CodeLabel, Counter>::default();
+        let ca_trust_epoch = Gauge::default();
+        let ca_rotation_phase = Gauge::default();
+        registry.register(
+            "ca_certificates_issued",
+            "Workload certificates issued, by how the key was made",
+            ca_issued.clone(),
+        );
+        registry.register(
+            "secure_refused",
+            "Streams and CA calls refused on the secure port, by gRPC code",
+            secure_refused.clone(),
+        );
+        registry.register(
+            "ca_trust_epoch",
+            "The CA's trust epoch (bumps on every bundle or signer change)",
+            ca_trust_epoch.clone(),
+        );
+        registry.register(
+            "ca_rotation_phase",
+            "Root rotation phase: 0 none, 1 add_new_root, 2 reissue, 3 remove_old_root",
+            ca_rotation_phase.clone(),
+        );
         registry.register(
             "xds_connected_proxies",
             "Proxies with an open ADS stream",
@@ -116,11 +157,25 @@ impl Default for Metrics {
             config_errors,
             config_reloads,
             snapshot_generation,
+            ca_issued,
+            secure_refused,
+            ca_trust_epoch,
+            ca_rotation_phase,
         }
     }
 }
 
 impl Metrics {
+    pub fn refused(&self, code: tonic::Code) {
+        let code = match code {
+            tonic::Code::Unauthenticated => "unauthenticated",
+            tonic::Code::PermissionDenied => "permission_denied",
+            tonic::Code::InvalidArgument => "invalid_argument",
+            _ => "other",
+        };
+        self.secure_refused.get_or_create(&CodeLabel { code }).inc();
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

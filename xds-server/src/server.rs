@@ -122,17 +122,25 @@ impl Server {
             let live =
                 identity::tls::live_config(auth_ca.clone(), identity::tls::cert_ips(addr), ca_dir)?;
             background.push(live.task);
-            background.push(identity::rotation::spawn(auth_ca.clone(), registry.clone()));
+            background.push(identity::rotation::spawn(
+                auth_ca.clone(),
+                registry.clone(),
+                metrics.clone(),
+            ));
             let authn = Arc::new(Authenticator::new(auth_ca.clone()));
             let secure_shared = AdsShared {
-                secrets: Some(Arc::new(CaSecrets::new(auth_ca.clone(), opts.workload_ttl))),
+                secrets: Some(Arc::new(CaSecrets::new(
+                    auth_ca.clone(),
+                    opts.workload_ttl,
+                    metrics.clone(),
+                ))),
                 ..shared.clone()
             };
             let incoming = identity::tls::incoming(opts.listener, live.config);
             secure_server = Some((
                 incoming,
                 AdsService::secure(secure_shared, authn.clone()),
-                CaService::server(auth_ca.clone(), authn),
+                CaService::server(auth_ca.clone(), authn, metrics.clone()),
             ));
             secure_addr = Some(addr);
             authority = Some(auth_ca);

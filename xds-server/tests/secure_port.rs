@@ -238,6 +238,11 @@ async fn without_credentials_the_secure_port_refuses_streams() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("token"), "{}", err.message());
+    let metrics = s.server.metrics.render();
+    assert!(
+        metrics.contains(r#"trellis_secure_refused_total{code="unauthenticated"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -431,6 +436,15 @@ async fn csr_for_someone_else_is_refused_and_own_csr_is_signed() {
         s.ca.current().roots[0].pem.trim()
     );
 
+    let metrics = s.server.metrics.render();
+    assert!(
+        metrics.contains(r#"trellis_ca_certificates_issued_total{how="csr"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"trellis_secure_refused_total{code="permission_denied"} 1"#),
+        "{metrics}"
+    );
     // That certificate is a credential on its own: no token needed with it.
     let leaf_and_intermediates = chain[..chain.len() - 1].concat();
     let ch = s.channel(Some((&leaf_and_intermediates, &key))).await;
@@ -479,4 +493,171 @@ async fn a_workload_labelled_for_mtls_must_use_the_secure_port() {
     .await
     .unwrap();
     assert_eq!(secrets(&resp).len(), 1);
+}
+
+/// An open SDS stream whose ACKs the test controls.
+struct SdsStream {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    stream: tonic::Streaming<DiscoveryResponse>,
+    names: Vec<String>,
+}
+
+impl SdsStream {
+    async fn open(s: &Secure, token: &str, node_id: &str, names: &[&str]) -> SdsStream {
+        let (tx, rx) = mpsc::channel(4);
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        tx.send(DiscoveryRequest {
+            node: Some(node(node_id)),
+            type_url: SDS.into(),
+            resource_names: names.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut req = Request::new(ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let mut client = AggregatedDiscoveryServiceClient::new(s.channel(None).await);
+        let stream = tokio::time::timeout(WAIT, client.stream_aggregated_resources(req))
+            .await
+            .unwrap()
+            .unwrap()
+            .into_inner();
+        SdsStream { tx, stream, names }
+    }
+
+    async fn next(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(WAIT, self.stream.message())
+            .await
+            .expect("no SDS response within 10 s")
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn ack(&self, resp: &DiscoveryResponse) {
+        self.tx
+            .send(DiscoveryRequest {
+                version_info: resp.version_info.clone(),
+                response_nonce: resp.nonce.clone(),
+                type_url: SDS.into(),
+                resource_names: self.names.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn phase(ca: &Authority) -> Option<cert_authority::Phase> {
+    ca.rotation().map(|r| r.phase)
+}
+
+/// Polls until `ok`, bounded by [`WAIT`].
+async fn until(what: &str, ok: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn rotation_waits_for_every_proxy_and_resumes_after_a_restart() {
+    let mut s = start(None).await;
+    let token = s.token("bookinfo-reviews");
+    let mut proxy = SdsStream::open(&s, &token, REVIEWS_V1, &["default", "ROOTCA"]).await;
+    let first = proxy.next().await;
+    proxy.ack(&first).await;
+    let p = s.server.registry.find(REVIEWS_V1).unwrap();
+    let epoch0 = s.ca.current().epoch;
+    until("the proxy to ACK its secrets", || {
+        p.secrets().epoch_acked == Some(epoch0)
+    })
+    .await;
+
+    let old_root = s.ca.current().roots[0].fingerprint.clone();
+    s.ca.start_rotation().unwrap();
+    assert_eq!(phase(&s.ca), Some(cert_authority::Phase::AddNewRoot));
+    // The new bundle reaches the proxy; without its ACK the rotation must not move on.
+    let added = proxy.next().await;
+    let bundle = secrets(&added)
+        .into_iter()
+        .find(|x| x.name == "ROOTCA")
+        .unwrap();
+    let Some(secret::Type::ValidationContext(v)) = bundle.r#type else {
+        panic!("ROOTCA is not a validation context");
+    };
+    assert_eq!(
+        CertificateDer::pem_slice_iter(inline(&v.trusted_ca).as_bytes()).count(),
+        2,
+        "both roots in the bundle"
+    );
+    // Ten checks of the rotation driver (200 ms apart) go by: it must still wait.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(phase(&s.ca), Some(cert_authority::Phase::AddNewRoot));
+    let pending = xds_server::identity::rotation::pending(&s.server.registry, s.ca.current().epoch);
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].node, REVIEWS_V1);
+
+    // The server restarts mid-rotation: the phase is on disk, the proxy comes back.
+    drop(proxy);
+    let dir = s._dir.path().to_path_buf();
+    s.server.stop();
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let server = Server::start_with(
+        dir.join("config"),
+        bind().await.unwrap(),
+        bind().await.unwrap(),
+        Some(SecureOptions {
+            listener: bind().await.unwrap(),
+            ca: CaOptions {
+                dir: dir.join("ca"),
+                ..CaOptions::default()
+            },
+            workload_ttl: None,
+        }),
+    )
+    .await
+    .unwrap();
+    s.ca = server.authority.clone().unwrap();
+    s.server = server;
+    assert_eq!(phase(&s.ca), Some(cert_authority::Phase::AddNewRoot));
+
+    // Now the proxy ACKs everything it gets: the rotation runs to the end.
+    let mut proxy = SdsStream::open(&s, &token, REVIEWS_V1, &["default", "ROOTCA"]).await;
+    let mut last = proxy.next().await;
+    proxy.ack(&last).await;
+    for _ in 0..20 {
+        if s.ca.rotation().is_none() {
+            break;
+        }
+        if let Ok(Ok(Some(r))) =
+            tokio::time::timeout(Duration::from_millis(500), proxy.stream.message()).await
+        {
+            proxy.ack(&r).await;
+            last = r;
+        }
+    }
+    assert!(s.ca.rotation().is_none(), "rotation did not finish");
+    let roots = s.ca.current().roots.clone();
+    assert_eq!(roots.len(), 1);
+    assert_ne!(roots[0].fingerprint, old_root);
+    // What the proxy holds last: a certificate from the new root, and only the new root.
+    for sec in secrets(&last) {
+        match sec.r#type {
+            Some(secret::Type::ValidationContext(v)) => {
+                assert_eq!(inline(&v.trusted_ca).trim(), roots[0].pem.trim())
+            }
+            Some(secret::Type::TlsCertificate(_)) => {
+                let p = s.server.registry.find(REVIEWS_V1).unwrap();
+                assert_eq!(
+                    p.secrets().cert_root.as_deref(),
+                    Some(roots[0].fingerprint.as_str())
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }

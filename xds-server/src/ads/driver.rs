@@ -116,6 +116,7 @@ pub(crate) async fn run<P: Protocol>(
     let mut snap = snapshots.borrow_and_update().clone();
     if let Some(msg) = claim_error(&snap, &node, caller.as_ref()) {
         warn!(node = %node.id, error = %msg, "proxy refused");
+        shared.metrics.refused(tonic::Code::PermissionDenied);
         let _ = tx.send(Err(Status::permission_denied(msg))).await;
         return;
     }
@@ -181,7 +182,8 @@ pub(crate) async fn run<P: Protocol>(
                 snap = snapshots.borrow_and_update().clone();
                 if let Some(msg) = claim_error(&snap, &node, caller.as_ref()) {
                     warn!(node = %node.id, error = %msg, "proxy no longer matches its identity");
-                    let _ = tx.send(Err(Status::permission_denied(msg))).await;
+                    shared.metrics.refused(tonic::Code::PermissionDenied);
+        let _ = tx.send(Err(Status::permission_denied(msg))).await;
                     break;
                 }
                 view = view_of(&snap);

@@ -132,6 +132,7 @@ where
             let caller = match caller.transpose() {
                 Ok(c) => c,
                 Err(status) => {
+                    shared.metrics.refused(status.code());
                     tracing::warn!(error = %status.message(), "ADS stream refused");
                     return Ok(status.into_http());
                 }

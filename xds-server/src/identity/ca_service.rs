@@ -3,6 +3,7 @@
 //! ask for the identity the caller proved.
 
 use super::auth::{bearer, Authenticator, PeerInfo};
+use crate::metrics::{HowLabel, Metrics};
 use cert_authority::{Authority, CaError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,14 +16,20 @@ use trellis_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateRe
 pub struct CaService {
     authority: Authority,
     auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
 }
 
 impl CaService {
     pub fn server(
         authority: Authority,
         auth: Arc<Authenticator>,
+        metrics: Arc<Metrics>,
     ) -> IstioCertificateServiceServer<CaService> {
-        IstioCertificateServiceServer::new(CaService { authority, auth })
+        IstioCertificateServiceServer::new(CaService {
+            authority,
+            auth,
+            metrics,
+        })
     }
 }
 
@@ -44,7 +51,10 @@ impl IstioCertificateService for CaService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let headers = request.metadata().clone().into_headers();
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        let caller = self.auth.caller(bearer(&headers), peer.as_ref())?;
+        let caller = self
+            .auth
+            .caller(bearer(&headers), peer.as_ref())
+            .inspect_err(|e| self.metrics.refused(e.code()))?;
         let req = request.into_inner();
         let ttl =
             (req.validity_duration > 0).then(|| Duration::from_secs(req.validity_duration as u64));
@@ -62,7 +72,12 @@ impl IstioCertificateService for CaService {
             .map_err(|e| match e {
                 CaError::CsrIdentity { .. } => Status::permission_denied(e.to_string()),
                 e => Status::invalid_argument(e.to_string()),
-            })?;
+            })
+            .inspect_err(|e| self.metrics.refused(e.code()))?;
+        self.metrics
+            .ca_issued
+            .get_or_create(&HowLabel { how: "csr" })
+            .inc();
         let mut cert_chain = pem_blocks(&cert.chain_pem);
         cert_chain.push(cert.root_pem.clone());
         Ok(Response::new(IstioCertificateResponse { cert_chain }))

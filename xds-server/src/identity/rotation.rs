@@ -5,7 +5,8 @@
 //! persisted by the CA, so after a restart this simply picks up where it was.
 
 use crate::ads::status::ProxyRegistry;
-use cert_authority::Authority;
+use crate::metrics::Metrics;
+use cert_authority::{Authority, Phase};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,15 +41,29 @@ pub fn pending(registry: &ProxyRegistry, epoch: u64) -> Vec<Pending> {
         .collect()
 }
 
-pub fn spawn(authority: Authority, registry: Arc<ProxyRegistry>) -> JoinHandle<()> {
+pub fn spawn(
+    authority: Authority,
+    registry: Arc<ProxyRegistry>,
+    metrics: Arc<Metrics>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut waiting_logged = None;
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
-            let Some(status) = authority.rotation() else {
+            let status = authority.rotation();
+            let epoch = authority.current().epoch;
+            metrics.ca_trust_epoch.set(epoch as i64);
+            metrics
+                .ca_rotation_phase
+                .set(match status.as_ref().map(|s| s.phase) {
+                    None => 0,
+                    Some(Phase::AddNewRoot) => 1,
+                    Some(Phase::Reissue) => 2,
+                    Some(Phase::RemoveOldRoot) => 3,
+                });
+            let Some(status) = status else {
                 continue;
             };
-            let epoch = authority.current().epoch;
             let behind = pending(&registry, epoch);
             if !behind.is_empty() {
                 if waiting_logged != Some(epoch) {

@@ -6,6 +6,7 @@
 
 use crate::ads::secrets::{ProxySecrets, SecretProvider, DEFAULT_SECRET, ROOT_SECRET};
 use crate::cache::{ProxyView, Resource, ResourceSet, TypeKind};
+use crate::metrics::{HowLabel, Metrics};
 use cert_authority::{Authority, IssuedCert, PrivateKey, SpiffeId, TrustState};
 use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, DataSource};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
@@ -21,6 +22,7 @@ const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
 pub struct CaSecrets {
     authority: Authority,
     ttl: Option<Duration>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for CaSecrets {
@@ -31,8 +33,12 @@ impl std::fmt::Debug for CaSecrets {
 
 impl CaSecrets {
     /// `ttl`: workload certificate lifetime (`None`: the CA's default).
-    pub fn new(authority: Authority, ttl: Option<Duration>) -> Self {
-        Self { authority, ttl }
+    pub fn new(authority: Authority, ttl: Option<Duration>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            authority,
+            ttl,
+            metrics,
+        }
     }
 }
 
@@ -104,7 +110,17 @@ impl SecretProvider for CaSecrets {
         let authority = self.authority.clone();
         let ttl = self.ttl;
         let caller = format!("proxy {proxy}");
-        let issue = move |id: &SpiffeId| authority.issue_with_new_key(id, ttl, &caller);
+        let metrics = self.metrics.clone();
+        let issue = move |id: &SpiffeId| {
+            let issued = authority.issue_with_new_key(id, ttl, &caller);
+            if issued.is_ok() {
+                metrics
+                    .ca_issued
+                    .get_or_create(&HowLabel { how: "proxy_key" })
+                    .inc();
+            }
+            issued
+        };
         let (mut cert, mut key) = issue(id).map_err(|e| e.to_string())?;
         let mut trust_rx = self.authority.subscribe();
         let mut trust = trust_rx.borrow_and_update().clone();
