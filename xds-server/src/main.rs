@@ -355,7 +355,13 @@ fn create_token(
         trust_domain,
         ..ca_options(ca, CaOptions::default().max_ttl)
     };
+    let ca_dir = opts.dir.clone();
     let authority = Authority::open(opts)?;
+    // Before the server's first start there is no trust file yet: write it, so a sidecar
+    // bootstrap can be made right away. A running server keeps it current itself.
+    if !ca_dir.join(xds_server::identity::XDS_TRUST_FILE).exists() {
+        xds_server::identity::write_trust_bundle(&ca_dir, &authority.current().bundle_pem)?;
+    }
     let token = authority
         .tokens()
         .create(&id, TokenKind::Workload, ttl, Default::default())?;

@@ -95,3 +95,89 @@ fn bootstrap_names_the_workload_and_mode() {
     assert!(yaml.contains("api_type: DELTA_GRPC"), "{yaml}");
     assert!(yaml.contains("port_value: 15999"), "{yaml}");
 }
+
+#[test]
+fn token_and_secure_bootstrap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    let out = xds_server()
+        .args([
+            "token",
+            "create",
+            "--identity",
+            "default/bookinfo-reviews",
+            "--config-dir",
+        ])
+        .arg(examples())
+        .arg("--ca-dir")
+        .arg(&ca)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(token.trim().split('.').count(), 3, "{token}");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).expect("write");
+
+    let out = xds_server()
+        .args([
+            "bootstrap",
+            "--workload",
+            "reviews-v1.default",
+            "--secure-addr",
+            "127.0.0.1:25012",
+        ])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--ca-dir")
+        .arg(&ca)
+        .arg("--config-dir")
+        .arg(examples())
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(
+        yaml.contains(&format!("value: Bearer {}", token.trim())),
+        "{yaml}"
+    );
+    assert!(yaml.contains("port_value: 25012"), "{yaml}");
+    assert!(yaml.contains("path_config_source"), "{yaml}");
+    assert!(
+        yaml.contains("spiffe://cluster.local/ns/trellis-system/sa/xds-server"),
+        "{yaml}"
+    );
+
+    // A token for another namespace's form, and a missing token file, are one-line errors.
+    let line = run_fails(
+        xds_server()
+            .args(["token", "create", "--identity", "no-slash"])
+            .arg("--ca-dir")
+            .arg(&ca),
+    );
+    assert!(line.contains("no-slash"), "{line}");
+    let line = run_fails(
+        xds_server()
+            .args([
+                "bootstrap",
+                "--workload",
+                "reviews-v1.default",
+                "--token-file",
+                "/nonexistent/t",
+            ])
+            .arg("--config-dir")
+            .arg(examples()),
+    );
+    assert!(
+        line.contains("cannot read the token file /nonexistent/t"),
+        "{line}"
+    );
+}

@@ -1,0 +1,362 @@
+//! Shared by the secure-port tests: an in-process server with its own CA in a temp dir,
+//! gRPC clients over TLS that prove an identity with a bootstrap token or a client
+//! certificate (or try not to), scripted SDS streams whose ACKs a test controls, and a
+//! CA in Istio's `cacerts` layout. Every wait is bounded.
+// Each test binary uses its own part of these helpers.
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
+
+pub use cert_authority::{Authority, CaOptions, SpiffeId, TokenKind};
+pub use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, Node};
+pub use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
+pub use envoy_types::pb::envoy::service::discovery::v3::{
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest,
+    DiscoveryResponse,
+};
+pub use prost::Message;
+pub use rustls_pki_types::pem::PemObject;
+pub use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+pub use std::collections::BTreeSet;
+pub use std::net::SocketAddr;
+pub use std::path::Path;
+pub use std::sync::Arc;
+pub use std::time::Duration;
+pub use tokio::sync::mpsc;
+pub use tokio_stream::wrappers::ReceiverStream;
+pub use tonic::transport::{Channel, Endpoint};
+pub use tonic::{Code, Request};
+pub use trellis_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+pub use trellis_proto::istio::v1::auth::IstioCertificateRequest;
+pub use xds_server::server::{SecureOptions, Server};
+
+pub const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+pub const REVIEWS_V1: &str = "sidecar~127.0.1.3~reviews-v1.default~default.svc.cluster.local";
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct Secure {
+    pub _dir: tempfile::TempDir,
+    pub server: Server,
+    pub ca: Authority,
+}
+
+pub fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", "default", sa)
+}
+
+pub async fn start(workload_ttl: Option<Duration>) -> Secure {
+    start_with(
+        workload_ttl,
+        include_str!("../fixtures/protocol/workloads.yaml"),
+    )
+    .await
+}
+
+pub async fn start_with(workload_ttl: Option<Duration>, workloads: &str) -> Secure {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    for (file, text) in [
+        ("mesh.yaml", include_str!("../fixtures/protocol/mesh.yaml")),
+        (
+            "services.yaml",
+            include_str!("../fixtures/protocol/services.yaml"),
+        ),
+        ("workloads.yaml", workloads),
+    ] {
+        std::fs::write(config.join(file), text).unwrap();
+    }
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let secure = SecureOptions {
+        listener: bind().await.unwrap(),
+        ca: CaOptions {
+            dir: dir.path().join("ca"),
+            ..CaOptions::default()
+        },
+        workload_ttl,
+    };
+    let server = Server::start_with(
+        config,
+        bind().await.unwrap(),
+        bind().await.unwrap(),
+        Some(secure),
+    )
+    .await
+    .unwrap();
+    let ca = server.authority.clone().unwrap();
+    Secure {
+        _dir: dir,
+        server,
+        ca,
+    }
+}
+
+impl Secure {
+    pub fn token(&self, sa: &str) -> String {
+        self.ca
+            .tokens()
+            .create(
+                &id(sa),
+                TokenKind::Workload,
+                Duration::from_secs(600),
+                Default::default(),
+            )
+            .unwrap()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.secure_addr.unwrap()
+    }
+
+    pub async fn channel(&self, client: Option<(&str, &str)>) -> Channel {
+        tls_channel(self.addr(), &self.ca.current().bundle_pem, client).await
+    }
+}
+
+/// A gRPC channel over TLS to `addr` trusting `bundle`, optionally with a client cert.
+pub async fn tls_channel(addr: SocketAddr, bundle: &str, client: Option<(&str, &str)>) -> Channel {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = ServerName::try_from("localhost").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+pub fn node(id: &str) -> Node {
+    Node {
+        id: id.into(),
+        ..Default::default()
+    }
+}
+
+/// Opens an ADS stream (optionally with a bearer token), sends one SDS request for
+/// `names`, and returns the first response or the stream's error.
+pub async fn sds(
+    channel: Channel,
+    token: Option<&str>,
+    node_id: &str,
+    names: &[&str],
+) -> Result<DiscoveryResponse, tonic::Status> {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(node(node_id)),
+        type_url: SDS.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut req = Request::new(ReceiverStream::new(rx));
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let result = tokio::time::timeout(WAIT, async move {
+        let mut stream = client.stream_aggregated_resources(req).await?.into_inner();
+        let first = stream.message().await?;
+        drop(tx);
+        first.ok_or_else(|| tonic::Status::unknown("stream ended without a response"))
+    })
+    .await;
+    result.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(
+            "no SDS response within 10 s",
+        ))
+    })
+}
+
+pub fn secrets(resp: &DiscoveryResponse) -> Vec<Secret> {
+    resp.resources
+        .iter()
+        .map(|a| Secret::decode(a.value.as_slice()).unwrap())
+        .collect()
+}
+
+pub fn inline(ds: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>) -> String {
+    match ds.as_ref().and_then(|d| d.specifier.as_ref()) {
+        Some(Specifier::InlineString(s)) => s.clone(),
+        other => panic!("expected an inline string, got {other:?}"),
+    }
+}
+
+pub fn leaf_uri_sans(chain_pem: &str) -> Vec<String> {
+    let der = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn csr_for(sa: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(id(sa).uri().try_into().unwrap())];
+    let csr = params.serialize_request(&key).unwrap();
+    (csr.pem().unwrap(), key.serialize_pem())
+}
+
+/// An open SDS stream whose ACKs the test controls.
+pub struct SdsStream {
+    pub tx: mpsc::Sender<DiscoveryRequest>,
+    pub stream: tonic::Streaming<DiscoveryResponse>,
+    pub names: Vec<String>,
+}
+
+impl SdsStream {
+    pub async fn open(s: &Secure, token: &str, node_id: &str, names: &[&str]) -> SdsStream {
+        let (tx, rx) = mpsc::channel(4);
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        tx.send(DiscoveryRequest {
+            node: Some(node(node_id)),
+            type_url: SDS.into(),
+            resource_names: names.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut req = Request::new(ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let mut client = AggregatedDiscoveryServiceClient::new(s.channel(None).await);
+        let stream = tokio::time::timeout(WAIT, client.stream_aggregated_resources(req))
+            .await
+            .unwrap()
+            .unwrap()
+            .into_inner();
+        SdsStream { tx, stream, names }
+    }
+
+    pub async fn next(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(WAIT, self.stream.message())
+            .await
+            .expect("no SDS response within 10 s")
+            .unwrap()
+            .unwrap()
+    }
+
+    pub async fn ack(&self, resp: &DiscoveryResponse) {
+        self.tx
+            .send(DiscoveryRequest {
+                version_info: resp.version_info.clone(),
+                response_nonce: resp.nonce.clone(),
+                type_url: SDS.into(),
+                resource_names: self.names.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+pub fn phase(ca: &Authority) -> Option<cert_authority::Phase> {
+    ca.rotation().map(|r| r.phase)
+}
+
+/// Polls until `ok`, bounded by [`WAIT`].
+pub async fn until(what: &str, ok: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A CA in Istio's `cacerts` layout: a root and an intermediate that signs.
+pub fn ca_params(name: &str) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_string());
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    p
+}
+
+pub fn write_cacerts(
+    dir: &Path,
+    root: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    intermediate: &str,
+) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = ca_params(intermediate).signed_by(&key, root).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let root_pem = root.pem();
+    // As an operator's tooling would: each file renamed into place.
+    for (name, text) in [
+        ("ca-key.pem", key.serialize_pem()),
+        ("ca-cert.pem", cert.pem()),
+        ("cert-chain.pem", format!("{}{root_pem}", cert.pem())),
+        ("root-cert.pem", root_pem.clone()),
+    ] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+}
+
+pub fn issuer_cn(chain_pem: &str) -> String {
+    let der = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let cn = cert
+        .issuer()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    cn
+}
+
+pub async fn default_chain(s: &Secure, token: &str) -> String {
+    let resp = sds(s.channel(None).await, Some(token), REVIEWS_V1, &["default"])
+        .await
+        .unwrap();
+    match secrets(&resp).remove(0).r#type {
+        Some(secret::Type::TlsCertificate(t)) => inline(&t.certificate_chain),
+        other => panic!("unexpected {other:?}"),
+    }
+}
