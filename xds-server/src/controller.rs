@@ -4,6 +4,7 @@
 //! what takes effect, and a new [`Snapshot`] is published on a `watch` channel only when
 //! the mesh actually changed. Every ADS stream watches that channel.
 
+use crate::ads::source::ConfigSource;
 use crate::cache::Snapshot;
 use crate::config::store::{ConfigStore, StoreError};
 use crate::config::ConfigError;
@@ -42,6 +43,8 @@ pub struct ConfigErrorView {
 pub struct Controller {
     store: Mutex<ConfigStore>,
     snapshots: watch::Sender<Arc<Snapshot>>,
+    /// The same snapshots as ADS streams see them (as a [`ConfigSource`]).
+    sources: watch::Sender<Arc<dyn ConfigSource>>,
     status: ArcSwap<ConfigStatus>,
     metrics: Arc<Metrics>,
 }
@@ -56,10 +59,12 @@ impl Controller {
             error!(error = %e, "config rejected");
         }
         let snapshot = Arc::new(Snapshot::build(1, store.mesh()));
+        let (sources, _) = watch::channel(snapshot.clone() as Arc<dyn ConfigSource>);
         let (tx, _) = watch::channel(snapshot);
         let c = Arc::new(Controller {
             store: Mutex::new(store),
             snapshots: tx,
+            sources,
             status: ArcSwap::from_pointee(ConfigStatus::default()),
             metrics,
         });
@@ -69,6 +74,11 @@ impl Controller {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshots.subscribe()
+    }
+
+    /// Snapshots for ADS streams.
+    pub fn sources(&self) -> watch::Receiver<Arc<dyn ConfigSource>> {
+        self.sources.subscribe()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -149,7 +159,8 @@ impl Controller {
                 build_ms = started.elapsed().as_millis() as u64,
                 "config changed; publishing snapshot"
             );
-            self.snapshots.send_replace(snap);
+            self.snapshots.send_replace(snap.clone());
+            self.sources.send_replace(snap);
         }
         self.update_status(reloads);
     }

@@ -99,7 +99,7 @@ impl Server {
         let xds_addr = xds.local_addr().map_err(ServerError::Listener)?;
         let admin_addr = admin.local_addr().map_err(ServerError::Listener)?;
         let shared = AdsShared {
-            snapshots: controller.subscribe(),
+            snapshots: controller.sources(),
             secrets: None,
             subscriptions: Default::default(),
             registry: registry.clone(),

@@ -8,9 +8,10 @@
 use super::codec::Frame;
 use super::driver::{Protocol, Responses, Views};
 use super::interner::Names;
+use super::source::ConfigSource;
 use super::status::ProxyStatus;
 use super::{record_ack, record_nack, record_push, AdsShared, Sent};
-use crate::cache::{wire, DeltaUpdate, ProxyView, Snapshot, SotwBody, SubscriptionKey, TypeKind};
+use crate::cache::{wire, DeltaUpdate, ProxyView, SotwBody, SubscriptionKey, TypeKind};
 use bytes::{Bytes, BytesMut};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -172,7 +173,7 @@ impl Protocol for Stream {
 
     async fn flush(
         &mut self,
-        snap: &Snapshot,
+        snap: &dyn ConfigSource,
         views: &Views<'_>,
         shared: &AdsShared,
         tx: &Responses,
@@ -284,13 +285,13 @@ impl Stream {
         body: &Bytes,
         resources: usize,
         removed: &[String],
-        snap: &Snapshot,
+        snap: &dyn ConfigSource,
         shared: &AdsShared,
         tx: &Responses,
     ) -> Result<(), ()> {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let version = snap.generation.to_string();
+        let version = snap.generation().to_string();
         let f = frame(&version, kind, &nonce, body, removed);
         let bytes = f.len();
         tx.send(Ok(f)).await.map_err(|_| ())?;
@@ -299,7 +300,7 @@ impl Stream {
         };
         st.known = Known::Body(next);
         let change_started =
-            (st.sent.is_some() && st.sent_generation < snap.generation).then_some(snap.created);
+            (st.sent.is_some() && st.sent_generation < snap.generation()).then_some(snap.created());
         let sent = Sent {
             version,
             nonce,
@@ -307,7 +308,7 @@ impl Stream {
         };
         record_push(shared, &self.status, kind, &sent, resources, bytes);
         st.sent = Some(sent);
-        st.sent_generation = snap.generation;
+        st.sent_generation = snap.generation();
         Ok(())
     }
 }

@@ -7,9 +7,10 @@ use super::grpc::RequestReader;
 use super::node::NodeInfo;
 use super::secrets::ProxySecrets;
 use super::service::Caller;
+use super::source::ConfigSource;
 use super::status::ProxyStatus;
 use super::{AdsShared, ConnectedGauge};
-use crate::cache::{ProxyView, Snapshot, TypeKind};
+use crate::cache::{ProxyView, TypeKind};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use std::future::Future;
 use std::sync::Arc;
@@ -35,39 +36,6 @@ impl Views<'_> {
     }
 }
 
-/// Why an authenticated caller may not be this node, if it may not: a proxy can only
-/// claim workloads that run as the identity it proved.
-fn claim_error(snap: &Snapshot, node: &NodeInfo, caller: Option<&Caller>) -> Option<String> {
-    let Some(caller) = caller else {
-        // Its config would point at secrets it can never get here: fail closed, loudly,
-        // rather than serve a workload meant for mTLS a plaintext config.
-        let w = snap.mesh.workloads.get(node.workload.as_deref()?)?;
-        return crate::translate::tls::has_identity(&w.labels).then(|| {
-            format!(
-                "workload {}.{} is labelled {}=istio (a sidecar with a certificate): \
-                 connect on the secure port with a token (xds-server bootstrap --token-file)",
-                w.name,
-                w.namespace,
-                crate::translate::tls::TLS_MODE_LABEL
-            )
-        });
-    };
-    let id = &caller.identity;
-    if node.namespace != id.namespace {
-        return Some(format!(
-            "identity {id} may not act for a proxy in namespace {:?}",
-            node.namespace
-        ));
-    }
-    let w = snap.mesh.workloads.get(node.workload.as_deref()?)?;
-    (w.namespace != id.namespace || w.service_account != id.service_account).then(|| {
-        format!(
-            "identity {id} may not claim workload {}.{}: it runs as service account {:?}",
-            w.name, w.namespace, w.service_account
-        )
-    })
-}
-
 /// One protocol variant's per-stream state machine.
 pub(crate) trait Protocol: Send + Sized {
     type Request: prost::Message + Default + Send + 'static;
@@ -79,7 +47,7 @@ pub(crate) trait Protocol: Send + Sized {
     /// Sends what changed for this proxy; `Err` when the proxy is gone.
     fn flush(
         &mut self,
-        snap: &Snapshot,
+        snap: &dyn ConfigSource,
         views: &Views<'_>,
         shared: &AdsShared,
         tx: &Responses,
@@ -114,7 +82,7 @@ pub(crate) async fn run<P: Protocol>(
     };
     let mut snapshots = shared.snapshots.clone();
     let mut snap = snapshots.borrow_and_update().clone();
-    if let Some(msg) = claim_error(&snap, &node, caller.as_ref()) {
+    if let Some(msg) = snap.claim_error(&node, caller.as_ref()) {
         warn!(node = %node.id, error = %msg, "proxy refused");
         shared.metrics.refused(tonic::Code::PermissionDenied);
         let _ = tx.send(Err(Status::permission_denied(msg))).await;
@@ -149,9 +117,7 @@ pub(crate) async fn run<P: Protocol>(
     info!(node = %node.id, workload = ?node.workload, identity = ?caller.as_ref().map(|c| c.identity.uri()), mode = P::MODE, "proxy connected");
     // The proxy's class can change with the mesh (its WorkloadEntry appears, say), so the
     // view is looked up again for every snapshot, and only then.
-    let view_of =
-        |snap: &Snapshot| snap.view(&snap.scope(node.workload.as_deref(), &node.namespace));
-    let mut view = view_of(&snap);
+    let mut view = snap.view_for(&node);
     let mut stream = P::new(status.clone());
     stream.on_request(first, &shared);
     loop {
@@ -160,7 +126,7 @@ pub(crate) async fn run<P: Protocol>(
             class: &view,
             own: &own.view,
         };
-        if stream.flush(&snap, &views, &shared, &tx).await.is_err() {
+        if stream.flush(&*snap, &views, &shared, &tx).await.is_err() {
             break;
         }
         if secrets.is_some() {
@@ -180,13 +146,13 @@ pub(crate) async fn run<P: Protocol>(
                     break;
                 }
                 snap = snapshots.borrow_and_update().clone();
-                if let Some(msg) = claim_error(&snap, &node, caller.as_ref()) {
+                if let Some(msg) = snap.claim_error(&node, caller.as_ref()) {
                     warn!(node = %node.id, error = %msg, "proxy no longer matches its identity");
                     shared.metrics.refused(tonic::Code::PermissionDenied);
         let _ = tx.send(Err(Status::permission_denied(msg))).await;
                     break;
                 }
-                view = view_of(&snap);
+                view = snap.view_for(&node);
             }
             changed = async {
                 match secrets.as_mut() {

@@ -15,12 +15,13 @@ pub mod node;
 pub mod secrets;
 mod service;
 mod sotw;
+pub mod source;
 pub mod status;
 
 pub use codec::Frame;
 pub use service::{AdsService, Authenticate, Caller};
 
-use crate::cache::{Snapshot, TypeKind};
+use crate::cache::TypeKind;
 use crate::metrics::{Metrics, ModeLabel, TypeLabel};
 use status::{ProxyRegistry, ProxyStatus};
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use tokio::sync::watch;
 /// What every stream shares.
 #[derive(Debug, Clone)]
 pub struct AdsShared {
-    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub snapshots: watch::Receiver<Arc<dyn source::ConfigSource>>,
     /// Serves `default` and `ROOTCA` to proxies that proved an identity; `None` where
     /// this server hands out no secrets (the plaintext port).
     pub secrets: Option<Arc<dyn secrets::SecretProvider>>,

@@ -3,9 +3,10 @@
 use super::codec::Frame;
 use super::driver::{Protocol, Responses, Views};
 use super::interner::{Interner, Names};
+use super::source::ConfigSource;
 use super::status::ProxyStatus;
 use super::{record_ack, record_nack, record_push, AdsShared, Sent};
-use crate::cache::{wire, Resource, Snapshot, SotwBody, SubscriptionKey, TypeKind};
+use crate::cache::{wire, Resource, SotwBody, SubscriptionKey, TypeKind};
 use bytes::BytesMut;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -126,7 +127,7 @@ impl Protocol for Stream {
     /// Sends every type whose content changed for this proxy, in make-before-break order.
     async fn flush(
         &mut self,
-        snap: &Snapshot,
+        snap: &dyn ConfigSource,
         views: &Views<'_>,
         shared: &AdsShared,
         tx: &Responses,
@@ -187,7 +188,7 @@ impl Stream {
         &mut self,
         kind: TypeKind,
         body: Arc<SotwBody>,
-        snap: &Snapshot,
+        snap: &dyn ConfigSource,
         shared: &AdsShared,
         tx: &Responses,
     ) -> Result<(), ()> {
@@ -199,7 +200,7 @@ impl Stream {
             return Ok(());
         };
         let change_started =
-            (st.sent.is_some() && st.sent_generation < snap.generation).then_some(snap.created);
+            (st.sent.is_some() && st.sent_generation < snap.generation()).then_some(snap.created());
         let sent = Sent {
             version: body.version.clone(),
             nonce,
@@ -214,7 +215,7 @@ impl Stream {
             bytes,
         );
         st.sent = Some(sent);
-        st.sent_generation = snap.generation;
+        st.sent_generation = snap.generation();
         if kind == TypeKind::Cluster {
             st.sent_body = Some(body);
         }

@@ -1,0 +1,67 @@
+//! What ADS streams serve from. The control plane serves its [`Snapshot`]s; a relay
+//! serves its cache of what the control plane sent it. Both hand streams the same
+//! [`ProxyView`]s, so one stream implementation (SotW and Delta, ACK/NACK bookkeeping,
+//! secrets) serves sidecars in both places.
+
+use super::node::NodeInfo;
+use super::Caller;
+use crate::cache::{ProxyView, Snapshot};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub trait ConfigSource: Send + Sync + std::fmt::Debug {
+    /// Increases with every published state; tells a push caused by a change (for
+    /// latency metrics) from a first push.
+    fn generation(&self) -> u64;
+    /// When this state was published.
+    fn created(&self) -> Instant;
+    /// The resources of the proxy's class in this state.
+    fn view_for(&self, node: &NodeInfo) -> Arc<ProxyView>;
+    /// Why `caller` (`None`: not authenticated) may not be `node`, if it may not.
+    fn claim_error(&self, node: &NodeInfo, caller: Option<&Caller>) -> Option<String>;
+}
+
+impl ConfigSource for Snapshot {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn created(&self) -> Instant {
+        self.created
+    }
+
+    fn view_for(&self, node: &NodeInfo) -> Arc<ProxyView> {
+        self.view(&self.scope(node.workload.as_deref(), &node.namespace))
+    }
+
+    fn claim_error(&self, node: &NodeInfo, caller: Option<&Caller>) -> Option<String> {
+        let Some(caller) = caller else {
+            // Its config would point at secrets it can never get here: fail closed, loudly,
+            // rather than serve a workload meant for mTLS a plaintext config.
+            let w = self.mesh.workloads.get(node.workload.as_deref()?)?;
+            return crate::translate::tls::has_identity(&w.labels).then(|| {
+                format!(
+                    "workload {}.{} is labelled {}=istio (a sidecar with a certificate): \
+                     connect on the secure port with a token (xds-server bootstrap --token-file)",
+                    w.name,
+                    w.namespace,
+                    crate::translate::tls::TLS_MODE_LABEL
+                )
+            });
+        };
+        let id = &caller.identity;
+        if node.namespace != id.namespace {
+            return Some(format!(
+                "identity {id} may not act for a proxy in namespace {:?}",
+                node.namespace
+            ));
+        }
+        let w = self.mesh.workloads.get(node.workload.as_deref()?)?;
+        (w.namespace != id.namespace || w.service_account != id.service_account).then(|| {
+            format!(
+                "identity {id} may not claim workload {}.{}: it runs as service account {:?}",
+                w.name, w.namespace, w.service_account
+            )
+        })
+    }
+}
