@@ -117,20 +117,24 @@ pub(crate) async fn run<P: Protocol>(
     info!(node = %node.id, workload = ?node.workload, identity = ?caller.as_ref().map(|c| c.identity.uri()), mode = P::MODE, "proxy connected");
     // The proxy's class can change with the mesh (its WorkloadEntry appears, say), so the
     // view is looked up again for every snapshot, and only then.
+    // `None`: the source has nothing for this class yet (a relay still fetching it):
+    // answer nothing rather than an empty config that would wipe a reconnecting proxy's.
     let mut view = snap.view_for(&node);
     let mut stream = P::new(status.clone());
     stream.on_request(first, &shared);
     loop {
-        let secret_pushes = status.type_status(TypeKind::Secret).map(|t| t.pushes);
-        let views = Views {
-            class: &view,
-            own: &own.view,
-        };
-        if stream.flush(&*snap, &views, &shared, &tx).await.is_err() {
-            break;
-        }
-        if secrets.is_some() {
-            track_secrets(&status, &own, secret_pushes);
+        if let Some(class) = &view {
+            let secret_pushes = status.type_status(TypeKind::Secret).map(|t| t.pushes);
+            let views = Views {
+                class,
+                own: &own.view,
+            };
+            if stream.flush(&*snap, &views, &shared, &tx).await.is_err() {
+                break;
+            }
+            if secrets.is_some() {
+                track_secrets(&status, &own, secret_pushes);
+            }
         }
         tokio::select! {
             r = requests.message() => match r {
@@ -149,7 +153,7 @@ pub(crate) async fn run<P: Protocol>(
                 if let Some(msg) = snap.claim_error(&node, caller.as_ref()) {
                     warn!(node = %node.id, error = %msg, "proxy no longer matches its identity");
                     shared.metrics.refused(tonic::Code::PermissionDenied);
-        let _ = tx.send(Err(Status::permission_denied(msg))).await;
+                    let _ = tx.send(Err(Status::permission_denied(msg))).await;
                     break;
                 }
                 view = snap.view_for(&node);

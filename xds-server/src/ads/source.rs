@@ -15,8 +15,9 @@ pub trait ConfigSource: Send + Sync + std::fmt::Debug {
     fn generation(&self) -> u64;
     /// When this state was published.
     fn created(&self) -> Instant;
-    /// The resources of the proxy's class in this state.
-    fn view_for(&self, node: &NodeInfo) -> Arc<ProxyView>;
+    /// The resources of the proxy's class in this state; `None` while the source has
+    /// nothing for that class yet (the stream then waits for the next state).
+    fn view_for(&self, node: &NodeInfo) -> Option<Arc<ProxyView>>;
     /// Why `caller` (`None`: not authenticated) may not be `node`, if it may not.
     fn claim_error(&self, node: &NodeInfo, caller: Option<&Caller>) -> Option<String>;
 }
@@ -30,8 +31,8 @@ impl ConfigSource for Snapshot {
         self.created
     }
 
-    fn view_for(&self, node: &NodeInfo) -> Arc<ProxyView> {
-        self.view(&self.scope(node.workload.as_deref(), &node.namespace))
+    fn view_for(&self, node: &NodeInfo) -> Option<Arc<ProxyView>> {
+        Some(self.view(&self.scope(node.workload.as_deref(), &node.namespace)))
     }
 
     fn claim_error(&self, node: &NodeInfo, caller: Option<&Caller>) -> Option<String> {
