@@ -1,0 +1,263 @@
+//! Trellis relay: runs in a member cluster instead of a control plane.
+//!
+//! - **Upstream** ([`upstream`]): one HTTP/2 connection (mTLS, the relay's own identity
+//!   from a one-time join token, see [`join`]) to the mesh control plane, one Delta ADS
+//!   stream per proxy class present locally (not one per sidecar).
+//! - **Cache** ([`cache`]): what the control plane sent, per class, as the same shared
+//!   views the control plane serves; a state is published only when content changed.
+//! - **Downstream**: local sidecars connect exactly as they would to the control plane:
+//!   the ADS streams are `xds-server`'s own (SotW and Delta, ACK/NACK bookkeeping,
+//!   `/debug/syncz`), reading the relay's cache.
+//! - **Offline**: when the control plane is unreachable the cache keeps serving, and the
+//!   class streams reconnect with backoff and jitter.
+//!
+//! See `docs/multicluster.md` for how the pieces fit.
+
+pub mod cache;
+pub mod join;
+pub mod tls;
+pub mod upstream;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use cache::RelayCache;
+use join::RelayIdentity;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use upstream::UpstreamStats;
+use xds_server::ads::status::ProxyRegistry;
+use xds_server::ads::{AdsService, AdsShared};
+use xds_server::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("bad join token: {0}")]
+    JoinToken(String),
+    #[error("the control plane refused: {}", .0.message())]
+    Refused(#[from] tonic::Status),
+    #[error("cannot write the relay state {path}: {source}")]
+    State {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no identity in {0}: pass --join-token (a one-time token from `xds-server cluster join-token`)")]
+    NoIdentity(String),
+    #[error("cannot read the local address of a listener: {0}")]
+    Listener(#[source] std::io::Error),
+    #[error("the upstream stream closed")]
+    Closed,
+}
+
+pub struct RelayOptions {
+    pub cluster: String,
+    pub upstream: SocketAddr,
+    /// Roots the control plane's serving certificate must chain to (for joining).
+    pub trust_bundle_pem: String,
+    /// A one-time join token; not needed once the state dir holds a valid identity.
+    pub join_token: Option<String>,
+    pub state_dir: PathBuf,
+    pub listen: TcpListener,
+    pub admin: TcpListener,
+}
+
+pub struct Relay {
+    pub xds_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub cache: Arc<RelayCache>,
+    pub registry: Arc<ProxyRegistry>,
+    pub upstream: Arc<UpstreamStats>,
+    pub identity: Arc<RwLock<RelayIdentity>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    cluster: String,
+    cache: Arc<RelayCache>,
+    registry: Arc<ProxyRegistry>,
+    upstream: Arc<UpstreamStats>,
+    metrics: Arc<Metrics>,
+    identity: Arc<RwLock<RelayIdentity>>,
+}
+
+impl Relay {
+    pub async fn start(opts: RelayOptions) -> Result<Relay, RelayError> {
+        let identity = match join::load(&opts.state_dir)? {
+            Some(id) => {
+                info!(identity = %id.id, "relay identity from the state dir");
+                id
+            }
+            None => {
+                let token = opts
+                    .join_token
+                    .as_deref()
+                    .ok_or_else(|| RelayError::NoIdentity(opts.state_dir.display().to_string()))?;
+                let id = join::join(opts.upstream, &opts.trust_bundle_pem, token).await?;
+                join::save(&opts.state_dir, &id)?;
+                info!(identity = %id.id, cluster = %opts.cluster, "joined the mesh");
+                id
+            }
+        };
+        let live = Arc::new(RwLock::new(identity.tls()?));
+        let channel = tls::channel(opts.upstream, live.clone());
+        let identity = Arc::new(RwLock::new(identity));
+        let (cache, wanted) = RelayCache::new(&opts.cluster);
+        let stats = Arc::new(UpstreamStats::default());
+        let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(ProxyRegistry::default());
+        let mut tasks = vec![tokio::spawn(upstream::run(
+            cache.clone(),
+            channel.clone(),
+            opts.cluster.clone(),
+            wanted,
+            stats.clone(),
+        ))];
+        tasks.push(tokio::spawn(renew_loop(
+            channel,
+            identity.clone(),
+            live,
+            opts.state_dir.clone(),
+        )));
+        let xds_addr = opts.listen.local_addr().map_err(RelayError::Listener)?;
+        let admin_addr = opts.admin.local_addr().map_err(RelayError::Listener)?;
+        let shared = AdsShared {
+            snapshots: cache.subscribe(),
+            secrets: None,
+            subscriptions: Default::default(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+        };
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(opts.listen);
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(AdsService::new(shared))
+                .serve_with_incoming(incoming)
+                .await;
+            if let Err(e) = r {
+                warn!(error = %e, "the relay's xDS server failed");
+            }
+        }));
+        let admin = AdminState {
+            cluster: opts.cluster.clone(),
+            cache: cache.clone(),
+            registry: registry.clone(),
+            upstream: stats.clone(),
+            metrics,
+            identity: identity.clone(),
+        };
+        let router = Router::new()
+            .route("/healthz/ready", get(|| async { "ready\n" }))
+            .route("/debug/syncz", get(syncz))
+            .route("/debug/relay", get(relay_status))
+            .route("/metrics", get(metrics_text))
+            .with_state(admin);
+        let admin_listener = opts.admin;
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(admin_listener, router).await {
+                warn!(error = %e, "the relay's admin server failed");
+            }
+        }));
+        Ok(Relay {
+            xds_addr,
+            admin_addr,
+            cache,
+            registry,
+            upstream: stats,
+            identity,
+            tasks,
+        })
+    }
+}
+
+async fn renew_loop(
+    channel: tonic::transport::Channel,
+    identity: Arc<RwLock<RelayIdentity>>,
+    live: tls::LiveConfig,
+    state_dir: PathBuf,
+) {
+    loop {
+        let current = identity
+            .read()
+            .map(|i| i.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        let wait = current
+            .renew_at()
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_secs(1));
+        tokio::time::sleep(wait).await;
+        match join::renew(channel.clone(), &current).await {
+            Ok(next) => {
+                match next.tls() {
+                    Ok(config) => {
+                        *live.write().unwrap_or_else(|e| e.into_inner()) = config;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "renewed relay certificate unusable; keeping the current one");
+                        continue;
+                    }
+                }
+                if let Err(e) = join::save(&state_dir, &next) {
+                    warn!(error = %e, "cannot save the renewed relay certificate");
+                }
+                info!(identity = %next.id, "relay certificate renewed");
+                *identity.write().unwrap_or_else(|e| e.into_inner()) = next;
+            }
+            Err(e) => {
+                // Still valid until it expires: retry, without hammering the control plane.
+                warn!(error = %e, "cannot renew the relay certificate; retrying in 10 s");
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        }
+    }
+}
+
+async fn syncz(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let proxies: Vec<_> = s.registry.all().iter().map(|p| p.view()).collect();
+    Json(json!({
+        "cluster": s.cluster,
+        "connected": proxies.len(),
+        "synced": proxies.iter().filter(|p| p.synced).count(),
+        "proxies": proxies,
+    }))
+}
+
+async fn relay_status(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let classes: Vec<_> = s
+        .cache
+        .classes()
+        .into_iter()
+        .map(|(k, n)| json!({"workload": k.workload, "namespace": k.namespace, "resources": n}))
+        .collect();
+    let id = s.identity.read().map(|i| i.id.uri()).unwrap_or_default();
+    Json(json!({
+        "cluster": s.cluster,
+        "identity": id,
+        "upstream_streams": s.upstream.streams.load(Ordering::Relaxed),
+        "classes": classes,
+    }))
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> String {
+    s.metrics.render()
+}
