@@ -87,6 +87,15 @@ pub enum CaError {
     #[error("token is a {got:?} token, but a {expected:?} token is required here")]
     TokenKind { expected: TokenKind, got: TokenKind },
 
+    /// A one-time token (a join token) that was already redeemed.
+    #[error("{kind} token already used: redeemed at {at} (jti {jti}); make a new one")]
+    TokenUsed {
+        kind: TokenKind,
+        jti: String,
+        /// When it was redeemed, RFC 3339.
+        at: String,
+    },
+
     /// An extra claim that would shadow one of the registered claims.
     #[error("token claim {0:?} is reserved and cannot be set as an extra claim")]
     TokenClaim(String),

@@ -24,7 +24,9 @@
 //! Bootstrap tokens ([`TokenSigner`]) are compact JWS (ES256) with claims `iss` = `trellis`,
 //! `sub` = the SPIFFE URI, `kind` (workload or join), `iat`, `exp`, `jti` and extra string
 //! claims. They are signed with a key of their own, not with the root, so a root rotation does
-//! not invalidate the tokens already written into Envoy bootstraps.
+//! not invalidate the tokens already written into Envoy bootstraps. Join tokens are one-time:
+//! [`TokenSigner::redeem`] records their `jti` on disk before it returns, and refuses a second
+//! use ([`CaError::TokenUsed`]) even after a restart.
 //!
 //! # On-disk layout
 //!
@@ -38,6 +40,7 @@
 //!   root-cert.pem        self-signed root (ECDSA P-256, CN "Trellis Root CA", O = trust domain, 10 years)
 //!   root-key.pem         its key (0600); generated on first start, reused afterwards
 //!   token-key.pem        token signing key (ECDSA P-256, 0600), independent of the root
+//!   redeemed-tokens.json one-time tokens already used: jti, identity, exp, when (0600)
 //!   state.json           {"epoch": N, "digest": ...}: the epoch survives restarts
 //!   rotation.json        the running rotation, if any; writing it is the commit point of a step
 //!   next/                during a self-signed rotation: the new root-cert.pem and root-key.pem (0600)
@@ -119,3 +122,9 @@ pub use keys::PrivateKey;
 pub use rotation::{Phase, RotationStatus};
 pub use token::{TokenClaims, TokenKind, TokenSigner};
 pub use trust::{RootInfo, TrustState};
+
+/// RFC 3339 in UTC, seconds precision: how the CA writes times for people (audit lines,
+/// error messages); shared so the server's records read the same.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    pem::rfc3339(t)
+}

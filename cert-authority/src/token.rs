@@ -2,7 +2,8 @@
 //! root does not invalidate tokens already handed out in Envoy bootstraps and join commands.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,6 +19,12 @@ use crate::pem;
 
 /// File of the token signing key in the CA state folder.
 pub(crate) const TOKEN_KEY: &str = "token-key.pem";
+/// File of the one-time tokens already redeemed (jti, when), in the CA state folder.
+pub(crate) const REDEEMED: &str = "redeemed-tokens.json";
+/// Redemption records are kept this long past their token's expiry. A token past `exp` is
+/// refused as expired anyway; the margin covers a clock stepped backwards, which would
+/// otherwise bring a pruned, already used token back to life.
+const REDEEMED_KEEP_AFTER_EXP: u64 = 24 * 3600;
 const ISSUER: &str = "trellis";
 const REGISTERED: [&str; 6] = ["iss", "sub", "kind", "iat", "exp", "jti"];
 
@@ -29,6 +36,15 @@ pub enum TokenKind {
     Workload,
     /// A relay joining the mesh.
     Join,
+}
+
+impl std::fmt::Display for TokenKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenKind::Workload => "workload",
+            TokenKind::Join => "join",
+        })
+    }
 }
 
 /// The claims of a verified token.
@@ -67,6 +83,27 @@ pub struct TokenSigner {
     key: EcdsaKeyPair,
     kid: String,
     rng: SystemRandom,
+    /// The CA state folder, where [`REDEEMED`] lives.
+    dir: PathBuf,
+    /// Held across the check and the record of a redemption, so two concurrent uses of
+    /// one token in this process cannot both succeed. (One server process per CA dir.)
+    redeeming: Mutex<()>,
+}
+
+/// One redeemed token in [`REDEEMED`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Redemption {
+    sub: String,
+    kind: TokenKind,
+    exp: u64,
+    /// Unix seconds.
+    redeemed_at: u64,
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Redeemed {
+    /// By jti.
+    tokens: BTreeMap<String, Redemption>,
 }
 
 impl TokenSigner {
@@ -107,7 +144,13 @@ impl TokenSigner {
                     )
                 })?;
         let kid = pem::fingerprint(key.public_key().as_ref())[..16].to_string();
-        Ok(TokenSigner { key, kid, rng })
+        Ok(TokenSigner {
+            key,
+            kid,
+            rng,
+            dir: dir.to_path_buf(),
+            redeeming: Mutex::new(()),
+        })
     }
 
     /// Makes a token for `id`. `claims` are extra string claims; the registered names
@@ -228,6 +271,80 @@ impl TokenSigner {
         if pem::system_to_unix(now) >= claims.exp {
             return Err(CaError::TokenExpired { exp: claims.exp });
         }
+        Ok(claims)
+    }
+
+    /// Verifies a one-time token and uses it up: its `jti` is recorded in
+    /// `redeemed-tokens.json` (written atomically, 0600) before this returns, so a second
+    /// use, in this process or after a restart, is refused with [`CaError::TokenUsed`].
+    /// Callers check everything else about the request first: a redeemed token is gone even
+    /// if what follows fails.
+    pub fn redeem(&self, token: &str, kind: TokenKind) -> Result<TokenClaims, CaError> {
+        self.redeem_at(token, kind, SystemTime::now())
+    }
+
+    pub(crate) fn redeem_at(
+        &self,
+        token: &str,
+        kind: TokenKind,
+        now: SystemTime,
+    ) -> Result<TokenClaims, CaError> {
+        let claims = self.verify_at(token, kind, now)?;
+        let _held = self
+            .redeeming
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let path = self.dir.join(REDEEMED);
+        let mut redeemed: Redeemed = match fsutil::read_optional(&path)? {
+            Some(text) => serde_json::from_str(&text).map_err(|e| CaError::State {
+                path: path.clone(),
+                reason: format!("not a list of redeemed tokens: {e}"),
+            })?,
+            None => Redeemed::default(),
+        };
+        if let Some(used) = redeemed.tokens.get(&claims.jti) {
+            let at = pem::rfc3339(pem::unix_to_system(
+                i64::try_from(used.redeemed_at).unwrap_or(i64::MAX),
+            ));
+            tracing::warn!(
+                target: "trellis::audit",
+                identity = %claims.sub,
+                kind = %kind,
+                jti = %claims.jti,
+                redeemed_at = %at,
+                "one-time token used again: refused"
+            );
+            return Err(CaError::TokenUsed {
+                kind,
+                jti: claims.jti,
+                at,
+            });
+        }
+        let now_unix = pem::system_to_unix(now);
+        redeemed
+            .tokens
+            .retain(|_, r| r.exp.saturating_add(REDEEMED_KEEP_AFTER_EXP) > now_unix);
+        redeemed.tokens.insert(
+            claims.jti.clone(),
+            Redemption {
+                sub: claims.sub.clone(),
+                kind,
+                exp: claims.exp,
+                redeemed_at: now_unix,
+            },
+        );
+        let json = serde_json::to_vec_pretty(&redeemed).map_err(|e| CaError::State {
+            path: path.clone(),
+            reason: format!("cannot encode: {e}"),
+        })?;
+        fsutil::write_atomic(&path, &json, fsutil::PRIVATE)?;
+        tracing::info!(
+            target: "trellis::audit",
+            identity = %claims.sub,
+            kind = %kind,
+            jti = %claims.jti,
+            "one-time token redeemed"
+        );
         Ok(claims)
     }
 }
@@ -419,6 +536,135 @@ mod tests {
             s.verify(&none_alg, TokenKind::Workload),
             Err(CaError::TokenMalformed(_))
         ));
+    }
+
+    fn join_token(s: &TokenSigner, ttl: u64, now: SystemTime) -> String {
+        s.create_at(
+            &SpiffeId::new("cluster.local", "trellis-system", "relay-east"),
+            TokenKind::Join,
+            Duration::from_secs(ttl),
+            BTreeMap::from([("cluster".to_string(), "east".to_string())]),
+            now,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_token_redeems_once_and_the_record_survives_a_restart() {
+        let (dir, s) = signer();
+        let token = join_token(&s, 600, SystemTime::now());
+        let claims = s.redeem(&token, TokenKind::Join).unwrap();
+        assert_eq!(claims.extra["cluster"], "east");
+
+        let err = s.redeem(&token, TokenKind::Join).unwrap_err();
+        assert!(matches!(err, CaError::TokenUsed { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("join token already used"), "{msg}");
+        assert!(msg.contains(&claims.jti), "{msg}");
+        assert!(msg.contains("redeemed at 20"), "names when: {msg}");
+
+        // Durable: a restarted signer (same folder) refuses it too.
+        let again = TokenSigner::open(dir.path()).unwrap();
+        assert!(matches!(
+            again.redeem(&token, TokenKind::Join),
+            Err(CaError::TokenUsed { .. })
+        ));
+        // Verification alone does not use a token up, nor is it affected by redemption.
+        let other = join_token(&s, 600, SystemTime::now());
+        s.verify(&other, TokenKind::Join).unwrap();
+        s.verify(&other, TokenKind::Join).unwrap();
+        s.redeem(&other, TokenKind::Join).unwrap();
+
+        let path = dir.path().join(REDEEMED);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(&token), "the token itself is never stored");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn expired_forged_and_wrong_kind_are_refused_without_being_recorded() {
+        let (dir, s) = signer();
+        let old = join_token(&s, 60, SystemTime::now() - Duration::from_secs(3600));
+        assert!(matches!(
+            s.redeem(&old, TokenKind::Join),
+            Err(CaError::TokenExpired { .. })
+        ));
+        let (_d2, other) = signer();
+        let forged = join_token(&other, 600, SystemTime::now());
+        assert!(matches!(
+            s.redeem(&forged, TokenKind::Join),
+            Err(CaError::TokenForged)
+        ));
+        let workload = s
+            .create(
+                &id(),
+                TokenKind::Workload,
+                Duration::from_secs(60),
+                BTreeMap::new(),
+            )
+            .unwrap();
+        assert!(matches!(
+            s.redeem(&workload, TokenKind::Join),
+            Err(CaError::TokenKind { .. })
+        ));
+        assert!(!dir.path().join(REDEEMED).exists(), "nothing was redeemed");
+    }
+
+    #[test]
+    fn concurrent_redemptions_of_one_token_let_exactly_one_through() {
+        let (_d, s) = signer();
+        let token = join_token(&s, 600, SystemTime::now());
+        let results: Vec<Result<TokenClaims, CaError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| s.redeem(&token, TokenKind::Join)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+        assert!(results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, CaError::TokenUsed { .. })));
+    }
+
+    #[test]
+    fn records_of_long_expired_tokens_are_pruned() {
+        let (dir, s) = signer();
+        let start = SystemTime::now();
+        let first = join_token(&s, 60, start);
+        s.redeem_at(&first, TokenKind::Join, start).unwrap();
+        // Two days later the first token is long dead; redeeming another drops its record.
+        let later = start + Duration::from_secs(2 * 24 * 3600);
+        let second = join_token(&s, 60, later);
+        s.redeem_at(&second, TokenKind::Join, later).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(REDEEMED)).unwrap();
+        let redeemed: Redeemed = serde_json::from_str(&text).unwrap();
+        assert_eq!(redeemed.tokens.len(), 1, "{text}");
+        // A token expired only recently keeps its record: a clock stepped back cannot revive it.
+        let third = join_token(&s, 60, later);
+        let soon = later + Duration::from_secs(120);
+        s.redeem_at(&third, TokenKind::Join, later).unwrap();
+        let fourth = join_token(&s, 600, soon);
+        s.redeem_at(&fourth, TokenKind::Join, soon).unwrap();
+        assert!(matches!(
+            s.redeem_at(&third, TokenKind::Join, later),
+            Err(CaError::TokenUsed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_corrupt_redemption_file_fails_closed() {
+        let (dir, s) = signer();
+        std::fs::write(dir.path().join(REDEEMED), "{not json").unwrap();
+        let token = join_token(&s, 600, SystemTime::now());
+        let err = s.redeem(&token, TokenKind::Join).unwrap_err();
+        assert!(matches!(err, CaError::State { .. }), "{err}");
+        assert!(err.to_string().contains(REDEEMED), "{err}");
     }
 
     #[test]

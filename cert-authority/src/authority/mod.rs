@@ -220,6 +220,13 @@ impl Authority {
         result
     }
 
+    /// Checks a CSR as [`Authority::sign_csr`] would (self-signature, exactly one URI SAN
+    /// equal to `proven`) without signing it: for callers that must refuse a bad request
+    /// before spending something, such as a one-time join token.
+    pub fn check_csr(&self, csr_pem: &str, proven: &SpiffeId) -> Result<(), CaError> {
+        csr::check(csr_pem, proven).map(|_| ())
+    }
+
     /// Makes an ECDSA P-256 key in memory and certifies it (when the server makes sidecar keys).
     pub fn issue_with_new_key(
         &self,
