@@ -2,6 +2,7 @@
 
 use crate::ads::status::ProxyRegistry;
 use crate::cache::TypeKind;
+use crate::clusters::MemberClusters;
 use crate::controller::Controller;
 use crate::dump::resource_json;
 use crate::metrics::Metrics;
@@ -21,6 +22,8 @@ pub struct AdminState {
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
     pub authority: Option<Authority>,
+    /// Joined member clusters (with the CA only).
+    pub clusters: Option<Arc<MemberClusters>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -32,6 +35,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/debug/ca", get(ca_status))
         .route("/ca/rotate-root", post(rotate_root))
+        .route("/debug/clusters", get(clusters))
         .with_state(state)
 }
 
@@ -154,4 +158,12 @@ async fn rotate_root(State(s): State<AdminState>) -> Response {
         Ok(status) => (StatusCode::ACCEPTED, Json(json!(status))).into_response(),
         Err(e) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
     }
+}
+
+/// The member clusters whose relays joined, as recorded in `<ca-dir>/clusters.json`.
+async fn clusters(State(s): State<AdminState>) -> Response {
+    let Some(clusters) = &s.clusters else {
+        return no_ca();
+    };
+    Json(json!(clusters.all())).into_response()
 }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod ads;
 pub mod bootstrap;
 pub mod cache;
+pub mod clusters;
 pub mod config;
 pub mod controller;
 pub mod dump;

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use cert_authority::{Authority, CaOptions, SpiffeId, TokenKind};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -64,6 +64,11 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Member clusters: a relay joins the mesh with a one-time join token.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// The running server's CA: status and root rotation.
     Ca {
@@ -127,6 +132,34 @@ enum TokenCommand {
         #[arg(long, default_value = "24h", value_parser = duration)]
         ttl: Duration,
         /// Trust domain of the identity: taken from the MeshConfig in this folder.
+        #[arg(long, env = "TRELLIS_CONFIG_DIR")]
+        config_dir: Option<PathBuf>,
+        #[command(flatten)]
+        ca: CaArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Print a one-time join token for a member cluster's relay (identity
+    /// trellis-system/relay-NAME): the relay trades it once for its certificate.
+    JoinToken {
+        /// The cluster's name: a DNS label.
+        #[arg(long)]
+        cluster: String,
+        /// The cluster's network (default: the cluster name).
+        #[arg(long)]
+        network: Option<String>,
+        /// Locality region of the cluster's workloads.
+        #[arg(long)]
+        region: Option<String>,
+        /// Locality zone of the cluster's workloads.
+        #[arg(long)]
+        zone: Option<String>,
+        /// How long the token can be redeemed.
+        #[arg(long, default_value = "1h", value_parser = duration)]
+        ttl: Duration,
+        /// Trust domain of the relay identity: taken from the MeshConfig in this folder.
         #[arg(long, env = "TRELLIS_CONFIG_DIR")]
         config_dir: Option<PathBuf>,
         #[command(flatten)]
@@ -340,17 +373,16 @@ fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
     Ok(())
 }
 
-fn create_token(
-    identity: &str,
-    ttl: Duration,
-    config_dir: Option<PathBuf>,
-    ca: CaArgs,
-) -> Result<()> {
-    let trust_domain = match config_dir {
-        Some(dir) => ConfigStore::open(&dir)?.0.mesh().trust_domain.clone(),
+/// The trust domain of `config_dir`'s MeshConfig (the default one without a folder).
+fn trust_domain_of(config_dir: Option<&Path>) -> Result<String> {
+    Ok(match config_dir {
+        Some(dir) => ConfigStore::open(dir)?.0.mesh().trust_domain.clone(),
         None => CaOptions::default().trust_domain,
-    };
-    let id = SpiffeId::from_ns_sa(&trust_domain, identity)?;
+    })
+}
+
+/// Opens the CA for making tokens.
+fn token_authority(trust_domain: String, ca: CaArgs) -> Result<Authority> {
     let opts = CaOptions {
         trust_domain,
         ..ca_options(ca, CaOptions::default().max_ttl)
@@ -362,11 +394,84 @@ fn create_token(
     if !ca_dir.join(xds_server::identity::XDS_TRUST_FILE).exists() {
         xds_server::identity::write_trust_bundle(&ca_dir, &authority.current().bundle_pem)?;
     }
+    Ok(authority)
+}
+
+fn create_token(
+    identity: &str,
+    ttl: Duration,
+    config_dir: Option<PathBuf>,
+    ca: CaArgs,
+) -> Result<()> {
+    let trust_domain = trust_domain_of(config_dir.as_deref())?;
+    let id = SpiffeId::from_ns_sa(&trust_domain, identity)?;
+    let authority = token_authority(trust_domain, ca)?;
     let token = authority
         .tokens()
         .create(&id, TokenKind::Workload, ttl, Default::default())?;
     println!("{token}");
     Ok(())
+}
+
+struct JoinTokenArgs {
+    cluster: String,
+    network: Option<String>,
+    region: Option<String>,
+    zone: Option<String>,
+    ttl: Duration,
+    config_dir: Option<PathBuf>,
+    ca: CaArgs,
+}
+
+fn create_join_token(args: JoinTokenArgs) -> Result<()> {
+    use xds_server::clusters::{self, check_cluster_name, check_label};
+    // Checked before the CA is opened: a typo must not create a CA dir as a side effect.
+    check_cluster_name(&args.cluster)?;
+    let network = args.network.unwrap_or_else(|| args.cluster.clone());
+    check_label("network", &network)?;
+    let mut claims = std::collections::BTreeMap::from([
+        (clusters::CLAIM_CLUSTER.to_string(), args.cluster.clone()),
+        (clusters::CLAIM_NETWORK.to_string(), network),
+    ]);
+    for (what, claim, value) in [
+        ("region", clusters::CLAIM_REGION, args.region),
+        ("zone", clusters::CLAIM_ZONE, args.zone),
+    ] {
+        if let Some(v) = value {
+            check_label(what, &v)?;
+            claims.insert(claim.to_string(), v);
+        }
+    }
+    let trust_domain = trust_domain_of(args.config_dir.as_deref())?;
+    let id = clusters::relay_identity(&trust_domain, &args.cluster);
+    let authority = token_authority(trust_domain, args.ca)?;
+    let token = authority
+        .tokens()
+        .create(&id, TokenKind::Join, args.ttl, claims)?;
+    println!("{token}");
+    // On stderr, so the token alone can be piped into a file.
+    eprintln!(
+        "join token for cluster {} (relay identity {id}): single use, valid for {}",
+        args.cluster,
+        humanize(args.ttl)
+    );
+    Ok(())
+}
+
+/// `1h`, `90s`, `1h30m`: how the durations were likely typed.
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, sec) = (s / 3600, s % 3600 / 60, s % 60);
+    let mut out = String::new();
+    for (v, unit) in [(h, "h"), (m, "m"), (sec, "s")] {
+        if v > 0 {
+            out.push_str(&format!("{v}{unit}"));
+        }
+    }
+    if out.is_empty() {
+        out.push_str("0s");
+    }
+    out
 }
 
 fn main() -> std::process::ExitCode {
@@ -426,6 +531,26 @@ fn main() -> std::process::ExitCode {
                     ca,
                 },
         } => create_token(&identity, ttl, config_dir, ca),
+        Command::Cluster {
+            command:
+                ClusterCommand::JoinToken {
+                    cluster,
+                    network,
+                    region,
+                    zone,
+                    ttl,
+                    config_dir,
+                    ca,
+                },
+        } => create_join_token(JoinTokenArgs {
+            cluster,
+            network,
+            region,
+            zone,
+            ttl,
+            config_dir,
+            ca,
+        }),
         Command::Ca { command } => ca_command(command),
     };
     match result {

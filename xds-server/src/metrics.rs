@@ -47,7 +47,8 @@ pub struct Metrics {
     pub config_errors: Gauge,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub snapshot_generation: Gauge,
-    /// Certificates issued, by how: `proxy_key` (the server made the key) or `csr`.
+    /// Certificates issued, by how: `proxy_key` (the server made the key), `csr`, or `join`
+    /// (a relay's CSR with a join token).
     pub ca_issued: Family<HowLabel, Counter>,
     /// Streams and CA calls refused on the secure port, by gRPC code.
     pub secure_refused: Family<CodeLabel, Counter>,

@@ -3,6 +3,7 @@
 
 use crate::admin::{self, AdminState};
 use crate::ads::{status::ProxyRegistry, AdsService, AdsShared};
+use crate::clusters::{ClusterError, MemberClusters};
 use crate::config::store::StoreError;
 use crate::controller::Controller;
 use crate::identity::auth::Authenticator;
@@ -32,6 +33,8 @@ pub enum ServerError {
     Ca(#[from] cert_authority::CaError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("cannot load the member clusters: {0}")]
+    Clusters(#[from] ClusterError),
 }
 
 /// The secure port (ADS + CA over TLS) and the CA behind it.
@@ -65,6 +68,10 @@ pub struct Server {
     pub admin_addr: SocketAddr,
     pub secure_addr: Option<SocketAddr>,
     pub authority: Option<Authority>,
+    /// Clusters whose relays joined (with the CA: `None` without the secure port).
+    pub clusters: Option<Arc<MemberClusters>>,
+    /// Who callers on the secure port are; `None` without it.
+    pub authenticator: Option<Arc<Authenticator>>,
     pub controller: Arc<Controller>,
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
@@ -108,6 +115,8 @@ impl Server {
         let mut background = Vec::new();
         let mut secure_addr = None;
         let mut authority = None;
+        let mut clusters = None;
+        let mut authenticator = None;
         let mut secure_server = None;
         if let Some(opts) = secure {
             let mut ca = opts.ca;
@@ -119,15 +128,19 @@ impl Server {
                 background.push(identity::watch_plugged(auth_ca.clone(), &dir)?);
             }
             let addr = opts.listener.local_addr().map_err(ServerError::Listener)?;
-            let live =
-                identity::tls::live_config(auth_ca.clone(), identity::tls::cert_ips(addr), ca_dir)?;
+            let live = identity::tls::live_config(
+                auth_ca.clone(),
+                identity::tls::cert_ips(addr),
+                ca_dir.clone(),
+            )?;
             background.push(live.task);
             background.push(identity::rotation::spawn(
                 auth_ca.clone(),
                 registry.clone(),
                 metrics.clone(),
             ));
-            let authn = Arc::new(Authenticator::new(auth_ca.clone()));
+            let members = Arc::new(MemberClusters::load(&ca_dir)?);
+            let authn = Arc::new(Authenticator::new(auth_ca.clone(), members.clone()));
             let secure_shared = AdsShared {
                 secrets: Some(Arc::new(CaSecrets::new(
                     auth_ca.clone(),
@@ -140,16 +153,19 @@ impl Server {
             secure_server = Some((
                 incoming,
                 AdsService::secure(secure_shared, authn.clone()),
-                CaService::server(auth_ca.clone(), authn, metrics.clone()),
+                CaService::server(auth_ca.clone(), authn.clone(), metrics.clone()),
             ));
             secure_addr = Some(addr);
             authority = Some(auth_ca);
+            clusters = Some(members);
+            authenticator = Some(authn);
         }
         let router = admin::router(AdminState {
             controller: controller.clone(),
             registry: registry.clone(),
             metrics: metrics.clone(),
             authority: authority.clone(),
+            clusters: clusters.clone(),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -185,6 +201,8 @@ impl Server {
             admin_addr,
             secure_addr,
             authority,
+            clusters,
+            authenticator,
             background,
             controller,
             registry,

@@ -181,3 +181,96 @@ fn token_and_secure_bootstrap() {
         "{line}"
     );
 }
+
+#[test]
+fn cluster_join_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    let out = xds_server()
+        .args([
+            "cluster",
+            "join-token",
+            "--cluster",
+            "east",
+            "--region",
+            "us-east",
+            "--ttl",
+            "30m",
+            "--config-dir",
+        ])
+        .arg(examples())
+        .arg("--ca-dir")
+        .arg(&ca)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(
+        token.lines().count(),
+        1,
+        "only the token on stdout: {token}"
+    );
+    let authority = cert_authority::Authority::open(cert_authority::CaOptions {
+        dir: ca.clone(),
+        ..Default::default()
+    })
+    .expect("CA");
+    let claims = authority
+        .tokens()
+        .verify(token.trim(), cert_authority::TokenKind::Join)
+        .expect("a join token of this CA");
+    assert_eq!(
+        claims.sub,
+        "spiffe://cluster.local/ns/trellis-system/sa/relay-east"
+    );
+    assert_eq!(claims.exp - claims.iat, 1800);
+    let extra: Vec<(&str, &str)> = claims
+        .extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        extra,
+        [
+            ("cluster", "east"),
+            ("network", "east"),
+            ("region", "us-east")
+        ]
+    );
+    assert!(
+        ca.join(xds_server::identity::XDS_TRUST_FILE).exists(),
+        "the trust files are written for the relay's bootstrap"
+    );
+
+    // A name that is not a DNS label is one clear line, and no CA dir is made for it.
+    let other_ca = dir.path().join("other-ca");
+    let line = run_fails(
+        xds_server()
+            .args(["cluster", "join-token", "--cluster", "East_1"])
+            .arg("--ca-dir")
+            .arg(&other_ca),
+    );
+    assert!(
+        line.contains("\"East_1\"") && line.contains("DNS label"),
+        "{line}"
+    );
+    assert!(!other_ca.exists());
+    let line = run_fails(
+        xds_server()
+            .args([
+                "cluster",
+                "join-token",
+                "--cluster",
+                "east",
+                "--zone",
+                "a/b",
+            ])
+            .arg("--ca-dir")
+            .arg(&other_ca),
+    );
+    assert!(line.contains("invalid zone \"a/b\""), "{line}");
+}

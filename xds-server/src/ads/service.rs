@@ -30,6 +30,9 @@ pub struct Caller {
     pub identity: SpiffeId,
     /// "certificate" or "token": how the identity was proved.
     pub via: &'static str,
+    /// The member cluster whose relay this is: set for a client certificate of a joined
+    /// cluster's relay identity (`…/ns/trellis-system/sa/relay-NAME`).
+    pub relay_of: Option<String>,
 }
 
 /// Establishes the caller of a request on the secure port (client certificate or

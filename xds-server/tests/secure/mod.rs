@@ -102,6 +102,23 @@ impl Secure {
             .unwrap()
     }
 
+    /// A join token for member cluster `cluster` with extra `claims` (the CLI always sets
+    /// `cluster` and `network`; tests may leave them out).
+    pub fn join_token(&self, cluster: &str, claims: &[(&str, &str)], ttl: Duration) -> String {
+        self.ca
+            .tokens()
+            .create(
+                &relay_id(cluster),
+                TokenKind::Join,
+                ttl,
+                claims
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+            .unwrap()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.server.secure_addr.unwrap()
     }
@@ -225,11 +242,67 @@ pub fn leaf_uri_sans(chain_pem: &str) -> Vec<String> {
 }
 
 pub fn csr_for(sa: &str) -> (String, String) {
+    csr_for_id(&id(sa))
+}
+
+/// A CSR (PEM) asking for `identity`, and its key (PEM).
+pub fn csr_for_id(identity: &SpiffeId) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI(id(sa).uri().try_into().unwrap())];
+    params.subject_alt_names = vec![rcgen::SanType::URI(identity.uri().try_into().unwrap())];
     let csr = params.serialize_request(&key).unwrap();
     (csr.pem().unwrap(), key.serialize_pem())
+}
+
+/// The identity of member cluster `cluster`'s relay.
+pub fn relay_id(cluster: &str) -> SpiffeId {
+    SpiffeId::new(
+        "cluster.local",
+        "trellis-system",
+        &format!("relay-{cluster}"),
+    )
+}
+
+/// Istio's `CreateCertificate` over `channel`, with an optional bearer token; the chain
+/// (leaf first, root last) or the call's status.
+pub async fn create_certificate(
+    channel: Channel,
+    token: Option<&str>,
+    csr: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut req = Request::new(IstioCertificateRequest {
+        csr: csr.to_string(),
+        validity_duration: 3600,
+        metadata: None,
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let mut client = IstioCertificateServiceClient::new(channel);
+    tokio::time::timeout(WAIT, client.create_certificate(req))
+        .await
+        .expect("no CreateCertificate answer within 10 s")
+        .map(|r| r.into_inner().cert_chain)
+}
+
+/// `GET path` on the admin API: status code and body.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.unwrap();
+        String::from_utf8(raw).unwrap()
+    };
+    let raw = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("no admin answer within 10 s");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
 }
 
 /// An open SDS stream whose ACKs the test controls.
