@@ -15,6 +15,7 @@
 
 pub mod cache;
 pub mod join;
+pub mod registry;
 pub mod tls;
 pub mod upstream;
 
@@ -67,6 +68,8 @@ pub struct RelayOptions {
     /// A one-time join token; not needed once the state dir holds a valid identity.
     pub join_token: Option<String>,
     pub state_dir: PathBuf,
+    /// The cluster's WorkloadEntries, reported upstream (none: the cluster reports nothing).
+    pub registry_dir: Option<PathBuf>,
     pub listen: TcpListener,
     pub admin: TcpListener,
 }
@@ -97,6 +100,7 @@ struct AdminState {
     upstream: Arc<UpstreamStats>,
     metrics: Arc<Metrics>,
     identity: Arc<RwLock<RelayIdentity>>,
+    report: Arc<std::sync::Mutex<registry::ReportStatus>>,
 }
 
 impl Relay {
@@ -131,6 +135,17 @@ impl Relay {
             wanted,
             stats.clone(),
         ))];
+        let report = Arc::new(std::sync::Mutex::new(registry::ReportStatus::default()));
+        if let Some(dir) = &opts.registry_dir {
+            let (files, watch_task) = registry::watch_folder(dir.clone())?;
+            tasks.push(watch_task);
+            tasks.push(tokio::spawn(registry::report_loop(
+                channel.clone(),
+                files,
+                cache.clone(),
+                report.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(renew_loop(
             channel,
             identity.clone(),
@@ -164,6 +179,7 @@ impl Relay {
             upstream: stats.clone(),
             metrics,
             identity: identity.clone(),
+            report,
         };
         let router = Router::new()
             .route("/healthz/ready", get(|| async { "ready\n" }))
@@ -254,6 +270,7 @@ async fn relay_status(State(s): State<AdminState>) -> Json<serde_json::Value> {
         "cluster": s.cluster,
         "identity": id,
         "upstream_streams": s.upstream.streams.load(Ordering::Relaxed),
+        "registry": s.report.lock().map(|r| json!(*r)).unwrap_or_default(),
         "classes": classes,
     }))
 }

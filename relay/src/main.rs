@@ -43,6 +43,9 @@ enum Command {
             default_value = "127.0.0.1:15014"
         )]
         admin_addr: SocketAddr,
+        /// The cluster's WorkloadEntries (YAML), watched and reported upstream.
+        #[arg(long, env = "TRELLIS_REGISTRY_DIR")]
+        registry_dir: Option<PathBuf>,
         /// The relay's key (0600) and certificate.
         #[arg(
             long,
@@ -61,6 +64,7 @@ async fn run(cli: Cli) -> Result<()> {
         trust_bundle,
         listen,
         admin_addr,
+        registry_dir,
         state_dir,
     } = cli.command;
     let trust_bundle_pem = std::fs::read_to_string(&trust_bundle)
@@ -82,6 +86,7 @@ async fn run(cli: Cli) -> Result<()> {
         trust_bundle_pem,
         join_token,
         state_dir,
+        registry_dir,
         listen: bind(listen, "xDS")?,
         admin: bind(admin_addr, "the admin API")?,
     })
