@@ -120,7 +120,7 @@ pub use identity::SpiffeId;
 pub use issue::IssuedCert;
 pub use keys::PrivateKey;
 pub use rotation::{Phase, RotationStatus};
-pub use token::{TokenClaims, TokenKind, TokenSigner};
+pub use token::{TokenClaims, TokenKind, TokenSigner, TokenVerifier};
 pub use trust::{RootInfo, TrustState};
 
 /// RFC 3339 in UTC, seconds precision: how the CA writes times for people (audit lines,

@@ -223,55 +223,16 @@ impl TokenSigner {
         kind: TokenKind,
         now: SystemTime,
     ) -> Result<TokenClaims, CaError> {
-        let malformed = |why: &str| CaError::TokenMalformed(why.to_string());
-        let parts: Vec<&str> = token.trim().split('.').collect();
-        let [header_b64, claims_b64, sig_b64] = parts.as_slice() else {
-            return Err(malformed("expected three base64url parts separated by '.'"));
-        };
-        let header_json = URL_SAFE_NO_PAD
-            .decode(header_b64)
-            .map_err(|_| malformed("header is not base64url"))?;
-        let header: Header = serde_json::from_slice(&header_json)
-            .map_err(|_| malformed("header is not a JWS header"))?;
-        if header.alg != "ES256" {
-            return Err(CaError::TokenMalformed(format!(
-                "algorithm {:?} is not accepted; only ES256",
-                header.alg
-            )));
-        }
-        let sig = URL_SAFE_NO_PAD
-            .decode(sig_b64)
-            .map_err(|_| malformed("signature is not base64url"))?;
-        let signing_input_len = header_b64.len() + 1 + claims_b64.len();
-        let signing_input = &token.trim().as_bytes()[..signing_input_len];
-        UnparsedPublicKey::new(
-            &signature::ECDSA_P256_SHA256_FIXED,
-            self.key.public_key().as_ref(),
-        )
-        .verify(signing_input, &sig)
-        .map_err(|_| CaError::TokenForged)?;
+        self.verifier().verify_at(token, kind, now)
+    }
 
-        let claims_json = URL_SAFE_NO_PAD
-            .decode(claims_b64)
-            .map_err(|_| malformed("claims are not base64url"))?;
-        let claims: TokenClaims = serde_json::from_slice(&claims_json)
-            .map_err(|e| CaError::TokenMalformed(format!("claims do not parse: {e}")))?;
-        if claims.iss != ISSUER {
-            return Err(CaError::TokenMalformed(format!(
-                "issuer {:?} is not {ISSUER:?}",
-                claims.iss
-            )));
+    /// What checks this signer's tokens without being able to make them: handed to
+    /// relays, so a member cluster can authenticate its sidecars while the control plane
+    /// is out of reach.
+    pub fn verifier(&self) -> TokenVerifier {
+        TokenVerifier {
+            public_key: self.key.public_key().as_ref().to_vec(),
         }
-        if claims.kind != kind {
-            return Err(CaError::TokenKind {
-                expected: kind,
-                got: claims.kind,
-            });
-        }
-        if pem::system_to_unix(now) >= claims.exp {
-            return Err(CaError::TokenExpired { exp: claims.exp });
-        }
-        Ok(claims)
     }
 
     /// Verifies a one-time token and uses it up: its `jti` is recorded in
@@ -345,6 +306,89 @@ impl TokenSigner {
             jti = %claims.jti,
             "one-time token redeemed"
         );
+        Ok(claims)
+    }
+}
+
+/// Checks tokens against a signer's public key (an uncompressed P-256 point).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenVerifier {
+    public_key: Vec<u8>,
+}
+
+impl TokenVerifier {
+    pub fn from_public_key(public_key: &[u8]) -> Result<TokenVerifier, CaError> {
+        // An uncompressed SEC1 point: 0x04, then x and y of 32 bytes each.
+        if public_key.len() != 65 || public_key[0] != 4 {
+            return Err(CaError::Crypto(
+                "a token verification key is an uncompressed P-256 point (65 bytes)".to_string(),
+            ));
+        }
+        Ok(TokenVerifier {
+            public_key: public_key.to_vec(),
+        })
+    }
+
+    pub fn public_key(&self) -> &[u8] {
+        &self.public_key
+    }
+
+    /// Checks signature, issuer, kind and expiry, in that order; each failure has its own error.
+    pub fn verify(&self, token: &str, kind: TokenKind) -> Result<TokenClaims, CaError> {
+        self.verify_at(token, kind, SystemTime::now())
+    }
+
+    pub(crate) fn verify_at(
+        &self,
+        token: &str,
+        kind: TokenKind,
+        now: SystemTime,
+    ) -> Result<TokenClaims, CaError> {
+        let malformed = |why: &str| CaError::TokenMalformed(why.to_string());
+        let parts: Vec<&str> = token.trim().split('.').collect();
+        let [header_b64, claims_b64, sig_b64] = parts.as_slice() else {
+            return Err(malformed("expected three base64url parts separated by '.'"));
+        };
+        let header_json = URL_SAFE_NO_PAD
+            .decode(header_b64)
+            .map_err(|_| malformed("header is not base64url"))?;
+        let header: Header = serde_json::from_slice(&header_json)
+            .map_err(|_| malformed("header is not a JWS header"))?;
+        if header.alg != "ES256" {
+            return Err(CaError::TokenMalformed(format!(
+                "algorithm {:?} is not accepted; only ES256",
+                header.alg
+            )));
+        }
+        let sig = URL_SAFE_NO_PAD
+            .decode(sig_b64)
+            .map_err(|_| malformed("signature is not base64url"))?;
+        let signing_input_len = header_b64.len() + 1 + claims_b64.len();
+        let signing_input = &token.trim().as_bytes()[..signing_input_len];
+        UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &self.public_key)
+            .verify(signing_input, &sig)
+            .map_err(|_| CaError::TokenForged)?;
+
+        let claims_json = URL_SAFE_NO_PAD
+            .decode(claims_b64)
+            .map_err(|_| malformed("claims are not base64url"))?;
+        let claims: TokenClaims = serde_json::from_slice(&claims_json)
+            .map_err(|e| CaError::TokenMalformed(format!("claims do not parse: {e}")))?;
+        if claims.iss != ISSUER {
+            return Err(CaError::TokenMalformed(format!(
+                "issuer {:?} is not {ISSUER:?}",
+                claims.iss
+            )));
+        }
+        if claims.kind != kind {
+            return Err(CaError::TokenKind {
+                expected: kind,
+                got: claims.kind,
+            });
+        }
+        if pem::system_to_unix(now) >= claims.exp {
+            return Err(CaError::TokenExpired { exp: claims.exp });
+        }
         Ok(claims)
     }
 }
@@ -679,5 +723,41 @@ mod tests {
             matches!(err, CaError::TokenClaim(ref c) if c == "sub"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod verifier_tests {
+    use super::*;
+
+    #[test]
+    fn a_verifier_checks_tokens_without_the_private_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = TokenSigner::open(dir.path()).unwrap();
+        let id = SpiffeId::new("cluster.local", "default", "reviews");
+        let token = signer
+            .create(
+                &id,
+                TokenKind::Workload,
+                Duration::from_secs(60),
+                BTreeMap::new(),
+            )
+            .unwrap();
+        let verifier = TokenVerifier::from_public_key(signer.verifier().public_key()).unwrap();
+        assert_eq!(
+            verifier.verify(&token, TokenKind::Workload).unwrap().sub,
+            id.uri()
+        );
+        assert!(matches!(
+            verifier.verify(&token, TokenKind::Join),
+            Err(CaError::TokenKind { .. })
+        ));
+        let other = tempfile::tempdir().unwrap();
+        let foreign = TokenSigner::open(other.path()).unwrap().verifier();
+        assert!(matches!(
+            foreign.verify(&token, TokenKind::Workload),
+            Err(CaError::TokenForged)
+        ));
+        assert!(TokenVerifier::from_public_key(&[1, 2, 3]).is_err());
     }
 }
