@@ -287,6 +287,7 @@ mod tests {
             workload: Some("reviews-v1.default".into()),
             namespace: "default".into(),
             cluster: String::new(),
+            cluster_id: None,
         }
     }
 

@@ -81,7 +81,11 @@ async fn config_dump(State(s): State<AdminState>, Query(q): Query<DumpQuery>) ->
             .into_response();
     };
     let snap = s.controller.snapshot();
-    let scope = snap.scope(p.node.workload.as_deref(), &p.node.namespace);
+    let scope = snap.scope(
+        p.node.workload.as_deref(),
+        &p.node.namespace,
+        p.node.cluster_id.as_deref(),
+    );
     let view = snap.view(&scope);
     let mut resources = serde_json::Map::new();
     for kind in TypeKind::PUSH_ORDER {

@@ -10,6 +10,9 @@ pub struct BootstrapOptions {
     pub admin_port: u16,
     pub delta: bool,
     pub cluster_domain: String,
+    /// The mesh cluster the sidecar runs in (node metadata `CLUSTER_ID`): the server
+    /// finds its workload there and ranks its endpoints first.
+    pub cluster: String,
     /// Set: connect to the secure port with this token, trusting these roots.
     pub secure: Option<SecureBootstrap>,
 }
@@ -94,6 +97,7 @@ pub fn bootstrap(w: &Workload, opts: &BootstrapOptions) -> Result<String, serde_
                 "SERVICE_ACCOUNT": w.service_account,
                 "LABELS": w.labels,
                 "INTERCEPTION_MODE": "EXPLICIT",
+                "CLUSTER_ID": opts.cluster,
             },
         },
         "dynamic_resources": {

@@ -1,13 +1,19 @@
-//! Turns config folder changes into published snapshots.
+//! Turns config folder changes and member clusters' registry reports into published
+//! snapshots.
 //!
-//! File events are debounced (a burst of saves becomes one reload), the store decides
-//! what takes effect, and a new [`Snapshot`] is published on a `watch` channel only when
-//! the mesh actually changed. Every ADS stream watches that channel.
+//! File events are debounced (a burst of saves becomes one reload); a registry report
+//! ([`Controller::set_cluster_registry`]) is one event by itself. The store decides what
+//! takes effect, and a new [`Snapshot`] is published on a `watch` channel only when the
+//! mesh actually changed. Every ADS stream watches that channel. Changes are applied and
+//! published one at a time (under the store's lock), so generations never go backwards.
 
 use crate::ads::source::ConfigSource;
 use crate::cache::Snapshot;
-use crate::config::store::{ConfigStore, StoreError};
+use crate::config::store::{
+    ClusterStatus, ConfigStore, RegistryError, RegistryOutcome, StoreError,
+};
 use crate::config::ConfigError;
+use crate::mesh::{ClusterMeta, MeshState};
 use crate::metrics::{Metrics, ResultLabel};
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
@@ -29,6 +35,12 @@ pub struct ConfigStatus {
     pub generation: u64,
     pub reloads: u64,
     pub objects: std::collections::BTreeMap<&'static str, usize>,
+    /// The cluster of the config folder's workloads (`MeshConfig.clusterName`).
+    pub cluster: String,
+    /// Member clusters whose relays reported a registry.
+    pub clusters: Vec<ClusterStatus>,
+    /// Errors of the config folder's files and of member clusters' registry files
+    /// (named `cluster NAME: FILE`).
     pub errors: Vec<ConfigErrorView>,
 }
 
@@ -68,7 +80,7 @@ impl Controller {
             status: ArcSwap::from_pointee(ConfigStatus::default()),
             metrics,
         });
-        c.update_status(0);
+        c.update_status(&c.lock_store(), 0);
         Ok(c)
     }
 
@@ -89,8 +101,12 @@ impl Controller {
         self.status.load_full()
     }
 
-    fn update_status(&self, reloads: u64) {
-        let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+    fn lock_store(&self) -> std::sync::MutexGuard<'_, ConfigStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called with the store locked, so statuses are stored in the order of changes.
+    fn update_status(&self, store: &ConfigStore, reloads: u64) {
         let snap = self.snapshot();
         let errors: Vec<ConfigErrorView> = store
             .errors()
@@ -107,62 +123,107 @@ impl Controller {
             generation: snap.generation,
             reloads,
             objects: snap.mesh.counts.clone(),
+            cluster: snap.mesh.cluster_name.clone(),
+            clusters: store.cluster_status(),
             errors,
         }));
+    }
+
+    fn count_reload(&self, errors: &[ConfigError]) {
+        let result = if errors.is_empty() { "ok" } else { "rejected" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Builds and publishes the snapshot of `mesh`; called with the store locked.
+    fn publish(&self, mesh: Arc<MeshState>, started: std::time::Instant, cause: &str) {
+        let generation = self.snapshot().generation + 1;
+        let building = std::time::Instant::now();
+        let snap = Arc::new(Snapshot::build_from(
+            generation,
+            mesh,
+            Some(&self.snapshot()),
+        ));
+        info!(
+            version = generation,
+            cause,
+            load_ms = (building - started).as_millis() as u64,
+            build_ms = building.elapsed().as_millis() as u64,
+            "config changed; publishing snapshot"
+        );
+        self.snapshots.send_replace(snap.clone());
+        self.sources.send_replace(snap);
     }
 
     /// Re-reads the folder and publishes a snapshot if the mesh changed.
     pub fn reload(&self) {
         let reload_started = std::time::Instant::now();
-        let outcome = {
-            let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
-            match store.reload() {
-                Ok(o) => Some((o, store.mesh())),
-                Err(e) => {
-                    error!(error = %e, "config dir unreadable; keeping the current config");
-                    None
-                }
-            }
-        };
+        let mut store = self.lock_store();
         let reloads = self.status().reloads + 1;
-        let Some((outcome, mesh)) = outcome else {
-            self.metrics
-                .config_reloads
-                .get_or_create(&ResultLabel { result: "error" })
-                .inc();
-            self.update_status(reloads);
-            return;
+        let outcome = match store.reload() {
+            Ok(o) => o,
+            Err(e) => {
+                error!(error = %e, "config dir unreadable; keeping the current config");
+                self.metrics
+                    .config_reloads
+                    .get_or_create(&ResultLabel { result: "error" })
+                    .inc();
+                self.update_status(&store, reloads);
+                return;
+            }
         };
         for e in &outcome.new_errors {
             error!(error = %e, "config rejected; the last good version stays in effect");
         }
-        let result = if outcome.new_errors.is_empty() {
-            "ok"
-        } else {
-            "rejected"
-        };
-        self.metrics
-            .config_reloads
-            .get_or_create(&ResultLabel { result })
-            .inc();
+        self.count_reload(&outcome.new_errors);
         if outcome.changed {
-            let generation = self.snapshot().generation + 1;
-            let started = std::time::Instant::now();
-            let snap = Arc::new(Snapshot::build_from(
-                generation,
-                mesh,
-                Some(&self.snapshot()),
-            ));
-            info!(
-                version = generation,
-                load_ms = (started - reload_started).as_millis() as u64,
-                build_ms = started.elapsed().as_millis() as u64,
-                "config changed; publishing snapshot"
-            );
-            self.snapshots.send_replace(snap.clone());
-            self.sources.send_replace(snap);
+            self.publish(store.mesh(), reload_started, "config folder");
         }
-        self.update_status(reloads);
+        self.update_status(&store, reloads);
+    }
+
+    /// Takes member cluster `cluster`'s report: where it runs and its registry folder's
+    /// files as (name, YAML text), the whole set each time (see
+    /// [`ConfigStore::set_cluster_registry`]). Publishes a snapshot if the mesh changed.
+    /// Blocking (it translates the mesh): call it from `spawn_blocking` in async code.
+    pub fn set_cluster_registry(
+        &self,
+        cluster: &str,
+        meta: ClusterMeta,
+        files: Vec<(String, String)>,
+    ) -> Result<RegistryOutcome, RegistryError> {
+        let started = std::time::Instant::now();
+        let mut store = self.lock_store();
+        let mut outcome = store.set_cluster_registry(cluster, meta, files)?;
+        for e in &outcome.new_errors {
+            error!(cluster, error = %e, "registry file rejected; its last good version stays in effect");
+        }
+        self.count_reload(&outcome.new_errors);
+        if outcome.changed {
+            self.publish(
+                store.mesh(),
+                started,
+                &format!("registry of cluster {cluster}"),
+            );
+        }
+        outcome.generation = self.snapshot().generation;
+        self.update_status(&store, self.status().reloads + 1);
+        Ok(outcome)
+    }
+
+    /// Drops member cluster `cluster`'s workloads; publishes a snapshot if it had any.
+    pub fn remove_cluster_registry(&self, cluster: &str) -> RegistryOutcome {
+        let started = std::time::Instant::now();
+        let mut store = self.lock_store();
+        let mut outcome = store.remove_cluster_registry(cluster);
+        if outcome.changed {
+            self.publish(store.mesh(), started, &format!("cluster {cluster} removed"));
+        }
+        outcome.generation = self.snapshot().generation;
+        self.update_status(&store, self.status().reloads);
+        outcome
     }
 
     /// Watches the folder until the returned handle is dropped or aborted.
@@ -176,12 +237,7 @@ impl Controller {
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "config watch error"),
             })?;
-        let dir = self
-            .store
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .dir()
-            .to_path_buf();
+        let dir = self.lock_store().dir().to_path_buf();
         watcher.watch(&dir, RecursiveMode::Recursive)?;
         let this = self.clone();
         Ok(tokio::spawn(async move {

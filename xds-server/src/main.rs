@@ -107,6 +107,11 @@ enum Command {
         /// a bootstrap must be made again after a root rotation.
         #[arg(long)]
         inline_trust: bool,
+        /// The mesh cluster the sidecar runs in (node metadata CLUSTER_ID); default: the
+        /// folder's MeshConfig.clusterName. For a member cluster's sidecar, point
+        /// --config-dir at that cluster's registry folder.
+        #[arg(long)]
+        cluster: Option<String>,
     },
 }
 
@@ -291,6 +296,7 @@ struct BootstrapArgs {
     secure_addr: SocketAddr,
     ca_dir: PathBuf,
     inline_trust: bool,
+    cluster: Option<String>,
 }
 
 fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
@@ -367,6 +373,15 @@ fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
         admin_port,
         delta,
         cluster_domain: mesh.cluster_domain.clone(),
+        cluster: match args.cluster {
+            Some(c) => {
+                if let Err(e) = xds_server::config::validate::dns_label(&c) {
+                    bail!("--cluster: {e}");
+                }
+                c
+            }
+            None => mesh.cluster_name.clone(),
+        },
         secure,
     };
     print!("{}", bootstrap(w, &opts)?);
@@ -511,6 +526,7 @@ fn main() -> std::process::ExitCode {
             secure_addr,
             ca_dir,
             inline_trust,
+            cluster,
         } => print_bootstrap(BootstrapArgs {
             workload,
             config_dir,
@@ -521,6 +537,7 @@ fn main() -> std::process::ExitCode {
             secure_addr,
             ca_dir,
             inline_trust,
+            cluster,
         }),
         Command::Token {
             command:

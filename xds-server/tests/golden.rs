@@ -71,7 +71,7 @@ fn sidecar_of_a_workload() {
 #[test]
 fn outbound_only_proxy_in_another_namespace() {
     let snap = snapshot();
-    let scope = ProxyScope::Namespace("other".into());
+    let scope = ProxyScope::namespace("other", "primary");
     // Short names of another namespace's services must not appear here.
     check("other.routes", dump(&snap, &scope, TypeKind::Route));
     check("other.listeners", dump(&snap, &scope, TypeKind::Listener));
@@ -127,7 +127,7 @@ fn an_endpoint_change_retranslates_only_that_service() {
     }
     let (mut store, _) = ConfigStore::open(dir.path()).unwrap();
     let a = Snapshot::build(1, store.mesh());
-    let scope = ProxyScope::Namespace("default".into());
+    let scope = ProxyScope::namespace("default", "primary");
     let (va, routes_a) = (a.view(&scope), a.view(&scope).version(TypeKind::Route));
 
     let path = dir.path().join("workloads.yaml");

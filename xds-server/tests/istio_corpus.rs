@@ -127,8 +127,8 @@ fn every_corpus_document_is_accepted_or_clearly_rejected() {
         match MeshState::build(objs) {
             Ok(mesh) => {
                 let snap = Snapshot::build(1, std::sync::Arc::new(mesh));
-                let _ = snap.view(&xds_server::translate::ProxyScope::Namespace(
-                    "default".into(),
+                let _ = snap.view(&xds_server::translate::ProxyScope::namespace(
+                    "default", "primary",
                 ));
             }
             Err(errs) => {

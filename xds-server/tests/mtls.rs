@@ -242,7 +242,7 @@ fn outbound_clusters_of_proxies_with_identity() {
     // proxies without identity.
     let external = "outbound|8443||api.payments.example";
     assert!(cluster(external).get("transportSocketMatches").is_none());
-    let plain = snap.view(&ProxyScope::Namespace("shop".into()));
+    let plain = snap.view(&ProxyScope::namespace("shop", "primary"));
     assert!(Arc::ptr_eq(
         snap.view(&web).get(TypeKind::Cluster, external).unwrap(),
         plain.get(TypeKind::Cluster, external).unwrap()
@@ -254,7 +254,7 @@ fn proxies_without_identity_never_reference_secrets() {
     let snap = snapshot();
     for scope in [
         workload("legacy-v1.shop"),
-        ProxyScope::Namespace("shop".into()),
+        ProxyScope::namespace("shop", "primary"),
         workload("not-a-workload.shop"),
     ] {
         for kind in [TypeKind::Cluster, TypeKind::Listener] {
@@ -269,7 +269,7 @@ fn proxies_without_identity_never_reference_secrets() {
     }
     // Outbound clusters are the shared plaintext set.
     let legacy = snap.view(&workload("legacy-v1.shop"));
-    let ns = snap.view(&ProxyScope::Namespace("shop".into()));
+    let ns = snap.view(&ProxyScope::namespace("shop", "primary"));
     let name = "outbound|7070||ledger.bank.svc.cluster.local";
     assert!(Arc::ptr_eq(
         legacy.get(TypeKind::Cluster, name).unwrap(),
@@ -280,7 +280,7 @@ fn proxies_without_identity_never_reference_secrets() {
 #[test]
 fn endpoint_metadata_marks_ports_that_take_mtls() {
     let snap = snapshot();
-    let scope = ProxyScope::Namespace("shop".into());
+    let scope = ProxyScope::namespace("shop", "primary");
     let metadata = |cluster: &str| {
         let cla = resource(&snap, &scope, TypeKind::Endpoint, cluster);
         cla["endpoints"][0]["lbEndpoints"][0]["metadata"].clone()

@@ -9,13 +9,18 @@ pub struct NodeInfo {
     /// `name.namespace` of the WorkloadEntry this proxy claims to be.
     pub workload: Option<String>,
     pub namespace: String,
+    /// Envoy's `node.cluster` (the service cluster, e.g. `reviews.default`).
     pub cluster: String,
+    /// The mesh cluster the proxy runs in: node metadata `CLUSTER_ID`, as Istio names it.
+    /// `None`: the mesh control plane's own cluster (`MeshConfig.clusterName`).
+    pub cluster_id: Option<String>,
 }
 
 impl NodeInfo {
     /// Accepts Istio's node id form `sidecar~IP~NAME.NAMESPACE~NAMESPACE.svc.DOMAIN`,
     /// with `NAMESPACE` / `WORKLOAD_NAME` node metadata as an alternative, and any other
-    /// id as an outbound-only proxy of the `default` namespace.
+    /// id as an outbound-only proxy of the `default` namespace. The cluster comes from
+    /// `CLUSTER_ID` metadata.
     pub fn from_node(node: &Node) -> Result<NodeInfo, String> {
         if node.id.is_empty() {
             return Err("the first request of a stream must carry node.id".into());
@@ -52,6 +57,7 @@ impl NodeInfo {
             workload,
             namespace,
             cluster: node.cluster.clone(),
+            cluster_id: meta("CLUSTER_ID"),
         })
     }
 }
@@ -77,6 +83,28 @@ mod tests {
         .unwrap();
         assert_eq!(n.workload, None);
         assert_eq!(n.namespace, "default");
+        assert_eq!(n.cluster_id, None);
         assert!(NodeInfo::from_node(&Node::default()).is_err());
+    }
+
+    #[test]
+    fn cluster_id_from_metadata() {
+        use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+        let n = NodeInfo::from_node(&Node {
+            id: "sidecar~127.0.1.11~reviews-v1.default~default.svc.cluster.local".into(),
+            metadata: Some(Struct {
+                fields: [(
+                    "CLUSTER_ID".to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue("b".into())),
+                    },
+                )]
+                .into(),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(n.workload.as_deref(), Some("reviews-v1.default"));
+        assert_eq!(n.cluster_id.as_deref(), Some("b"));
     }
 }

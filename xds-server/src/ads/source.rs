@@ -32,14 +32,20 @@ impl ConfigSource for Snapshot {
     }
 
     fn view_for(&self, node: &NodeInfo) -> Option<Arc<ProxyView>> {
-        Some(self.view(&self.scope(node.workload.as_deref(), &node.namespace)))
+        Some(self.view(&self.scope(
+            node.workload.as_deref(),
+            &node.namespace,
+            node.cluster_id.as_deref(),
+        )))
     }
 
     fn claim_error(&self, node: &NodeInfo, caller: Option<&Caller>) -> Option<String> {
         let Some(caller) = caller else {
             // Its config would point at secrets it can never get here: fail closed, loudly,
             // rather than serve a workload meant for mTLS a plaintext config.
-            let w = self.mesh.workloads.get(node.workload.as_deref()?)?;
+            let w = self
+                .mesh
+                .workload(node.workload.as_deref()?, node.cluster_id.as_deref())?;
             return crate::translate::tls::has_identity(&w.labels).then(|| {
                 format!(
                     "workload {}.{} is labelled {}=istio (a sidecar with a certificate): \
@@ -57,7 +63,9 @@ impl ConfigSource for Snapshot {
                 node.namespace
             ));
         }
-        let w = self.mesh.workloads.get(node.workload.as_deref()?)?;
+        let w = self
+            .mesh
+            .workload(node.workload.as_deref()?, node.cluster_id.as_deref())?;
         (w.namespace != id.namespace || w.service_account != id.service_account).then(|| {
             format!(
                 "identity {id} may not claim workload {}.{}: it runs as service account {:?}",

@@ -227,7 +227,15 @@ struct ServiceResources {
     /// mesh without labelled workloads never needs them. A cluster that comes out the
     /// same as its plaintext twin (DISABLE, MESH_EXTERNAL) is that same `Resource`.
     identity_clusters: OnceLock<Vec<Arc<Resource>>>,
+    /// Every endpoint at priority 0: for proxies of clusters not in `spans`.
     endpoints: Vec<Arc<Resource>>,
+    /// The clusters its endpoints run in, when there are two or more: only proxies of
+    /// these clusters rank its endpoints (their own first), so only they need their own
+    /// assignments. Empty in a single-cluster mesh.
+    spans: Vec<String>,
+    /// Per proxy cluster of `spans`, built on first use; an assignment that comes out as
+    /// in `endpoints` (a subset all in one cluster) is that same `Resource`.
+    cluster_endpoints: Memo<String, Arc<Vec<Arc<Resource>>>>,
 }
 
 /// What a carried-over [`ServiceResources`] depends on beyond its own service and rule;
@@ -280,12 +288,27 @@ impl ServiceResources {
                 OnceLock::new(),
             ),
         };
-        let endpoints = match clusters_valid {
-            Some((p, inputs)) if inputs.peer_authentication => p.endpoints.clone(),
-            _ => translate::service_endpoints(mesh, svc)
-                .iter()
-                .map(|c| Resource::new(TypeKind::Endpoint, c.cluster_name.as_str(), c))
-                .collect(),
+        let (endpoints, cluster_endpoints) = match clusters_valid {
+            Some((p, inputs)) if inputs.peer_authentication => {
+                (p.endpoints.clone(), carry(&p.cluster_endpoints, true))
+            }
+            _ => (
+                translate::service_endpoints(mesh, svc)
+                    .iter()
+                    .map(|c| Resource::new(TypeKind::Endpoint, c.cluster_name.as_str(), c))
+                    .collect(),
+                HashMap::new(),
+            ),
+        };
+        let in_clusters: BTreeSet<&str> = svc
+            .endpoints
+            .iter()
+            .filter_map(|e| e.cluster.as_deref())
+            .collect();
+        let spans = if in_clusters.len() < 2 {
+            Vec::new()
+        } else {
+            in_clusters.into_iter().map(str::to_string).collect()
         };
         ServiceResources {
             service: svc.clone(),
@@ -294,7 +317,31 @@ impl ServiceResources {
             clusters,
             identity_clusters,
             endpoints,
+            spans,
+            cluster_endpoints: Mutex::new(cluster_endpoints),
         }
+    }
+
+    /// The assignments proxies of `cluster` get. `mesh` is any mesh this entry is valid
+    /// for: the result is the same for all.
+    fn endpoints_for(&self, mesh: &MeshState, cluster: &str) -> Arc<Vec<Arc<Resource>>> {
+        memo(&self.cluster_endpoints, &cluster.to_string(), || {
+            let ranked = translate::service_endpoints_for(mesh, &self.service, Some(cluster));
+            Arc::new(
+                ranked
+                    .iter()
+                    .zip(&self.endpoints)
+                    .map(|(cla, base)| {
+                        let r = Resource::new(TypeKind::Endpoint, cla.cluster_name.as_str(), cla);
+                        if r.version == base.version {
+                            base.clone()
+                        } else {
+                            r
+                        }
+                    })
+                    .collect(),
+            )
+        })
     }
 
     fn still_valid(&self, mesh: &MeshState, svc: &Service, inputs: MeshInputs) -> bool {
@@ -392,7 +439,13 @@ pub struct Snapshot {
     clusters: Arc<ResourceSet>,
     /// Outbound clusters for proxies with an identity; built when the first such view is.
     identity_clusters: OnceLock<Arc<ResourceSet>>,
+    /// Every endpoint at priority 0: what proxies of a cluster outside `split_clusters` get.
     endpoints: Arc<ResourceSet>,
+    /// Clusters where some service has endpoints and other clusters have more: their
+    /// proxies get their own EDS set (theirs first). Empty in a single-cluster mesh.
+    split_clusters: BTreeSet<String>,
+    /// EDS per cluster of `split_clusters`, built when its first proxy's view is.
+    cluster_endpoints: Memo<String, Arc<ResourceSet>>,
     /// Lazily built per proxy class: only classes with connected proxies cost anything.
     views: Memo<ProxyScope, Arc<ProxyView>>,
     routes: Memo<String, Arc<ResourceSet>>,
@@ -428,6 +481,10 @@ impl Snapshot {
         let clusters = ResourceSet::new(services.values().flat_map(|s| s.clusters.iter().cloned()));
         let endpoints =
             ResourceSet::new(services.values().flat_map(|s| s.endpoints.iter().cloned()));
+        let split_clusters = services
+            .values()
+            .flat_map(|s| s.spans.iter().cloned())
+            .collect();
         let (routes, listeners) = match prev {
             Some(p) => (
                 carry(&p.routes, same_routing(&p.mesh, &mesh)),
@@ -443,19 +500,45 @@ impl Snapshot {
             clusters,
             identity_clusters: OnceLock::new(),
             endpoints,
+            split_clusters,
+            cluster_endpoints: Mutex::default(),
             views: Mutex::default(),
             routes: Mutex::new(routes),
             listeners: Mutex::new(listeners),
         }
     }
 
-    /// Which class a proxy belongs to in this snapshot: its workload if the mesh knows
-    /// it, else outbound-only in its namespace.
-    pub fn scope(&self, workload: Option<&str>, namespace: &str) -> ProxyScope {
-        match workload {
-            Some(w) if self.mesh.workloads.contains_key(w) => ProxyScope::Workload(w.to_string()),
-            _ => ProxyScope::Namespace(namespace.to_string()),
+    /// Which class a proxy belongs to in this snapshot: its workload (`name.namespace`)
+    /// in its cluster (`None`: the mesh's own) if the mesh knows it, else outbound-only
+    /// in its namespace and cluster.
+    pub fn scope(
+        &self,
+        workload: Option<&str>,
+        namespace: &str,
+        cluster: Option<&str>,
+    ) -> ProxyScope {
+        match workload.and_then(|w| self.mesh.workload(w, cluster)) {
+            Some(w) => ProxyScope::Workload(w.key.clone()),
+            None => ProxyScope::namespace(namespace, cluster.unwrap_or(&self.mesh.cluster_name)),
         }
+    }
+
+    /// The EDS set of proxies in `cluster`.
+    fn endpoints_for(&self, cluster: &str) -> Arc<ResourceSet> {
+        if !self.split_clusters.contains(cluster) {
+            return self.endpoints.clone();
+        }
+        memo(&self.cluster_endpoints, &cluster.to_string(), || {
+            let mut all = Vec::with_capacity(self.endpoints.map.len());
+            for s in self.services.values() {
+                if s.spans.iter().any(|c| c == cluster) {
+                    all.extend(s.endpoints_for(&self.mesh, cluster).iter().cloned());
+                } else {
+                    all.extend(s.endpoints.iter().cloned());
+                }
+            }
+            ResourceSet::new(all)
+        })
     }
 
     /// Outbound clusters for proxies with an identity, built once per snapshot from the
@@ -486,7 +569,7 @@ impl Snapshot {
     fn workload_sets(&self, scope: &ProxyScope) -> (Arc<ResourceSet>, Arc<ResourceSet>) {
         let workload = match scope {
             ProxyScope::Workload(id) => self.mesh.workloads.get(id).cloned(),
-            ProxyScope::Namespace(_) => None,
+            ProxyScope::Namespace { .. } => None,
         };
         let build = || {
             let listeners = translate::listeners(&self.mesh, scope);
@@ -531,12 +614,14 @@ impl Snapshot {
         let mut v = ProxyView::default();
         let workload = match scope {
             ProxyScope::Workload(id) => self.mesh.workloads.get(id),
-            ProxyScope::Namespace(_) => None,
+            ProxyScope::Namespace { .. } => None,
         };
-        let ns = match (scope, workload) {
-            (_, Some(w)) => w.namespace.clone(),
-            (ProxyScope::Namespace(ns), None) => ns.clone(),
-            (ProxyScope::Workload(_), None) => String::new(),
+        let (ns, cluster) = match (scope, workload) {
+            (_, Some(w)) => (w.namespace.as_str(), w.cluster.as_str()),
+            (ProxyScope::Namespace { namespace, cluster }, None) => {
+                (namespace.as_str(), cluster.as_str())
+            }
+            (ProxyScope::Workload(_), None) => ("", self.mesh.cluster_name.as_str()),
         };
         let (listeners, inbound) = self.workload_sets(scope);
         // Only a sidecar that receives the `default` and `ROOTCA` secrets may be given
@@ -549,8 +634,8 @@ impl Snapshot {
         if !inbound.map.is_empty() {
             v.push_layer(TypeKind::Cluster, inbound);
         }
-        v.push_layer(TypeKind::Endpoint, self.endpoints.clone());
-        v.push_layer(TypeKind::Route, self.namespace_routes(&ns));
+        v.push_layer(TypeKind::Endpoint, self.endpoints_for(cluster));
+        v.push_layer(TypeKind::Route, self.namespace_routes(ns));
         v.push_layer(TypeKind::Listener, listeners);
         v
     }

@@ -37,6 +37,13 @@ pub struct MeshConfigSpec {
     /// selector are mesh-wide.
     #[serde(default)]
     pub root_namespace: Option<String>,
+    /// The cluster the config folder's workloads run in (default `primary`): EDS ranks
+    /// endpoints by cluster relative to each proxy's (member clusters have other names).
+    #[serde(default)]
+    pub cluster_name: Option<String>,
+    /// The network of that cluster (default: the cluster name).
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

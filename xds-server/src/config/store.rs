@@ -1,13 +1,19 @@
-//! The config folder: every `*.yaml` / `*.yml` file below it, reloaded on change.
+//! The config folder: every `*.yaml` / `*.yml` file below it, reloaded on change; and
+//! the registries of member clusters, which their relays report as sets of files.
 //!
 //! A file is the unit of change and keeps its last good contents: an edit that fails
 //! to parse or validate, or that breaks a cross-file rule (a route to a deleted service),
 //! is rejected and the previous version of that file stays in effect. Errors are kept
-//! per file until the file is fixed, for the admin API.
+//! per file until the file is fixed, for the admin API. A member cluster's registry file
+//! is named `cluster NAME: FILE` in errors and holds WorkloadEntries only.
+
+mod registry;
+
+pub use registry::{ClusterStatus, RegistryError, RegistryOutcome};
 
 use super::parse::parse_file;
 use super::{ConfigError, ConfigObject};
-use crate::mesh::MeshState;
+use crate::mesh::{ClusterMeta, MemberRegistry, MeshState};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,10 +43,21 @@ struct FileState {
 /// A changed file's new objects; `None` when the file was deleted.
 type Proposed = (u64, Option<Arc<Vec<ConfigObject>>>);
 
+/// Where a file comes from. Ordered so each member cluster's files are contiguous.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum FileKey {
+    /// A file of the config folder: the mesh's own cluster.
+    Dir(PathBuf),
+    /// A file of a member cluster's registry: (cluster, name as its relay sent it).
+    Registry(String, String),
+}
+
 #[derive(Debug)]
 pub struct ConfigStore {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, FileState>,
+    files: BTreeMap<FileKey, FileState>,
+    /// Member clusters with a registry, and where they run.
+    clusters: BTreeMap<String, ClusterMeta>,
     mesh: Arc<MeshState>,
 }
 
@@ -66,6 +83,7 @@ impl ConfigStore {
         let mut store = ConfigStore {
             dir,
             files: BTreeMap::new(),
+            clusters: BTreeMap::new(),
             mesh: Arc::new(MeshState::default()),
         };
         let outcome = store.reload()?;
@@ -116,8 +134,11 @@ impl ConfigStore {
         Ok(out)
     }
 
-    fn display(&self, p: &Path) -> String {
-        p.display().to_string()
+    fn display(&self, key: &FileKey) -> String {
+        match key {
+            FileKey::Dir(p) => p.display().to_string(),
+            FileKey::Registry(cluster, name) => registry::display(cluster, name),
+        }
     }
 
     /// Re-reads the folder. Only an unreadable folder is an error; bad files are reported
@@ -126,9 +147,9 @@ impl ConfigStore {
         let paths = self.scan()?;
         let mut outcome = ReloadOutcome::default();
         // Per changed file: the proposed new objects (None = file deleted).
-        let mut proposed: BTreeMap<PathBuf, Proposed> = BTreeMap::new();
+        let mut proposed: BTreeMap<FileKey, Proposed> = BTreeMap::new();
         for p in &paths {
-            let name = self.display(p);
+            let name = p.display().to_string();
             let text = match std::fs::read(p) {
                 Ok(b) => b,
                 Err(e) => {
@@ -138,7 +159,7 @@ impl ConfigStore {
                 }
             };
             let hash = xxh3_64(&text);
-            let state = self.files.entry(p.clone()).or_default();
+            let state = self.files.entry(FileKey::Dir(p.clone())).or_default();
             if state.seen == Some(hash) {
                 continue;
             }
@@ -149,7 +170,7 @@ impl ConfigStore {
             };
             match parsed {
                 Ok(objs) => {
-                    proposed.insert(p.clone(), (hash, Some(Arc::new(objs))));
+                    proposed.insert(FileKey::Dir(p.clone()), (hash, Some(Arc::new(objs))));
                 }
                 Err(errs) => {
                     state.errors = errs.clone();
@@ -157,10 +178,10 @@ impl ConfigStore {
                 }
             }
         }
-        let removed: Vec<PathBuf> = self
+        let removed: Vec<FileKey> = self
             .files
             .keys()
-            .filter(|k| !paths.contains(k))
+            .filter(|k| matches!(k, FileKey::Dir(p) if !paths.contains(p)))
             .cloned()
             .collect();
         for p in removed {
@@ -169,18 +190,60 @@ impl ConfigStore {
         if proposed.is_empty() {
             return Ok(outcome);
         }
+        let clusters = self.clusters.clone();
+        let (changed, new_errors) = self.apply(proposed, clusters);
+        outcome.changed = changed;
+        outcome.new_errors.extend(new_errors);
+        Ok(outcome)
+    }
 
+    /// The mesh if `proposed` (changed files) and `clusters` (member clusters) took effect.
+    fn build(
+        &self,
+        proposed: &BTreeMap<FileKey, Proposed>,
+        clusters: &BTreeMap<String, ClusterMeta>,
+    ) -> Result<MeshState, Vec<ConfigError>> {
         // The objects in effect if this change is accepted: borrowed, not copied.
-        let sets: Vec<Arc<Vec<ConfigObject>>> = self
+        let sets: Vec<(&FileKey, Arc<Vec<ConfigObject>>)> = self
             .files
             .iter()
-            .filter_map(|(p, f)| match proposed.get(p) {
-                Some((_, new)) => new.clone(),
-                None => f.good.clone(),
+            .filter_map(|(k, f)| {
+                let set = match proposed.get(k) {
+                    Some((_, new)) => new.clone(),
+                    None => f.good.clone(),
+                };
+                set.map(|s| (k, s))
             })
             .collect();
-        let objects = sets.iter().flat_map(|set| set.iter());
-        match MeshState::build(objects) {
+        let own = sets
+            .iter()
+            .filter(|(k, _)| matches!(k, FileKey::Dir(_)))
+            .flat_map(|(_, set)| set.iter());
+        let members: Vec<MemberRegistry<'_>> = clusters
+            .iter()
+            .map(|(cluster, meta)| MemberRegistry {
+                cluster,
+                meta,
+                objects: sets
+                    .iter()
+                    .filter(|(k, _)| matches!(k, FileKey::Registry(c, _) if c == cluster))
+                    .flat_map(|(_, set)| set.iter())
+                    .collect(),
+            })
+            .collect();
+        MeshState::build_with_members(own, &members)
+    }
+
+    /// Puts `proposed` and `clusters` into effect if the mesh they make is consistent;
+    /// else holds the changed files back with the errors. Returns (mesh changed, errors).
+    fn apply(
+        &mut self,
+        proposed: BTreeMap<FileKey, Proposed>,
+        clusters: BTreeMap<String, ClusterMeta>,
+    ) -> (bool, Vec<ConfigError>) {
+        let mut changed = false;
+        let mut new_errors = Vec::new();
+        match self.build(&proposed, &clusters) {
             Ok(mesh) => {
                 for (p, (_, new)) in proposed {
                     match new {
@@ -194,13 +257,14 @@ impl ConfigStore {
                         }
                     }
                 }
-                outcome.changed = *self.mesh != mesh;
+                self.clusters = clusters;
+                changed = *self.mesh != mesh;
                 self.mesh = Arc::new(mesh);
             }
             Err(errs) => {
                 // Cross-file errors: the whole batch of changed files is held back, and
                 // every changed file carries the errors so none of them looks accepted.
-                let changed: Vec<String> = proposed.keys().map(|p| self.display(p)).collect();
+                let batch: Vec<String> = proposed.keys().map(|p| self.display(p)).collect();
                 for p in proposed.keys() {
                     let state = self.files.entry(p.clone()).or_default();
                     // Retried at the next reload: a change elsewhere may make it fit. A
@@ -210,20 +274,29 @@ impl ConfigStore {
                         .iter()
                         .map(|e| {
                             let mut e = e.clone();
-                            if !changed.iter().any(|c| **c == *e.file) {
+                            if !batch.iter().any(|c| **c == *e.file) {
                                 e.message = format!(
                                     "{} (after changes to {})",
                                     e.message,
-                                    changed.join(", ")
+                                    batch.join(", ")
                                 );
                             }
                             e
                         })
                         .collect();
                 }
-                outcome.new_errors.extend(errs);
+                new_errors.extend(errs);
+                // A member cluster's new network or locality needs no file: it still
+                // takes effect, with the files of the batch held back.
+                if clusters != self.clusters {
+                    if let Ok(mesh) = self.build(&BTreeMap::new(), &clusters) {
+                        self.clusters = clusters;
+                        changed = *self.mesh != mesh;
+                        self.mesh = Arc::new(mesh);
+                    }
+                }
             }
         }
-        Ok(outcome)
+        (changed, new_errors)
     }
 }

@@ -60,7 +60,53 @@ fn mesh_config(spec: &MeshConfigSpec) -> Result<(), FieldError> {
     if let Some(ns) = &spec.root_namespace {
         object_name(ns).map_err(|m| fe("spec.rootNamespace", m))?;
     }
+    if let Some(c) = &spec.cluster_name {
+        dns_label(c).map_err(|m| fe("spec.clusterName", m))?;
+    }
+    if let Some(n) = &spec.network {
+        dns_label(n).map_err(|m| fe("spec.network", m))?;
+    }
     Ok(())
+}
+
+/// An RFC 1123 label (no dots): cluster and network names become parts of locality
+/// strings, workload keys (`name.namespace@cluster`) and relay service accounts.
+pub fn dns_label(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a DNS label (1-63 lowercase letters, digits and '-', starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+/// A locality part (region, zone) or network of a member cluster: a Kubernetes label
+/// value (letters, digits, '-', '.', '_'), so never a '/' that would shift the parts of
+/// `region/zone/subzone`.
+pub fn label_value(value: &str) -> Result<(), String> {
+    let edge = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        && edge(value.bytes().next())
+        && edge(value.bytes().last());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{value}` is not a label value (1-63 letters, digits, '-', '.' or '_', starting and ending with a letter or digit)"
+        ))
+    }
 }
 
 pub fn hostname(h: &str) -> Result<(), String> {

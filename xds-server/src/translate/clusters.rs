@@ -2,7 +2,7 @@ use super::{ads, any, duration, inbound_cluster_name, outbound_cluster_name, tls
 use crate::mesh::{MeshState, Protocol, Service, ServicePortInfo, Workload};
 use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
-    Cluster,
+    Cluster, OutlierDetection,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     address::Address as AddressKind, socket_address::PortSpecifier, Address, Http2ProtocolOptions,
@@ -17,6 +17,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     },
     HttpProtocolOptions,
 };
+use envoy_types::pb::google::protobuf::UInt32Value;
 use std::net::IpAddr;
 
 fn lb_policy(name: Option<&str>) -> LbPolicy {
@@ -45,6 +46,39 @@ fn h2_options(cluster: &mut Cluster) {
     );
 }
 
+/// Passive health checking, so that failing endpoints stop getting traffic and, once the
+/// proxy's own cluster has too few healthy ones, EDS priority 1 (other clusters) takes
+/// over. What makes that work in Envoy:
+/// - A connection refused, reset or timed out counts as a 503 (local-origin errors are
+///   not split off), so an endpoint that is gone is ejected after 3 consecutive gateway
+///   failures; Envoy's default enforcement of that detector is 0 %, hence 100 here. App
+///   5xx eject after 5 (Envoy's default, stated).
+/// - `max_ejection_percent` 100: with Envoy's default 10 % a cluster's last local
+///   endpoints could never all be ejected, and traffic would never fail over.
+/// - Ejected endpoints are unhealthy for the priority load: priority 0 keeps
+///   `1.4 x healthy share` of the traffic (the default overprovisioning factor), so it
+///   spills to priority 1 in proportion once less than ~71 % of it is healthy, and
+///   entirely when none is. While priority 1 can take the rest, Envoy ignores the panic
+///   threshold; the default (50 %) is kept so that a cluster whose endpoints are all
+///   ejected still sends to them rather than failing every request.
+/// - The success-rate detector (on by default) is statistical, needs 5 hosts and 100
+///   requests per interval, and would eject by comparison with peers: off.
+///
+/// Ejections are checked every second and last 30 s, growing with repeated ejections.
+fn outlier_detection() -> OutlierDetection {
+    let n = |value| Some(UInt32Value { value });
+    OutlierDetection {
+        consecutive_5xx: n(5),
+        consecutive_gateway_failure: n(3),
+        enforcing_consecutive_gateway_failure: n(100),
+        enforcing_success_rate: n(0),
+        interval: Some(duration(std::time::Duration::from_secs(1))),
+        base_ejection_time: Some(duration(std::time::Duration::from_secs(30))),
+        max_ejection_percent: n(100),
+        ..Default::default()
+    }
+}
+
 fn eds_cluster(mesh: &MeshState, name: String, lb: Option<&str>, protocol: Protocol) -> Cluster {
     let mut c = Cluster {
         name,
@@ -55,6 +89,7 @@ fn eds_cluster(mesh: &MeshState, name: String, lb: Option<&str>, protocol: Proto
         }),
         connect_timeout: Some(duration(mesh.connect_timeout)),
         lb_policy: lb_policy(lb) as i32,
+        outlier_detection: Some(outlier_detection()),
         ..Default::default()
     };
     if protocol.is_h2() {

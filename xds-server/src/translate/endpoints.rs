@@ -1,3 +1,14 @@
+//! EDS: endpoints grouped by locality, ranked by cluster relative to the proxy's.
+//!
+//! Every workload endpoint has the locality `region/zone/subzone` with its cluster as the
+//! subzone (unless its WorkloadEntry sets one), so a config dump and Envoy's stats show
+//! where an endpoint runs. For a proxy of cluster C, endpoints in C have priority 0 and
+//! endpoints of other clusters priority 1: Envoy sends everything to priority 0 while
+//! enough of it is healthy and spills over as it is not (outlier detection on the
+//! clusters marks failing endpoints unhealthy, see `clusters.rs`). Envoy wants priorities
+//! without gaps, so when C has none of the endpoints (or all of them) they are all
+//! priority 0: that assignment is the same for every such proxy, and shared.
+
 use super::clusters::socket_address;
 use super::{outbound_cluster_name, tls};
 use crate::mesh::{Endpoint as MeshEndpoint, MeshState, Service, ServicePortInfo};
@@ -8,14 +19,38 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use envoy_types::pb::google::protobuf::UInt32Value;
 use std::collections::BTreeMap;
 
-fn locality(l: Option<&str>) -> Option<Locality> {
-    let l = l?;
-    let mut parts = l.split('/');
+/// (region, zone, subzone); all empty: no locality.
+type LocalityKey<'a> = (&'a str, &'a str, &'a str);
+
+fn locality_key(e: &MeshEndpoint) -> LocalityKey<'_> {
+    let mut parts = e.locality.as_deref().unwrap_or_default().split('/');
+    let region = parts.next().unwrap_or_default();
+    let zone = parts.next().unwrap_or_default();
+    let subzone = parts
+        .next()
+        .filter(|s| !s.is_empty())
+        .or(e.cluster.as_deref())
+        .unwrap_or_default();
+    (region, zone, subzone)
+}
+
+fn locality((region, zone, sub_zone): LocalityKey<'_>) -> Option<Locality> {
+    if region.is_empty() && zone.is_empty() && sub_zone.is_empty() {
+        return None;
+    }
     Some(Locality {
-        region: parts.next().unwrap_or_default().to_string(),
-        zone: parts.next().unwrap_or_default().to_string(),
-        sub_zone: parts.next().unwrap_or_default().to_string(),
+        region: region.to_string(),
+        zone: zone.to_string(),
+        sub_zone: sub_zone.to_string(),
     })
+}
+
+/// In `proxy_cluster` (an inline endpoint is in no cluster: local to every proxy).
+fn is_local(e: &MeshEndpoint, proxy_cluster: Option<&str>) -> bool {
+    match (proxy_cluster, e.cluster.as_deref()) {
+        (Some(pc), Some(c)) => pc == c,
+        _ => true,
+    }
 }
 
 fn assignment(
@@ -24,14 +59,20 @@ fn assignment(
     name: String,
     port: &ServicePortInfo,
     eps: &[&MeshEndpoint],
+    proxy_cluster: Option<&str>,
 ) -> ClusterLoadAssignment {
-    // Grouped by locality in a BTreeMap so the output order (and the version) is stable.
-    let mut groups: BTreeMap<Option<&str>, Vec<LbEndpoint>> = BTreeMap::new();
+    let ranked = proxy_cluster.is_some()
+        && eps.iter().any(|e| is_local(e, proxy_cluster))
+        && eps.iter().any(|e| !is_local(e, proxy_cluster));
+    // Grouped by (priority, locality) in a BTreeMap so the output order (and the version)
+    // is stable.
+    let mut groups: BTreeMap<(u32, LocalityKey<'_>), Vec<LbEndpoint>> = BTreeMap::new();
     let mut sorted: Vec<&&MeshEndpoint> = eps.iter().collect();
     sorted.sort_by_key(|e| (e.address, e.port_for(port)));
     for e in sorted {
+        let priority = u32::from(ranked && !is_local(e, proxy_cluster));
         groups
-            .entry(e.locality.as_deref())
+            .entry((priority, locality_key(e)))
             .or_default()
             .push(LbEndpoint {
                 host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
@@ -47,9 +88,10 @@ fn assignment(
         cluster_name: name,
         endpoints: groups
             .into_iter()
-            .map(|(loc, lb_endpoints)| LocalityLbEndpoints {
+            .map(|((priority, loc), lb_endpoints)| LocalityLbEndpoints {
                 locality: locality(loc),
                 lb_endpoints,
+                priority,
                 ..Default::default()
             })
             .collect(),
@@ -57,8 +99,20 @@ fn assignment(
     }
 }
 
-/// The ClusterLoadAssignments of one service: one per port and subset.
+/// The ClusterLoadAssignments of one service, one per port and subset, with every
+/// endpoint at priority 0: what proxies get unless the service has endpoints both in
+/// their cluster and elsewhere.
 pub fn service_endpoints(mesh: &MeshState, svc: &Service) -> Vec<ClusterLoadAssignment> {
+    service_endpoints_for(mesh, svc, None)
+}
+
+/// The ClusterLoadAssignments of one service (same names, same order as
+/// [`service_endpoints`]) for proxies of `proxy_cluster`: its endpoints first.
+pub fn service_endpoints_for(
+    mesh: &MeshState,
+    svc: &Service,
+    proxy_cluster: Option<&str>,
+) -> Vec<ClusterLoadAssignment> {
     let mut out = Vec::new();
     let subsets: Vec<&String> = mesh
         .destination_rules
@@ -73,6 +127,7 @@ pub fn service_endpoints(mesh: &MeshState, svc: &Service) -> Vec<ClusterLoadAssi
             outbound_cluster_name(p.number, None, &svc.fqdn),
             p,
             &all,
+            proxy_cluster,
         ));
         for s in &subsets {
             let eps = mesh.subset_endpoints(svc, Some(s));
@@ -82,6 +137,7 @@ pub fn service_endpoints(mesh: &MeshState, svc: &Service) -> Vec<ClusterLoadAssi
                 outbound_cluster_name(p.number, Some(s), &svc.fqdn),
                 p,
                 &eps,
+                proxy_cluster,
             ));
         }
     }

@@ -278,6 +278,6 @@ pub fn listeners(mesh: &MeshState, scope: &ProxyScope) -> Vec<Listener> {
             }
             None => outbound(mesh, IpAddr::from([127, 0, 0, 1])),
         },
-        ProxyScope::Namespace(_) => outbound(mesh, IpAddr::from([127, 0, 0, 1])),
+        ProxyScope::Namespace { .. } => outbound(mesh, IpAddr::from([127, 0, 0, 1])),
     }
 }

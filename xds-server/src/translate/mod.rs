@@ -3,9 +3,10 @@
 //! Naming follows Istio so a config dump reads the same: clusters
 //! `outbound|PORT|SUBSET|FQDN` and `inbound|PORT||`, route configurations named by port,
 //! virtual hosts `FQDN:PORT`. Which proxies share which output (DESIGN.md "proxy classes"):
-//! outbound clusters and endpoints are mesh-wide (clusters in two variants: plaintext, and
-//! with mutual TLS for sidecars with an identity, see [`tls`]), route configurations depend
-//! on the proxy's namespace (short host names), listeners and inbound clusters on its workload.
+//! outbound clusters are mesh-wide (in two variants: plaintext, and with mutual TLS for
+//! sidecars with an identity, see [`tls`]), endpoints depend on the proxy's cluster (its
+//! own cluster's endpoints first, see `endpoints.rs`), route configurations on its
+//! namespace (short host names), listeners and inbound clusters on its workload.
 
 pub mod authz;
 mod clusters;
@@ -18,7 +19,7 @@ pub mod tls;
 pub use clusters::{
     inbound_clusters, outbound_clusters, service_clusters, service_clusters_with_identity,
 };
-pub use endpoints::{endpoints, service_endpoints};
+pub use endpoints::{endpoints, service_endpoints, service_endpoints_for};
 pub use listeners::listeners;
 pub use routes::routes;
 
@@ -57,11 +58,22 @@ pub(crate) fn duration(d: std::time::Duration) -> PbDuration {
     }
 }
 
-/// Who a proxy is, as far as translation cares.
+/// Who a proxy is, as far as translation cares: its class.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ProxyScope {
-    /// A sidecar of a known WorkloadEntry (`name.namespace`).
+    /// A sidecar of a known workload, by its key (`name.namespace`, or
+    /// `name.namespace@cluster` in a member cluster): the workload knows its cluster.
     Workload(String),
-    /// A proxy that is not a known workload: outbound-only, bound on `127.0.0.1`.
-    Namespace(String),
+    /// A proxy that is not a known workload: outbound-only, bound on `127.0.0.1`, in
+    /// this namespace and cluster (node metadata `CLUSTER_ID`).
+    Namespace { namespace: String, cluster: String },
+}
+
+impl ProxyScope {
+    pub fn namespace(namespace: &str, cluster: &str) -> ProxyScope {
+        ProxyScope::Namespace {
+            namespace: namespace.to_string(),
+            cluster: cluster.to_string(),
+        }
+    }
 }

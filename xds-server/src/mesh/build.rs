@@ -1,246 +1,17 @@
-//! `MeshState`: every file's objects joined into one consistent, immutable model.
-//!
-//! Building it performs the cross-object checks (a route's host is a service, its subset
-//! is defined, no two objects claim the same host), so translation can trust it and never
-//! fails half-way.
+//! [`MeshState::build`]: joins every object into one mesh and checks what needs more than
+//! one object (hosts claimed twice, routes to unknown services or subsets, two workloads
+//! on one inbound address).
 
-use crate::config::model::*;
-use crate::config::peer_authentication::{PeerAuthenticationSpec, PeerAuthentications};
-use crate::config::security::{Named, SecurityPolicies};
+use super::workloads::{self, LabelIndex, MemberRegistry};
+use super::*;
+use crate::config::peer_authentication::PeerAuthenticationSpec;
+use crate::config::security::Named;
 use crate::config::{parse_duration, ConfigError, ConfigObject, Object, Source};
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
-/// Annotations that place a sidecar in explicit interception mode (DESIGN.md): where the
-/// application listens and where the sidecar binds its outbound listeners.
-pub const APP_ADDRESS_ANNOTATION: &str = "sidecar.trellis.dev/app-address";
-pub const OUTBOUND_ADDRESS_ANNOTATION: &str = "sidecar.trellis.dev/outbound-address";
+pub(super) struct Errors(pub Vec<ConfigError>);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Http,
-    Http2,
-    Grpc,
-    Tcp,
-}
-
-impl Protocol {
-    fn parse(s: Option<&str>) -> Protocol {
-        match s.map(str::to_ascii_uppercase).as_deref() {
-            Some("HTTP") => Protocol::Http,
-            Some("HTTP2") => Protocol::Http2,
-            Some("GRPC") => Protocol::Grpc,
-            _ => Protocol::Tcp,
-        }
-    }
-    pub fn is_http(self) -> bool {
-        !matches!(self, Protocol::Tcp)
-    }
-    /// Upstream needs HTTP/2 (gRPC cannot be downgraded to HTTP/1.1).
-    pub fn is_h2(self) -> bool {
-        matches!(self, Protocol::Http2 | Protocol::Grpc)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServicePortInfo {
-    pub number: u32,
-    pub name: String,
-    pub protocol: Protocol,
-    pub target_port: Option<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub address: IpAddr,
-    pub ports: BTreeMap<String, u32>,
-    pub labels: BTreeMap<String, String>,
-    pub locality: Option<String>,
-    pub weight: Option<u32>,
-    /// `name.namespace` of the WorkloadEntry, `None` for inline ServiceEntry endpoints.
-    pub workload: Option<String>,
-    /// The WorkloadEntry's service account (its SPIFFE identity), `None` for inline
-    /// endpoints; part of the endpoint so a change re-translates the service's clusters.
-    pub service_account: Option<String>,
-}
-
-impl Endpoint {
-    pub fn port_for(&self, p: &ServicePortInfo) -> u32 {
-        self.ports
-            .get(&p.name)
-            .copied()
-            .or(p.target_port)
-            .unwrap_or(p.number)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Service {
-    pub fqdn: String,
-    pub namespace: String,
-    pub entry: String,
-    pub ports: Vec<ServicePortInfo>,
-    pub mesh_internal: bool,
-    pub selector: Option<BTreeMap<String, String>>,
-    pub endpoints: Vec<Endpoint>,
-}
-
-impl Service {
-    pub fn port(&self, number: u32) -> Option<&ServicePortInfo> {
-        self.ports.iter().find(|p| p.number == number)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    pub address: IpAddr,
-    pub app_address: IpAddr,
-    pub outbound_address: IpAddr,
-    pub ports: BTreeMap<String, u32>,
-    pub labels: BTreeMap<String, String>,
-    pub service_account: String,
-    pub locality: Option<String>,
-}
-
-impl Workload {
-    pub fn id(&self) -> String {
-        format!("{}.{}", self.name, self.namespace)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RouteDestination {
-    pub host: String,
-    pub subset: Option<String>,
-    pub port: Option<u32>,
-    pub weight: u32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct HttpRouteRule {
-    pub name: Option<String>,
-    pub matches: Vec<HttpMatchRequest>,
-    pub destinations: Vec<RouteDestination>,
-    pub timeout: Option<Duration>,
-    pub retries: Option<RetryPolicy>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RetryPolicy {
-    pub attempts: u32,
-    pub per_try_timeout: Option<Duration>,
-    pub retry_on: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct VirtualService {
-    pub key: String,
-    pub namespace: String,
-    pub hosts: Vec<String>,
-    pub http: Vec<HttpRouteRule>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SubsetInfo {
-    pub labels: BTreeMap<String, String>,
-    pub lb: Option<String>,
-    /// `trafficPolicy.tls.mode` of the subset (DISABLE / ISTIO_MUTUAL).
-    pub tls: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct DestinationRuleInfo {
-    pub key: String,
-    pub lb: Option<String>,
-    /// `trafficPolicy.tls.mode` (DISABLE / ISTIO_MUTUAL); `None`: automatic mTLS.
-    pub tls: Option<String>,
-    pub subsets: BTreeMap<String, SubsetInfo>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct MeshState {
-    pub trust_domain: String,
-    pub cluster_domain: String,
-    pub connect_timeout: Duration,
-    /// Istio's root namespace: where mesh-wide policies live.
-    pub root_namespace: String,
-    /// Mutual TLS modes by workload and port (PeerAuthentication).
-    pub peer_authentication: Arc<PeerAuthentications>,
-    /// AuthorizationPolicies and RequestAuthentications (inbound RBAC and JWT).
-    pub security: SecurityPolicies,
-    pub services: BTreeMap<String, Arc<Service>>,
-    pub workloads: BTreeMap<String, Arc<Workload>>,
-    /// Host FQDN -> the VirtualService routing it.
-    pub virtual_services: BTreeMap<String, Arc<VirtualService>>,
-    /// Host FQDN -> its DestinationRule.
-    pub destination_rules: BTreeMap<String, Arc<DestinationRuleInfo>>,
-    /// Workload id -> FQDNs of the services selecting it.
-    pub workload_services: BTreeMap<String, Vec<String>>,
-    /// Object counts per kind, for the admin API.
-    pub counts: BTreeMap<&'static str, usize>,
-}
-
-impl Default for MeshState {
-    fn default() -> Self {
-        Self {
-            trust_domain: "cluster.local".into(),
-            cluster_domain: "cluster.local".into(),
-            connect_timeout: Duration::from_secs(10),
-            root_namespace: "istio-system".into(),
-            peer_authentication: Arc::default(),
-            security: SecurityPolicies::default(),
-            services: BTreeMap::new(),
-            workloads: BTreeMap::new(),
-            virtual_services: BTreeMap::new(),
-            destination_rules: BTreeMap::new(),
-            workload_services: BTreeMap::new(),
-            counts: BTreeMap::new(),
-        }
-    }
-}
-
-/// Workloads by (namespace, label key, label value).
-struct LabelIndex {
-    map: std::collections::HashMap<(String, String, String), Vec<Arc<Workload>>>,
-}
-
-impl LabelIndex {
-    fn new<'a>(workloads: impl Iterator<Item = &'a Arc<Workload>>) -> Self {
-        let mut map: std::collections::HashMap<_, Vec<Arc<Workload>>> = Default::default();
-        for w in workloads {
-            for (k, v) in &w.labels {
-                map.entry((w.namespace.clone(), k.clone(), v.clone()))
-                    .or_default()
-                    .push(w.clone());
-            }
-        }
-        Self { map }
-    }
-
-    /// Workloads that carry at least the rarest label of `selector`.
-    fn candidates(&self, ns: &str, selector: &BTreeMap<String, String>) -> &[Arc<Workload>] {
-        selector
-            .iter()
-            .map(|(k, v)| {
-                let key = (ns.to_string(), k.clone(), v.clone());
-                self.map.get(&key).map(Vec::as_slice).unwrap_or_default()
-            })
-            .min_by_key(|c| c.len())
-            .unwrap_or_default()
-    }
-}
-
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
-struct Errors(Vec<ConfigError>);
 impl Errors {
-    fn push<T>(
+    pub fn push<T>(
         &mut self,
         o: &Object<T>,
         kind: &str,
@@ -270,37 +41,19 @@ fn describe(s: &Source) -> String {
 }
 
 impl MeshState {
-    /// Turns a short host (`reviews`) into the FQDN Istio would (`reviews.NS.svc.DOMAIN`).
-    pub fn resolve_host(&self, host: &str, namespace: &str) -> String {
-        if host.contains('.') {
-            host.to_string()
-        } else {
-            format!("{host}.{namespace}.svc.{}", self.cluster_domain)
-        }
-    }
-
-    /// Host names a proxy in `namespace` can use for a service: the short forms only
-    /// when they are unambiguous, i.e. for Kubernetes-style hosts of its own namespace
-    /// (short name) or any namespace (`name.ns`), as kube-dns search paths allow.
-    pub fn host_aliases(&self, fqdn: &str, namespace: &str) -> Vec<String> {
-        let mut out = vec![fqdn.to_string()];
-        let suffix = format!(".svc.{}", self.cluster_domain);
-        if let Some(stem) = fqdn.strip_suffix(&suffix) {
-            if let Some((name, ns)) = stem.split_once('.') {
-                if !ns.contains('.') {
-                    out.push(format!("{name}.{ns}"));
-                    out.push(format!("{name}.{ns}.svc"));
-                    if ns == namespace {
-                        out.push(name.to_string());
-                    }
-                }
-            }
-        }
-        out
-    }
-
+    /// The mesh of the config folder's objects alone (a single-cluster mesh).
     pub fn build<'a>(
         objects: impl IntoIterator<Item = &'a ConfigObject>,
+    ) -> Result<MeshState, Vec<ConfigError>> {
+        Self::build_with_members(objects, &[])
+    }
+
+    /// The mesh of the config folder's objects plus the workloads member clusters
+    /// reported. Errors name the file each object came from (for a member cluster's
+    /// file, `cluster NAME: FILE`).
+    pub fn build_with_members<'a>(
+        objects: impl IntoIterator<Item = &'a ConfigObject>,
+        members: &[MemberRegistry<'a>],
     ) -> Result<MeshState, Vec<ConfigError>> {
         let mut mesh = MeshState::default();
         let mut errs = Errors(Vec::new());
@@ -361,7 +114,13 @@ impl MeshState {
             if let Some(ns) = &mc.spec.root_namespace {
                 mesh.root_namespace = ns.clone();
             }
+            if let Some(c) = &mc.spec.cluster_name {
+                mesh.cluster_name = c.clone();
+            }
         }
+        mesh.network = mesh_config
+            .and_then(|mc| mc.spec.network.clone())
+            .unwrap_or_else(|| mesh.cluster_name.clone());
 
         // Istio never applies a selector policy of the root namespace (it is neither
         // mesh-wide nor a workload policy there); Trellis says so instead of ignoring it.
@@ -388,47 +147,57 @@ impl MeshState {
         ));
         mesh.security = SecurityPolicies::new(authz, authn);
 
-        for we in &wes {
-            let annotation_ip = |key: &str, errs: &mut Errors| -> Option<IpAddr> {
-                match we.annotations.get(key) {
-                    None => Some(IpAddr::from([127, 0, 0, 1])),
-                    Some(v) => match v.parse() {
-                        Ok(ip) => Some(ip),
-                        Err(_) => {
-                            errs.push(
-                                we,
-                                "WorkloadEntry",
-                                format!("metadata.annotations.{key}"),
-                                format!("`{v}` is not an IP address"),
-                            );
-                            None
-                        }
-                    },
+        let own_cluster = mesh.cluster_name.clone();
+        let own = workloads::Origin {
+            cluster: &own_cluster,
+            member: false,
+            network: mesh.network.clone(),
+            locality: None,
+        };
+        let mut by_key = workloads::add(&mut mesh, &mut errs, &wes, &own);
+        for m in members {
+            if m.cluster == mesh.cluster_name {
+                // The store refuses such a registry; only a renamed own cluster gets here.
+                let msg = format!(
+                    "`{}` is the name of a member cluster whose relay reports workloads; \
+                     the mesh control plane's own cluster needs another name",
+                    m.cluster
+                );
+                match mesh_config {
+                    Some(mc) => errs.push(mc, "MeshConfig", "spec.clusterName", msg),
+                    None => errs
+                        .0
+                        .push(ConfigError::file(&format!("cluster {}", m.cluster), msg)),
                 }
-            };
-            let app = annotation_ip(APP_ADDRESS_ANNOTATION, &mut errs);
-            let outbound = annotation_ip(OUTBOUND_ADDRESS_ANNOTATION, &mut errs);
-            let (Some(app_address), Some(outbound_address), Ok(address)) =
-                (app, outbound, we.spec.address.parse())
-            else {
                 continue;
+            }
+            mesh.members.insert(m.cluster.to_string(), m.meta.clone());
+            let mut seen: BTreeMap<String, Source> = BTreeMap::new();
+            let mut entries = Vec::with_capacity(m.objects.len());
+            for obj in &m.objects {
+                *mesh.counts.entry(obj.kind()).or_default() += 1;
+                let ConfigObject::WorkloadEntry(we) = obj else {
+                    errs.0.push(workloads::member_kind_error(m.cluster, obj));
+                    continue;
+                };
+                if let Some(prev) = seen.insert(we.key(), we.source.clone()) {
+                    errs.push(
+                        we,
+                        "WorkloadEntry",
+                        "metadata.name",
+                        format!("already defined in {}", describe(&prev)),
+                    );
+                    continue;
+                }
+                entries.push(we);
+            }
+            let origin = workloads::Origin {
+                cluster: m.cluster,
+                member: true,
+                network: m.meta.network_of(m.cluster),
+                locality: m.meta.locality(),
             };
-            let w = Workload {
-                name: we.name.clone(),
-                namespace: we.namespace.clone(),
-                address,
-                app_address,
-                outbound_address,
-                ports: we.spec.ports.clone(),
-                labels: we.spec.labels.clone(),
-                service_account: we
-                    .spec
-                    .service_account
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-                locality: we.spec.locality.clone(),
-            };
-            mesh.workloads.insert(w.id(), Arc::new(w));
+            by_key.extend(workloads::add(&mut mesh, &mut errs, &entries, &origin));
         }
 
         // Selecting workloads by scanning all of them per service is O(services x
@@ -477,6 +246,7 @@ impl MeshState {
                             weight: e.weight,
                             workload: None,
                             service_account: None,
+                            cluster: None,
                         })
                     })
                     .collect();
@@ -489,10 +259,14 @@ impl MeshState {
                                 labels: w.labels.clone(),
                                 locality: w.locality.clone(),
                                 weight: None,
-                                workload: Some(w.id()),
+                                workload: Some(w.key.clone()),
                                 service_account: Some(w.service_account.clone()),
+                                cluster: Some(w.cluster.clone()),
                             });
-                            selected.entry(w.id()).or_default().push(fqdn.clone());
+                            selected
+                                .entry(w.key.clone())
+                                .or_default()
+                                .push(fqdn.clone());
                         }
                     }
                 }
@@ -667,27 +441,25 @@ impl MeshState {
             }
         }
 
-        // Two workloads on one inbound address:port would make two sidecars fight for a socket.
-        let mut inbound: BTreeMap<(IpAddr, u32), String> = BTreeMap::new();
+        // Two workloads on one inbound address:port of one cluster would make two sidecars
+        // fight for a socket; other clusters are other hosts.
+        let by_key: BTreeMap<String, &Object<WorkloadEntrySpec>> = by_key.into_iter().collect();
+        let mut inbound: BTreeMap<(&str, IpAddr, u32), &str> = BTreeMap::new();
         for w in mesh.workloads.values() {
             for port in mesh.inbound_ports(w) {
-                if let Some(other) = inbound.insert((w.address, port.0), w.id()) {
-                    if other != w.id() {
-                        if let Some(we) = wes
-                            .iter()
-                            .find(|we| we.name == w.name && we.namespace == w.namespace)
-                        {
-                            errs.push(
-                                we,
-                                "WorkloadEntry",
-                                "spec.address",
-                                format!(
-                                    "{}:{} is already the inbound address of workload {other}",
-                                    w.address, port.0
-                                ),
-                            );
-                        }
-                    }
+                let Some(other) = inbound.insert((&w.cluster, w.address, port.0), &w.key) else {
+                    continue;
+                };
+                if let Some(we) = by_key.get(&w.key).filter(|_| other != w.key) {
+                    errs.push(
+                        *we,
+                        "WorkloadEntry",
+                        "spec.address",
+                        format!(
+                            "{}:{} is already the inbound address of workload {other}",
+                            w.address, port.0
+                        ),
+                    );
                 }
             }
         }
@@ -697,52 +469,5 @@ impl MeshState {
         } else {
             Err(errs.0)
         }
-    }
-
-    /// Services whose selector picks this workload.
-    pub fn services_of<'a>(
-        &'a self,
-        w: &'a Workload,
-    ) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
-        self.workload_services
-            .get(&w.id())
-            .into_iter()
-            .flatten()
-            .filter_map(|fqdn| self.services.get(fqdn))
-    }
-
-    /// Distinct (workload port, protocol) pairs the sidecar must accept inbound.
-    pub fn inbound_ports(&self, w: &Workload) -> BTreeSet<(u32, Protocol)> {
-        let mut out = BTreeSet::new();
-        for s in self.services_of(w) {
-            for p in &s.ports {
-                let ep_port = w
-                    .ports
-                    .get(&p.name)
-                    .copied()
-                    .or(p.target_port)
-                    .unwrap_or(p.number);
-                out.insert((ep_port, p.protocol));
-            }
-        }
-        out
-    }
-
-    /// Endpoints of a service port, optionally narrowed to a subset.
-    pub fn subset_endpoints<'a>(
-        &'a self,
-        svc: &'a Service,
-        subset: Option<&str>,
-    ) -> Vec<&'a Endpoint> {
-        let labels = subset.and_then(|s| {
-            self.destination_rules
-                .get(&svc.fqdn)
-                .and_then(|dr| dr.subsets.get(s))
-                .map(|s| &s.labels)
-        });
-        svc.endpoints
-            .iter()
-            .filter(|e| labels.is_none_or(|l| selects(l, &e.labels)))
-            .collect()
     }
 }
