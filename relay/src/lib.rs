@@ -84,6 +84,15 @@ pub struct Relay {
     tasks: Vec<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("xds_addr", &self.xds_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Relay {
     fn drop(&mut self) {
         for t in &self.tasks {

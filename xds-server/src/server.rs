@@ -8,6 +8,7 @@ use crate::config::store::StoreError;
 use crate::controller::Controller;
 use crate::identity::auth::Authenticator;
 use crate::identity::ca_service::CaService;
+use crate::identity::registration::RegistrationService;
 use crate::identity::secrets::CaSecrets;
 use crate::identity::{self, IdentityError};
 use crate::metrics::Metrics;
@@ -154,6 +155,7 @@ impl Server {
                 incoming,
                 AdsService::secure(secure_shared, authn.clone()),
                 CaService::server(auth_ca.clone(), authn.clone(), metrics.clone()),
+                RegistrationService::server(controller.clone(), authn.clone(), metrics.clone()),
             ));
             secure_addr = Some(addr);
             authority = Some(auth_ca);
@@ -180,10 +182,11 @@ impl Server {
             let admin = axum::serve(admin, router);
             let secure = async move {
                 match secure_server {
-                    Some((incoming, ads, ca)) => tonic::transport::Server::builder()
+                    Some((incoming, ads, ca, registration)) => tonic::transport::Server::builder()
                         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                         .add_service(ads)
                         .add_service(ca)
+                        .add_service(registration)
                         .serve_with_incoming(incoming)
                         .await
                         .map_err(|e| format!("secure xDS server failed: {e}")),

@@ -285,21 +285,18 @@ async fn a_joined_relay_authenticates_with_its_certificate_and_renews_it() {
     let (chain, key) = join_a(&s).await;
     let relay = s.channel(Some((&client_chain(&chain), &key))).await;
 
-    // ADS with the relay's certificate and no token.
-    let resp = sds(relay.clone(), None, RELAY_A_NODE, &["default"])
+    // ADS with the relay's certificate and no token: a relay acts for the proxies of its
+    // own cluster only (node metadata CLUSTER_ID), and never gets a proxy's secrets.
+    let err = sds(relay.clone(), None, RELAY_A_NODE, &["default"])
         .await
-        .unwrap();
-    match secrets(&resp).remove(0).r#type {
-        Some(secret::Type::TlsCertificate(t)) => {
-            assert_eq!(
-                leaf_uri_sans(&inline(&t.certificate_chain)),
-                vec![relay_id("a").uri()]
-            );
-        }
-        other => panic!("unexpected {other:?}"),
-    }
-    let p = s.server.registry.find(RELAY_A_NODE).unwrap();
-    assert_eq!(p.identity(), Some(relay_id("a").uri().as_str()));
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("the relay of cluster a may not act for a proxy of cluster \"primary\""),
+        "{}",
+        err.message()
+    );
 
     // The certificate makes a relay caller of cluster a (what the TLS layer passes on).
     let der = CertificateDer::pem_slice_iter(chain[0].as_bytes())

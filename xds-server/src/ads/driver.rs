@@ -92,7 +92,9 @@ pub(crate) async fn run<P: Protocol>(
     let status = registration.status.clone();
     let _gauge = ConnectedGauge::new(shared.metrics.clone(), P::MODE);
     let mut secrets = match (&caller, &shared.secrets) {
-        (Some(c), Some(provider)) => {
+        // A relay fetches config for its cluster's classes; it gets its own certificates
+        // through CreateCertificate, never a proxy's secrets.
+        (Some(c), Some(provider)) if c.relay_of.is_none() => {
             status.set_identity(c.identity.uri());
             match provider.open(&c.identity, &node.id) {
                 Ok(rx) => Some(rx),

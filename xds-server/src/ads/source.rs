@@ -56,6 +56,17 @@ impl ConfigSource for Snapshot {
                 )
             });
         };
+        if let Some(relay_cluster) = &caller.relay_of {
+            // A relay acts for the proxies of its own cluster, and only those.
+            return match node.cluster_id.as_deref() {
+                Some(c) if c == relay_cluster => None,
+                other => Some(format!(
+                    "the relay of cluster {relay_cluster} may not act for a proxy of cluster {:?} \
+                     (node metadata CLUSTER_ID)",
+                    other.unwrap_or(&self.mesh.cluster_name)
+                )),
+            };
+        }
         let id = &caller.identity;
         if node.namespace != id.namespace {
             return Some(format!(

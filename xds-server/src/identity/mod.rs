@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod ca_service;
+pub mod registration;
 pub mod rotation;
 pub mod secrets;
 pub mod tls;

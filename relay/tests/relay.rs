@@ -1,0 +1,222 @@
+//! The relay in-process against an in-process control plane: joining (once), serving
+//! sidecars from one upstream stream per class, reporting its registry, and serving on
+//! when the control plane is gone.
+#![allow(clippy::unwrap_used)]
+
+use cert_authority::{CaOptions, TokenKind};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest,
+    DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use relay::{Relay, RelayOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use xds_server::server::{SecureOptions, Server};
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../xds-server/tests/fixtures/protocol")
+}
+
+const MEMBER_WORKLOAD: &str = "apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: ratings-b
+  namespace: default
+spec:
+  address: 127.0.7.5
+  labels: {app: ratings, version: v1}
+  serviceAccount: bookinfo-ratings
+  ports: {http: 9080}
+";
+
+struct Mesh {
+    dir: tempfile::TempDir,
+    server: Server,
+}
+
+async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+async fn start_server(dir: &Path) -> Server {
+    Server::start_with(
+        dir.join("config"),
+        bind().await,
+        bind().await,
+        Some(SecureOptions {
+            listener: bind().await,
+            ca: CaOptions {
+                dir: dir.join("ca"),
+                ..CaOptions::default()
+            },
+            workload_ttl: None,
+        }),
+    )
+    .await
+    .unwrap()
+}
+
+async fn mesh() -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    for f in ["mesh.yaml", "services.yaml", "workloads.yaml"] {
+        std::fs::copy(fixtures().join(f), config.join(f)).unwrap();
+    }
+    let registry = dir.path().join("registry-b");
+    std::fs::create_dir(&registry).unwrap();
+    std::fs::write(registry.join("ratings.yaml"), MEMBER_WORKLOAD).unwrap();
+    let server = start_server(dir.path()).await;
+    Mesh { dir, server }
+}
+
+impl Mesh {
+    fn join_token(&self, cluster: &str) -> String {
+        let ca = self.server.authority.as_ref().unwrap();
+        let id = xds_server::clusters::relay_identity("cluster.local", cluster);
+        ca.tokens()
+            .create(
+                &id,
+                TokenKind::Join,
+                Duration::from_secs(600),
+                [("cluster".to_string(), cluster.to_string())].into(),
+            )
+            .unwrap()
+    }
+
+    async fn relay(&self, token: Option<String>, state: &str) -> Result<Relay, relay::RelayError> {
+        Relay::start(RelayOptions {
+            cluster: "b".into(),
+            upstream: self.server.secure_addr.unwrap(),
+            trust_bundle_pem: self
+                .server
+                .authority
+                .as_ref()
+                .unwrap()
+                .current()
+                .bundle_pem
+                .clone(),
+            join_token: token,
+            state_dir: self.dir.path().join(state),
+            registry_dir: Some(self.dir.path().join("registry-b")),
+            listen: bind().await,
+            admin: bind().await,
+        })
+        .await
+    }
+}
+
+/// An outbound-only proxy of namespace default in cluster b.
+fn node(id: &str) -> Node {
+    let s = |v: &str| Value {
+        kind: Some(Kind::StringValue(v.into())),
+    };
+    Node {
+        id: id.into(),
+        metadata: Some(Struct {
+            fields: [("CLUSTER_ID".to_string(), s("b"))].into_iter().collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// First CDS response for `node_id` from the ADS server at `addr`.
+async fn cds(addr: std::net::SocketAddr, node_id: &str) -> DiscoveryResponse {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(node(node_id)),
+        type_url: CDS.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    tokio::time::timeout(WAIT, async move {
+        let mut stream = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        drop(tx);
+        first
+    })
+    .await
+    .expect("no CDS response within 10 s")
+}
+
+async fn until(what: &str, ok: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn a_relay_joins_once_serves_its_sidecars_and_keeps_serving_without_the_control_plane() {
+    let mut m = mesh().await;
+    let token = m.join_token("b");
+    let relay = m.relay(Some(token.clone()), "relay-b").await.unwrap();
+    // The control plane recorded the member cluster, and merged its registry.
+    assert!(m.server.clusters.as_ref().unwrap().get("b").is_some());
+    let controller = m.server.controller.clone();
+    until("cluster b's workload in the mesh", || {
+        controller
+            .snapshot()
+            .mesh
+            .workload("ratings-b.default", Some("b"))
+            .is_some()
+    })
+    .await;
+
+    // Two proxies of one class through the relay: the same CDS as straight from the
+    // control plane (same content, same version), from one upstream stream for the class.
+    let direct = cds(m.server.xds_addr, "direct~1").await;
+    let a = cds(relay.xds_addr, "sidecar-1").await;
+    let b = cds(relay.xds_addr, "sidecar-2").await;
+    assert!(!a.resources.is_empty());
+    assert_eq!(a.version_info, direct.version_info);
+    assert_eq!(b.version_info, direct.version_info);
+    // Classes: namespace default (the two sidecars) and ratings-b (prefetched from the
+    // registry): two upstream streams, not one per sidecar.
+    until("two upstream streams", || {
+        relay.upstream.streams.load(Ordering::Relaxed) == 2
+    })
+    .await;
+
+    // The token was used up: another relay cannot join with it.
+    let err = m.relay(Some(token), "relay-b-again").await.unwrap_err();
+    assert!(err.to_string().contains("already used"), "{err}");
+
+    // The control plane goes away: the relay serves a new sidecar from its cache.
+    m.server.stop();
+    let c = cds(relay.xds_addr, "sidecar-3").await;
+    assert_eq!(c.version_info, direct.version_info);
+
+    // The control plane comes back on the same CA: a relay restart needs no token (its
+    // state dir holds its certificate).
+    drop(relay);
+    let dir = m.dir.path().to_path_buf();
+    m.server = start_server(&dir).await;
+    let relay = m.relay(None, "relay-b").await.unwrap();
+    let d = cds(relay.xds_addr, "sidecar-4").await;
+    assert!(!d.resources.is_empty());
+}
