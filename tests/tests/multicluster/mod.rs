@@ -186,6 +186,9 @@ pub struct Relay {
     pub process: Option<ChildGuard>,
     pub def: ClusterDef,
     pub xds_addr: SocketAddr,
+    /// Its secure port (TLS, bootstrap tokens, SDS); unused by these plaintext sidecars,
+    /// but every relay needs its own.
+    pub secure_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub registry_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -254,6 +257,7 @@ impl MultiMesh {
                 process: None,
                 def,
                 xds_addr: free(ip)?,
+                secure_addr: free(ip)?,
                 admin_addr: free(ip)?,
                 registry_dir,
                 state_dir: dir.path().join(format!("state-{}", def.name)),

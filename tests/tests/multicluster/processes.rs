@@ -119,8 +119,7 @@ impl MultiMesh {
         &self,
         cluster: &str,
         with_token: bool,
-        listen: SocketAddr,
-        admin: SocketAddr,
+        [listen, secure, admin]: [SocketAddr; 3],
         state_dir: &Path,
     ) -> Command {
         let relay = self.relay(cluster);
@@ -133,6 +132,8 @@ impl MultiMesh {
             .arg(self.trust_bundle_path())
             .arg("--listen")
             .arg(listen.to_string())
+            .arg("--secure-listen")
+            .arg(secure.to_string())
             .arg("--admin-addr")
             .arg(admin.to_string())
             .arg("--registry-dir")
@@ -149,12 +150,16 @@ impl MultiMesh {
     /// state dir holds its certificate) and waits until its admin API answers, which it
     /// does only after it has an identity.
     pub fn start_relay(&mut self, cluster: &str, with_token: bool) -> anyhow::Result<()> {
-        let (listen, admin, state_dir) = {
+        let (addrs, state_dir) = {
             let r = self.relay(cluster);
             ensure!(r.process.is_none(), "relay {cluster} is already running");
-            (r.xds_addr, r.admin_addr, r.state_dir.clone())
+            (
+                [r.xds_addr, r.secure_addr, r.admin_addr],
+                r.state_dir.clone(),
+            )
         };
-        let mut command = self.relay_command(cluster, with_token, listen, admin, &state_dir);
+        let admin = addrs[2];
+        let mut command = self.relay_command(cluster, with_token, addrs, &state_dir);
         command.env("RUST_LOG", "info");
         let dir = self.dir.path().to_path_buf();
         let relay = self.relay_mut(cluster);
@@ -196,11 +201,13 @@ impl MultiMesh {
     /// stderr holds only what the relay says about the failure.
     pub fn run_relay_again_with_token(&self, cluster: &str) -> anyhow::Result<Output> {
         let ip = self.net.ip(4);
-        let listen = SocketAddr::new(ip, free_port(ip)?);
-        let admin = SocketAddr::new(ip, free_port(ip)?);
+        let mut addrs = [SocketAddr::new(ip, 0); 3];
+        for addr in &mut addrs {
+            addr.set_port(free_port(ip)?);
+        }
         let state_dir = self.dir.path().join(format!("state-{cluster}-again"));
         std::fs::create_dir(&state_dir)?;
-        let mut command = self.relay_command(cluster, true, listen, admin, &state_dir);
+        let mut command = self.relay_command(cluster, true, addrs, &state_dir);
         command.env("RUST_LOG", "off");
         run_to_completion(command, CLI_TIMEOUT)
     }

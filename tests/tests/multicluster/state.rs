@@ -32,6 +32,24 @@ impl HostState {
 /// A proxy's per-type state at a relay: `(proxy, type)` -> (sent version, pushes).
 pub type SentState = BTreeMap<(String, String), (Value, u64)>;
 
+/// What differs between two [`SentState`]s of one relay, one line per proxy and type.
+pub fn sent_changes(before: &SentState, after: &SentState) -> Vec<String> {
+    let keys: std::collections::BTreeSet<_> = before.keys().chain(after.keys()).collect();
+    keys.into_iter()
+        .filter_map(|key| {
+            let (b, a) = (before.get(key), after.get(key));
+            (b != a).then(|| {
+                let show = |s: Option<&(Value, u64)>| {
+                    s.map_or("-".to_owned(), |(v, p)| {
+                        format!("version {v} after {p} pushes")
+                    })
+                };
+                format!("{} {}: {} -> {}", key.0, key.1, show(b), show(a))
+            })
+        })
+        .collect()
+}
+
 /// The Envoy cluster of service `app`'s HTTP port.
 pub fn outbound_cluster(app: &str) -> String {
     format!("outbound|{PORT}||{app}.{NAMESPACE}.svc.cluster.local")
