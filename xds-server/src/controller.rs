@@ -33,6 +33,7 @@ pub const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 pub struct ConfigStatus {
     pub dir: String,
     pub generation: u64,
+    /// Config folder reloads and registry reports taken.
     pub reloads: u64,
     pub objects: std::collections::BTreeMap<&'static str, usize>,
     /// The cluster of the config folder's workloads (`MeshConfig.clusterName`).
