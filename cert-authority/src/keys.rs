@@ -21,6 +21,23 @@ impl PrivateKey {
         PrivateKey(Zeroizing::new(pem::encode("PRIVATE KEY", &der)))
     }
 
+    /// What an agent (or a relay for its sidecars) does: a fresh ECDSA P-256 key and a
+    /// CSR for `id` (its URI SAN only), to send to `CreateCertificate`.
+    pub fn generate_with_csr(id: &crate::SpiffeId) -> Result<(PrivateKey, String), CaError> {
+        let key = generate_p256()?;
+        let mut params = rcgen::CertificateParams::default();
+        let uri = id
+            .uri()
+            .try_into()
+            .map_err(|e: rcgen::Error| CaError::Crypto(format!("{id} in a CSR: {e}")))?;
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+        let csr = params
+            .serialize_request(&key)
+            .and_then(|c| c.pem())
+            .map_err(|e| CaError::Crypto(format!("making a CSR for {id}: {e}")))?;
+        Ok((PrivateKey::from_key_pair(&key), csr))
+    }
+
     /// The key as PEM ("PRIVATE KEY", PKCS#8): what Envoy's `tls_certificate.private_key` gets.
     pub fn pem(&self) -> &str {
         &self.0

@@ -16,6 +16,7 @@
 pub mod cache;
 pub mod join;
 pub mod registry;
+pub mod secrets;
 pub mod tls;
 pub mod upstream;
 
@@ -71,11 +72,16 @@ pub struct RelayOptions {
     /// The cluster's WorkloadEntries, reported upstream (none: the cluster reports nothing).
     pub registry_dir: Option<PathBuf>,
     pub listen: TcpListener,
+    /// Sidecars with identities connect here (TLS with the relay's certificate, bootstrap
+    /// tokens) and get their certificates over SDS; `None`: config only.
+    pub secure_listen: Option<TcpListener>,
     pub admin: TcpListener,
 }
 
 pub struct Relay {
     pub xds_addr: SocketAddr,
+    pub secure_addr: Option<SocketAddr>,
+    pub secrets: Option<Arc<secrets::RelaySecrets>>,
     pub admin_addr: SocketAddr,
     pub cache: Arc<RelayCache>,
     pub registry: Arc<ProxyRegistry>,
@@ -130,8 +136,12 @@ impl Relay {
                 id
             }
         };
+        // Bootstraps of this cluster's sidecars trust the relay through these files.
+        xds_server::identity::write_trust_bundle(&opts.state_dir, &identity.bundle_pem)
+            .map_err(|e| RelayError::Tls(e.to_string()))?;
         let live = Arc::new(RwLock::new(identity.tls()?));
         let channel = tls::channel(opts.upstream, live.clone());
+        let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(identity.bundle_pem.clone());
         let identity = Arc::new(RwLock::new(identity));
         let (cache, wanted) = RelayCache::new(&opts.cluster);
         let stats = Arc::new(UpstreamStats::default());
@@ -155,11 +165,60 @@ impl Relay {
                 report.clone(),
             )));
         }
+        let secure_addr = opts
+            .secure_listen
+            .as_ref()
+            .map(|l| l.local_addr().map_err(RelayError::Listener))
+            .transpose()?;
+        let mut secrets = None;
+        let mut server_tls = None;
+        if let Some(listener) = opts.secure_listen {
+            let auth = Arc::new(secrets::RelayAuth::load(channel.clone(), &opts.state_dir).await?);
+            let provider = Arc::new(secrets::RelaySecrets::new(
+                channel.clone(),
+                auth.clone(),
+                bundle_rx.clone(),
+            ));
+            let current = identity
+                .read()
+                .map(|i| i.clone())
+                .unwrap_or_else(|e| e.into_inner().clone());
+            let config = xds_server::identity::tls::server_config(
+                &current.chain_pem,
+                &current.key_pem,
+                &current.bundle_pem,
+            )
+            .map_err(|e| RelayError::Tls(e.to_string()))?;
+            let swap = Arc::new(arc_swap::ArcSwap::new(config));
+            server_tls = Some(swap.clone());
+            let shared = AdsShared {
+                snapshots: cache.subscribe(),
+                secrets: Some(provider.clone() as Arc<dyn xds_server::ads::secrets::SecretProvider>),
+                subscriptions: Default::default(),
+                registry: registry.clone(),
+                metrics: metrics.clone(),
+            };
+            let incoming = xds_server::identity::tls::incoming(listener, swap);
+            tasks.push(tokio::spawn(async move {
+                let r = tonic::transport::Server::builder()
+                    .add_service(AdsService::secure(shared, auth))
+                    .serve_with_incoming(incoming)
+                    .await;
+                if let Err(e) = r {
+                    warn!(error = %e, "the relay's secure xDS server failed");
+                }
+            }));
+            secrets = Some(provider);
+        }
         tasks.push(tokio::spawn(renew_loop(
             channel,
             identity.clone(),
-            live,
-            opts.state_dir.clone(),
+            Renewed {
+                live,
+                server_tls,
+                bundle: bundle_tx,
+                state_dir: opts.state_dir.clone(),
+            },
         )));
         let xds_addr = opts.listen.local_addr().map_err(RelayError::Listener)?;
         let admin_addr = opts.admin.local_addr().map_err(RelayError::Listener)?;
@@ -204,6 +263,8 @@ impl Relay {
         }));
         Ok(Relay {
             xds_addr,
+            secure_addr,
+            secrets,
             admin_addr,
             cache,
             registry,
@@ -214,12 +275,25 @@ impl Relay {
     }
 }
 
+/// Where a renewed relay certificate goes.
+struct Renewed {
+    live: tls::LiveConfig,
+    server_tls: Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
+    bundle: tokio::sync::watch::Sender<String>,
+    state_dir: PathBuf,
+}
+
 async fn renew_loop(
     channel: tonic::transport::Channel,
     identity: Arc<RwLock<RelayIdentity>>,
-    live: tls::LiveConfig,
-    state_dir: PathBuf,
+    to: Renewed,
 ) {
+    let Renewed {
+        live,
+        server_tls,
+        bundle,
+        state_dir,
+    } = to;
     loop {
         let current = identity
             .read()
@@ -242,7 +316,25 @@ async fn renew_loop(
                         continue;
                     }
                 }
-                if let Err(e) = join::save(&state_dir, &next) {
+                if let Some(swap) = &server_tls {
+                    match xds_server::identity::tls::server_config(
+                        &next.chain_pem,
+                        &next.key_pem,
+                        &next.bundle_pem,
+                    ) {
+                        Ok(c) => swap.store(c),
+                        Err(e) => warn!(error = %e, "cannot serve with the renewed certificate"),
+                    }
+                }
+                bundle.send_if_modified(|b| {
+                    let changed = *b != next.bundle_pem;
+                    b.clone_from(&next.bundle_pem);
+                    changed
+                });
+                if let Err(e) = join::save(&state_dir, &next).and_then(|()| {
+                    xds_server::identity::write_trust_bundle(&state_dir, &next.bundle_pem)
+                        .map_err(|e| RelayError::Tls(e.to_string()))
+                }) {
                     warn!(error = %e, "cannot save the renewed relay certificate");
                 }
                 info!(identity = %next.id, "relay certificate renewed");

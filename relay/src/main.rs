@@ -37,6 +37,14 @@ enum Command {
         /// Where local sidecars reach the relay's ADS.
         #[arg(long, env = "TRELLIS_RELAY_LISTEN", default_value = "127.0.0.1:15010")]
         listen: SocketAddr,
+        /// Where sidecars with identities reach the relay: TLS with the relay's
+        /// certificate, bootstrap tokens, certificates over SDS (`off`: config only).
+        #[arg(
+            long,
+            env = "TRELLIS_RELAY_SECURE_LISTEN",
+            default_value = "127.0.0.1:15012"
+        )]
+        secure_listen: String,
         #[arg(
             long,
             env = "TRELLIS_RELAY_ADMIN_ADDR",
@@ -63,6 +71,7 @@ async fn run(cli: Cli) -> Result<()> {
         join_token,
         trust_bundle,
         listen,
+        secure_listen,
         admin_addr,
         registry_dir,
         state_dir,
@@ -88,6 +97,15 @@ async fn run(cli: Cli) -> Result<()> {
         state_dir,
         registry_dir,
         listen: bind(listen, "xDS")?,
+        secure_listen: match secure_listen.as_str() {
+            "off" => None,
+            addr => {
+                let addr: SocketAddr = addr.parse().with_context(|| {
+                    format!("--secure-listen {addr}: an address like 127.0.0.1:15012, or off")
+                })?;
+                Some(bind(addr, "secure xDS")?)
+            }
+        },
         admin: bind(admin_addr, "the admin API")?,
     })
     .await?;

@@ -110,6 +110,7 @@ impl Mesh {
             state_dir: self.dir.path().join(state),
             registry_dir: Some(self.dir.path().join("registry-b")),
             listen: bind().await,
+            secure_listen: Some(bind().await),
             admin: bind().await,
         })
         .await
@@ -219,4 +220,190 @@ async fn a_relay_joins_once_serves_its_sidecars_and_keeps_serving_without_the_co
     let relay = m.relay(None, "relay-b").await.unwrap();
     let d = cds(relay.xds_addr, "sidecar-4").await;
     assert!(!d.resources.is_empty());
+}
+
+/// Test-only: accepts the relay's serving certificate by its SPIFFE id (it has no DNS
+/// name, which is all rustls's own verifier checks; Envoy matches the URI SAN instead).
+#[derive(Debug)]
+struct BySpiffeId(String);
+
+impl rustls::client::danger::ServerCertVerifier for BySpiffeId {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match xds_server::identity::tls::spiffe_id_of(end_entity) {
+            Some(id) if id.uri() == self.0 => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            other => Err(rustls::Error::General(format!(
+                "unexpected server identity {other:?}"
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &rustls_pki_types::CertificateDer<'_>,
+        _d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _m: &[u8],
+        _c: &rustls_pki_types::CertificateDer<'_>,
+        _d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The first SDS response of a sidecar of cluster b that proves itself with `token` on
+/// the relay's secure port, or the stream's error.
+async fn relay_sds(
+    addr: std::net::SocketAddr,
+    token: &str,
+    node_id: &str,
+) -> Result<DiscoveryResponse, tonic::Status> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(BySpiffeId(
+            "spiffe://cluster.local/ns/trellis-system/sa/relay-b".into(),
+        )))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let channel = Endpoint::from_static("http://relay")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = rustls_pki_types::ServerName::try_from("relay").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(node(node_id)),
+        type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
+        resource_names: vec!["default".into(), "ROOTCA".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    tokio::time::timeout(WAIT, async move {
+        let mut stream = client.stream_aggregated_resources(req).await?.into_inner();
+        let first = stream.message().await?;
+        drop(tx);
+        first.ok_or_else(|| tonic::Status::unknown("stream ended"))
+    })
+    .await
+    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no SDS response in 10 s")))
+}
+
+fn cert_identity(resp: &DiscoveryResponse) -> String {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
+    use prost::Message;
+    for any in &resp.resources {
+        let s = Secret::decode(any.value.as_slice()).unwrap();
+        if let Some(secret::Type::TlsCertificate(t)) = s.r#type {
+            let Some(Specifier::InlineString(chain)) =
+                t.certificate_chain.and_then(|c| c.specifier)
+            else {
+                panic!("no inline chain");
+            };
+            let der = rustls_pki_types::pem::PemObject::pem_slice_iter(chain.as_bytes())
+                .next()
+                .map(|c: Result<rustls_pki_types::CertificateDer<'static>, _>| c.unwrap())
+                .unwrap();
+            return xds_server::identity::tls::spiffe_id_of(&der).unwrap().uri();
+        }
+    }
+    panic!("no default secret in {resp:?}");
+}
+
+#[tokio::test]
+async fn sidecars_get_their_own_certificate_through_the_relay_also_offline() {
+    let mut m = mesh().await;
+    let relay = m.relay(Some(m.join_token("b")), "relay-b").await.unwrap();
+    let secure = relay.secure_addr.unwrap();
+    let ca = m.server.authority.clone().unwrap();
+    let token = |sa: &str| {
+        ca.tokens()
+            .create(
+                &cert_authority::SpiffeId::new("cluster.local", "default", sa),
+                TokenKind::Workload,
+                Duration::from_secs(600),
+                Default::default(),
+            )
+            .unwrap()
+    };
+    // The certificate is signed upstream for the identity the sidecar's token proves.
+    let resp = relay_sds(secure, &token("bookinfo-ratings"), "sidecar-r1")
+        .await
+        .unwrap();
+    assert_eq!(
+        cert_identity(&resp),
+        "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
+    );
+    // Another identity gets its own, never the first one's.
+    let resp = relay_sds(secure, &token("bookinfo-details"), "sidecar-d1")
+        .await
+        .unwrap();
+    assert_eq!(
+        cert_identity(&resp),
+        "spiffe://cluster.local/ns/default/sa/bookinfo-details"
+    );
+    // Tokens the control plane did not sign are refused by the relay itself.
+    let other = tempfile::tempdir().unwrap();
+    let foreign = cert_authority::Authority::open(CaOptions {
+        dir: other.path().to_path_buf(),
+        ..CaOptions::default()
+    })
+    .unwrap()
+    .tokens()
+    .create(
+        &cert_authority::SpiffeId::new("cluster.local", "default", "bookinfo-ratings"),
+        TokenKind::Workload,
+        Duration::from_secs(600),
+        Default::default(),
+    )
+    .unwrap();
+    let err = relay_sds(secure, &foreign, "sidecar-x").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    // Offline: the control plane is gone; a new sidecar of a known identity is still
+    // authenticated (kept token keys) and served the cached certificate.
+    m.server.stop();
+    let resp = relay_sds(secure, &token("bookinfo-ratings"), "sidecar-r2")
+        .await
+        .unwrap();
+    assert_eq!(
+        cert_identity(&resp),
+        "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
+    );
 }

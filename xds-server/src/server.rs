@@ -155,7 +155,12 @@ impl Server {
                 incoming,
                 AdsService::secure(secure_shared, authn.clone()),
                 CaService::server(auth_ca.clone(), authn.clone(), metrics.clone()),
-                RegistrationService::server(controller.clone(), authn.clone(), metrics.clone()),
+                RegistrationService::server(
+                    auth_ca.clone(),
+                    controller.clone(),
+                    authn.clone(),
+                    metrics.clone(),
+                ),
             ));
             secure_addr = Some(addr);
             authority = Some(auth_ca);

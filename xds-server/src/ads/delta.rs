@@ -180,6 +180,9 @@ impl Protocol for Stream {
     ) -> Result<(), ()> {
         let mut deferred_removals = Vec::new();
         for kind in TypeKind::PUSH_ORDER {
+            if kind == TypeKind::Secret && !views.own_ready {
+                continue;
+            }
             let Some(mut update) = self.plan(kind, views.of(kind)) else {
                 continue;
             };

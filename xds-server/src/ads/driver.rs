@@ -24,6 +24,9 @@ pub(crate) type Responses = mpsc::Sender<Result<Frame, Status>>;
 pub(crate) struct Views<'a> {
     pub class: &'a ProxyView,
     pub own: &'a ProxyView,
+    /// False until the provider has the proxy's secrets: SDS is not answered before
+    /// (an empty answer would tell the proxy its certificate does not exist).
+    pub own_ready: bool,
 }
 
 impl Views<'_> {
@@ -130,6 +133,8 @@ pub(crate) async fn run<P: Protocol>(
             let views = Views {
                 class,
                 own: &own.view,
+                // Without a provider nothing will come: answer (empty) at once.
+                own_ready: own.ready || secrets.is_none(),
             };
             if stream.flush(&*snap, &views, &shared, &tx).await.is_err() {
                 break;

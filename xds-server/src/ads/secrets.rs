@@ -22,6 +22,8 @@ pub struct ProxySecrets {
     pub cert_serial: Option<String>,
     pub cert_not_after: Option<u64>,
     pub cert_root: Option<String>,
+    /// The provider has this proxy's secrets (not just an empty placeholder).
+    pub ready: bool,
 }
 
 pub trait SecretProvider: Send + Sync + std::fmt::Debug {

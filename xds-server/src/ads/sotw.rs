@@ -134,6 +134,9 @@ impl Protocol for Stream {
     ) -> Result<(), ()> {
         let mut deferred_clusters = None;
         for kind in TypeKind::PUSH_ORDER {
+            if kind == TypeKind::Secret && !views.own_ready {
+                continue;
+            }
             let Some(st) = self.types.get_mut(&kind) else {
                 continue;
             };

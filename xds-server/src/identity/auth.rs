@@ -189,6 +189,25 @@ impl Authenticator {
         })
     }
 
+    /// The identity a workload token proves (signature, kind, expiry, trust domain).
+    pub fn workload_identity(&self, token: &str) -> Result<SpiffeId, Status> {
+        let claims = self
+            .authority
+            .tokens()
+            .verify(token, TokenKind::Workload)
+            .map_err(|e| {
+                Status::unauthenticated(format!("forwarded workload token refused: {e}"))
+            })?;
+        let id = self.token_identity(&claims)?;
+        if clusters::relay_cluster_name(&id).is_some() {
+            // Relay identities come only from joining.
+            return Err(Status::permission_denied(format!(
+                "a forwarded workload token cannot be for the relay identity {id}"
+            )));
+        }
+        Ok(id)
+    }
+
     /// The member clusters this authenticator recognises relays of.
     pub fn clusters(&self) -> &Arc<MemberClusters> {
         &self.clusters

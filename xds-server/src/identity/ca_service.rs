@@ -38,6 +38,10 @@ impl CaService {
     }
 }
 
+/// Metadata a relay forwards its sidecar's bootstrap token in, asking for that
+/// sidecar's certificate.
+pub const FORWARDED_TOKEN: &str = "x-trellis-workload-token";
+
 /// Splits concatenated PEM certificates into one string each, as Istio answers.
 fn pem_blocks(pem: &str) -> Vec<String> {
     const END: &str = "-----END CERTIFICATE-----";
@@ -56,6 +60,10 @@ impl IstioCertificateService for CaService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let headers = request.metadata().clone().into_headers();
         let peer = request.extensions().get::<PeerInfo>().cloned();
+        let forwarded = headers
+            .get(FORWARDED_TOKEN)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let caller = self
             .auth
             .csr_caller(bearer(&headers), peer.as_ref())
@@ -72,12 +80,23 @@ impl IstioCertificateService for CaService {
             CsrCaller::Join(_) => "join",
         };
         let cert = match caller {
-            CsrCaller::Proven(caller) => {
-                let who = format!("{} by {} from {remote}", caller.identity, caller.via);
-                self.authority
-                    .sign_csr(&req.csr, &caller.identity, ttl, &who)
-                    .map_err(csr_status)
-            }
+            CsrCaller::Proven(caller) => match (&caller.relay_of, &forwarded) {
+                // A relay asking for one of its sidecars: the sidecar's own token decides
+                // the identity, so a relay cannot mint certificates for whomever it likes.
+                (Some(cluster), Some(token)) => {
+                    let id = self.auth.workload_identity(token)?;
+                    let who = format!("{id} via the relay of cluster {cluster} from {remote}");
+                    self.authority
+                        .sign_csr(&req.csr, &id, ttl, &who)
+                        .map_err(csr_status)
+                }
+                _ => {
+                    let who = format!("{} by {} from {remote}", caller.identity, caller.via);
+                    self.authority
+                        .sign_csr(&req.csr, &caller.identity, ttl, &who)
+                        .map_err(csr_status)
+                }
+            },
             CsrCaller::Join(join) => self.join(join, &req.csr, ttl, &remote),
         }
         .inspect_err(|e| self.metrics.refused(e.code()))?;

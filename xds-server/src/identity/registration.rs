@@ -16,9 +16,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 use trellis_proto::trellis::relay::v1::registration_server::{Registration, RegistrationServer};
-use trellis_proto::trellis::relay::v1::{ClusterRegistry, RegistryAck};
+use trellis_proto::trellis::relay::v1::{
+    ClusterRegistry, RegistryAck, TokenKeys, TokenKeysRequest,
+};
 
 pub struct RegistrationService {
+    authority: cert_authority::Authority,
     controller: Arc<Controller>,
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
@@ -26,14 +29,35 @@ pub struct RegistrationService {
 
 impl RegistrationService {
     pub fn server(
+        authority: cert_authority::Authority,
         controller: Arc<Controller>,
         auth: Arc<Authenticator>,
         metrics: Arc<Metrics>,
     ) -> RegistrationServer<RegistrationService> {
         RegistrationServer::new(RegistrationService {
+            authority,
             controller,
             auth,
             metrics,
+        })
+    }
+}
+
+impl RegistrationService {
+    /// The member cluster whose relay is calling, or PermissionDenied.
+    fn relay_cluster<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let headers = request.metadata().clone().into_headers();
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let caller = self
+            .auth
+            .caller(bearer(&headers), peer.as_ref())
+            .inspect_err(|e| self.metrics.refused(e.code()))?;
+        caller.relay_of.clone().ok_or_else(|| {
+            self.metrics.refused(tonic::Code::PermissionDenied);
+            Status::permission_denied(format!(
+                "{} is not the relay of a joined member cluster: only relays may call this",
+                caller.identity
+            ))
         })
     }
 }
@@ -42,23 +66,22 @@ impl RegistrationService {
 impl Registration for RegistrationService {
     type ReportStream = ReceiverStream<Result<RegistryAck, Status>>;
 
+    async fn get_token_keys(
+        &self,
+        request: Request<TokenKeysRequest>,
+    ) -> Result<Response<TokenKeys>, Status> {
+        self.relay_cluster(&request)?;
+        Ok(Response::new(TokenKeys {
+            es256_public_keys: vec![self.authority.tokens().verifier().public_key().to_vec()],
+            trust_domain: self.authority.trust_domain().to_string(),
+        }))
+    }
+
     async fn report(
         &self,
         request: Request<Streaming<ClusterRegistry>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
-        let headers = request.metadata().clone().into_headers();
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let caller = self
-            .auth
-            .caller(bearer(&headers), peer.as_ref())
-            .inspect_err(|e| self.metrics.refused(e.code()))?;
-        let Some(cluster) = caller.relay_of.clone() else {
-            self.metrics.refused(tonic::Code::PermissionDenied);
-            return Err(Status::permission_denied(format!(
-                "{} is not the relay of a joined member cluster: only relays report registries",
-                caller.identity
-            )));
-        };
+        let cluster = self.relay_cluster(&request)?;
         let member = self.auth.clusters().get(&cluster).ok_or_else(|| {
             Status::permission_denied(format!("member cluster {cluster} is not joined"))
         })?;

@@ -92,6 +92,7 @@ pub fn proxy_secrets(trust: &TrustState, cert: &IssuedCert, key: &PrivateKey) ->
         cert_serial: Some(cert.serial.clone()),
         cert_not_after: Some(unix(cert.not_after)),
         cert_root: Some(cert.root_fingerprint.clone()),
+        ready: true,
     }
 }
 

@@ -47,25 +47,36 @@ pub fn build_config(
     trust: &TrustState,
     ips: &[IpAddr],
 ) -> Result<(Arc<ServerConfig>, SystemTime), IdentityError> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(trust.bundle_pem.as_bytes()) {
-        roots.add(cert.map_err(tls_err)?).map_err(tls_err)?;
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(tls_err)?;
     let id = server_identity(authority.trust_domain());
     let dns = vec![
         "localhost".to_string(),
         "xds-server.trellis-system.svc".to_string(),
     ];
     let (cert, key) = authority.server_certificate(&id, &dns, ips, SERVER_CERT_TTL)?;
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(tls_err)?;
-    let key = PrivateKeyDer::from_pem_slice(key.pem().as_bytes()).map_err(tls_err)?;
+    let config = server_config(&cert.chain_pem, key.pem(), &trust.bundle_pem)?;
+    Ok((config, cert.renew_at(0.5)))
+}
+
+/// A serving config for an xDS port: this chain and key, client certificates optional
+/// but verified against `bundle_pem` when presented, HTTP/2 only. Also what a relay
+/// serves its sidecars with.
+pub fn server_config(
+    chain_pem: &str,
+    key_pem: &str,
+    bundle_pem: &str,
+) -> Result<Arc<ServerConfig>, IdentityError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+        roots.add(cert.map_err(tls_err)?).map_err(tls_err)?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(tls_err)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(tls_err)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(tls_err)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_err)?
@@ -73,7 +84,7 @@ pub fn build_config(
         .with_single_cert(chain, key)
         .map_err(tls_err)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((Arc::new(config), cert.renew_at(0.5)))
+    Ok(Arc::new(config))
 }
 
 /// The live config for the secure port, kept current by a background task (which also

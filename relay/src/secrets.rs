@@ -1,0 +1,348 @@
+//! Certificates through the relay. Local sidecars prove their identity with the same
+//! bootstrap tokens as on the control plane; the relay checks them itself with the
+//! control plane's token verification key (fetched once and kept in the state dir, so
+//! this works while the control plane is out of reach). Per identity the relay keeps one
+//! key pair and certificate, signed upstream: it forwards the sidecar's token with the
+//! CSR, so the control plane, not the relay, decides which identity a certificate gets.
+//! A sidecar only ever receives the secrets of the identity it proved.
+
+use crate::RelayError;
+use cert_authority::{PrivateKey, SpiffeId, TokenKind, TokenVerifier};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+use tracing::{info, warn};
+use trellis_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use trellis_proto::istio::v1::auth::IstioCertificateRequest;
+use trellis_proto::trellis::relay::v1::registration_client::RegistrationClient;
+use trellis_proto::trellis::relay::v1::TokenKeysRequest;
+use xds_server::ads::secrets::{ProxySecrets, SecretProvider};
+use xds_server::ads::{Authenticate, Caller};
+use xds_server::cache::{ProxyView, ResourceSet, TypeKind};
+use xds_server::identity::ca_service::FORWARDED_TOKEN;
+use xds_server::identity::secrets::secret_resources;
+
+const KEYS_FILE: &str = "token-keys.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredKeys {
+    trust_domain: String,
+    /// Hex of each key.
+    keys: Vec<String>,
+}
+
+/// Checks sidecars' bootstrap tokens with the control plane's public key(s).
+pub struct RelayAuth {
+    trust_domain: String,
+    verifiers: Vec<TokenVerifier>,
+    /// The latest token each identity proved itself with: forwarded upstream with CSRs.
+    tokens: Mutex<HashMap<SpiffeId, String>>,
+}
+
+impl std::fmt::Debug for RelayAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayAuth")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl RelayAuth {
+    /// Asks the control plane for its token keys and keeps them in `state_dir`; if the
+    /// control plane cannot be reached, uses the kept ones.
+    pub async fn load(channel: Channel, state_dir: &Path) -> Result<RelayAuth, RelayError> {
+        let path = state_dir.join(KEYS_FILE);
+        let fetched = RegistrationClient::new(channel)
+            .get_token_keys(TokenKeysRequest {})
+            .await;
+        let stored = match fetched {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                let stored = StoredKeys {
+                    trust_domain: resp.trust_domain,
+                    keys: resp.es256_public_keys.iter().map(|k| hex(k)).collect(),
+                };
+                let text = serde_json::to_string_pretty(&stored)
+                    .map_err(|e| RelayError::Tls(e.to_string()))?;
+                std::fs::write(&path, text).map_err(|source| RelayError::State {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                stored
+            }
+            Err(status) => {
+                let text =
+                    std::fs::read_to_string(&path).map_err(|_| RelayError::Refused(status))?;
+                warn!("control plane unreachable: checking sidecar tokens with the kept keys");
+                serde_json::from_str(&text).map_err(|e| RelayError::State {
+                    path: path.display().to_string(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })?
+            }
+        };
+        let verifiers = stored
+            .keys
+            .iter()
+            .filter_map(|k| unhex(k))
+            .map(|k| TokenVerifier::from_public_key(&k))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RelayError::Tls(e.to_string()))?;
+        Ok(RelayAuth {
+            trust_domain: stored.trust_domain,
+            verifiers,
+            tokens: Mutex::default(),
+        })
+    }
+
+    fn verify(&self, token: &str) -> Result<SpiffeId, Status> {
+        let mut last = None;
+        for v in &self.verifiers {
+            match v.verify(token, TokenKind::Workload) {
+                Ok(claims) => {
+                    let id = claims.identity().map_err(|e| {
+                        Status::unauthenticated(format!("bearer token refused: {e}"))
+                    })?;
+                    if id.trust_domain != self.trust_domain {
+                        return Err(Status::unauthenticated(format!(
+                            "bearer token is for trust domain {:?}, this mesh is {:?}",
+                            id.trust_domain, self.trust_domain
+                        )));
+                    }
+                    if xds_server::clusters::relay_cluster_name(&id).is_some() {
+                        return Err(Status::permission_denied(format!(
+                            "{id} is a relay identity, not a sidecar's"
+                        )));
+                    }
+                    return Ok(id);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(Status::unauthenticated(match last {
+            Some(e) => format!("bearer token refused: {e}"),
+            None => "the relay has no token keys".to_string(),
+        }))
+    }
+
+    fn token_for(&self, id: &SpiffeId) -> Option<String> {
+        self.tokens.lock().ok()?.get(id).cloned()
+    }
+}
+
+impl Authenticate for RelayAuth {
+    fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        _extensions: &http::Extensions,
+    ) -> Result<Caller, Status> {
+        let token = xds_server::identity::auth::bearer(headers).ok_or_else(|| {
+            Status::unauthenticated(
+                "no bearer token: sidecars prove their identity to the relay with a bootstrap token",
+            )
+        })?;
+        let id = self.verify(token)?;
+        if let Ok(mut t) = self.tokens.lock() {
+            t.insert(id.clone(), token.to_string());
+        }
+        Ok(Caller {
+            identity: id,
+            via: "token",
+            relay_of: None,
+        })
+    }
+}
+
+/// One key pair and certificate per identity present in the cluster, shared by its
+/// sidecars, signed upstream and renewed at half its life.
+pub struct RelaySecrets {
+    channel: Channel,
+    auth: Arc<RelayAuth>,
+    bundle: watch::Receiver<String>,
+    identities: Mutex<HashMap<SpiffeId, watch::Receiver<Arc<ProxySecrets>>>>,
+    /// Keeps the identity tasks' senders alive for the relay's lifetime.
+    keep: RwLock<Vec<watch::Sender<Arc<ProxySecrets>>>>,
+}
+
+impl std::fmt::Debug for RelaySecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelaySecrets").finish_non_exhaustive()
+    }
+}
+
+impl RelaySecrets {
+    pub fn new(channel: Channel, auth: Arc<RelayAuth>, bundle: watch::Receiver<String>) -> Self {
+        RelaySecrets {
+            channel,
+            auth,
+            bundle,
+            identities: Mutex::default(),
+            keep: RwLock::default(),
+        }
+    }
+
+    /// Identities with a certificate, for the admin API.
+    pub fn identities(&self) -> Vec<String> {
+        self.identities
+            .lock()
+            .map(|m| m.keys().map(SpiffeId::uri).collect())
+            .unwrap_or_default()
+    }
+}
+
+struct Issued {
+    chain_pem: String,
+    key: PrivateKey,
+    serial: String,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+async fn issue(channel: Channel, id: &SpiffeId, token: &str) -> Result<Issued, RelayError> {
+    let (key, csr) =
+        PrivateKey::generate_with_csr(id).map_err(|e| RelayError::Tls(e.to_string()))?;
+    let mut req = Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 0,
+        metadata: None,
+    });
+    let v = token
+        .parse()
+        .map_err(|_| RelayError::Tls("a sidecar token a header cannot carry".into()))?;
+    req.metadata_mut().insert(FORWARDED_TOKEN, v);
+    let chain = IstioCertificateServiceClient::new(channel)
+        .create_certificate(req)
+        .await?
+        .into_inner()
+        .cert_chain;
+    let leaf_and_intermediates = chain
+        .split_last()
+        .map(|(_, rest)| rest.concat())
+        .ok_or_else(|| RelayError::Tls("the control plane returned an empty chain".into()))?;
+    let der = rustls_pki_types::pem::PemObject::pem_slice_iter(leaf_and_intermediates.as_bytes())
+        .next()
+        .and_then(|c: Result<rustls_pki_types::CertificateDer<'static>, _>| c.ok())
+        .ok_or_else(|| RelayError::Tls("no certificate in the chain".into()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| RelayError::Tls(e.to_string()))?;
+    let t = |s: i64| UNIX_EPOCH + Duration::from_secs(s.max(0) as u64);
+    Ok(Issued {
+        serial: cert.tbs_certificate.raw_serial_as_string(),
+        not_before: t(cert.validity().not_before.timestamp()),
+        not_after: t(cert.validity().not_after.timestamp()),
+        chain_pem: leaf_and_intermediates,
+        key,
+    })
+}
+
+fn secrets_of(issued: &Issued, bundle_pem: &str, epoch: u64) -> ProxySecrets {
+    let mut view = ProxyView::default();
+    view.push_layer(
+        TypeKind::Secret,
+        ResourceSet::new(secret_resources(&issued.chain_pem, &issued.key, bundle_pem)),
+    );
+    ProxySecrets {
+        epoch,
+        view: Arc::new(view),
+        cert_serial: Some(issued.serial.clone()),
+        cert_not_after: issued
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs()),
+        cert_root: None,
+        ready: true,
+    }
+}
+
+impl SecretProvider for RelaySecrets {
+    fn open(
+        &self,
+        id: &SpiffeId,
+        proxy: &str,
+    ) -> Result<watch::Receiver<Arc<ProxySecrets>>, String> {
+        let mut identities = self.identities.lock().map_err(|e| e.to_string())?;
+        if let Some(rx) = identities.get(id) {
+            return Ok(rx.clone());
+        }
+        // Until the first certificate arrives the view is empty: the sidecar's SDS
+        // request simply waits, as Envoy's does for a slow control plane.
+        let (tx, rx) = watch::channel(Arc::new(ProxySecrets::default()));
+        identities.insert(id.clone(), rx.clone());
+        let (channel, auth, mut bundle) =
+            (self.channel.clone(), self.auth.clone(), self.bundle.clone());
+        let (id, proxy) = (id.clone(), proxy.to_string());
+        let task_tx = tx.clone();
+        if let Ok(mut keep) = self.keep.write() {
+            keep.push(tx);
+        }
+        tokio::spawn(async move {
+            let mut epoch = 0u64;
+            let mut current: Option<Issued> = None;
+            loop {
+                let due = current.as_ref().map(|c| {
+                    let life = c.not_after.duration_since(c.not_before).unwrap_or_default();
+                    c.not_before + life / 2
+                });
+                let wait = due
+                    .map(|d| {
+                        d.duration_since(SystemTime::now())
+                            .unwrap_or(Duration::ZERO)
+                    })
+                    .unwrap_or(Duration::ZERO)
+                    .max(if current.is_some() {
+                        Duration::from_secs(1)
+                    } else {
+                        Duration::ZERO
+                    });
+                let renew = tokio::select! {
+                    _ = tokio::time::sleep(wait) => true,
+                    changed = bundle.changed() => {
+                        if changed.is_err() { return; }
+                        false
+                    }
+                };
+                if renew {
+                    let Some(token) = auth.token_for(&id) else {
+                        warn!(identity = %id, "no valid token to renew with; keeping the current certificate");
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        continue;
+                    };
+                    match issue(channel.clone(), &id, &token).await {
+                        Ok(issued) => {
+                            info!(identity = %id, node = %proxy, serial = %issued.serial, "certificate for local sidecars signed upstream");
+                            current = Some(issued);
+                        }
+                        Err(e) => {
+                            warn!(identity = %id, error = %e, "cannot get a certificate signed upstream; retrying in 5 s");
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            continue;
+                        }
+                    }
+                }
+                if let Some(c) = &current {
+                    epoch += 1;
+                    let pem = bundle.borrow().clone();
+                    if task_tx.send(Arc::new(secrets_of(c, &pem, epoch))).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
