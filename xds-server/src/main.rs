@@ -107,6 +107,15 @@ enum Command {
         /// a bootstrap must be made again after a root rotation.
         #[arg(long)]
         inline_trust: bool,
+        /// Behind a member cluster's relay (with --token-file): `--secure-addr` is the
+        /// relay's secure port, `--ca-dir` the relay's state dir, and the sidecar checks
+        /// the relay's identity instead of the control plane's.
+        #[arg(long)]
+        via_relay: Option<String>,
+        /// The mesh's trust domain, where --config-dir has no MeshConfig (a member
+        /// cluster's registry folder).
+        #[arg(long)]
+        trust_domain: Option<String>,
         /// The mesh cluster the sidecar runs in (node metadata CLUSTER_ID); default: the
         /// folder's MeshConfig.clusterName. For a member cluster's sidecar, point
         /// --config-dir at that cluster's registry folder.
@@ -296,6 +305,8 @@ struct BootstrapArgs {
     secure_addr: SocketAddr,
     ca_dir: PathBuf,
     inline_trust: bool,
+    via_relay: Option<String>,
+    trust_domain: Option<String>,
     cluster: Option<String>,
 }
 
@@ -359,7 +370,13 @@ fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
             Some(SecureBootstrap {
                 token,
                 trust,
-                server_id: xds_server::identity::server_identity(&mesh.trust_domain).uri(),
+                server_id: {
+                    let td = args.trust_domain.as_deref().unwrap_or(&mesh.trust_domain);
+                    match &args.via_relay {
+                        Some(cluster) => xds_server::clusters::relay_identity(td, cluster).uri(),
+                        None => xds_server::identity::server_identity(td).uri(),
+                    }
+                },
             })
         }
         None => None,
@@ -526,6 +543,8 @@ fn main() -> std::process::ExitCode {
             secure_addr,
             ca_dir,
             inline_trust,
+            via_relay,
+            trust_domain,
             cluster,
         } => print_bootstrap(BootstrapArgs {
             workload,
@@ -537,6 +556,8 @@ fn main() -> std::process::ExitCode {
             secure_addr,
             ca_dir,
             inline_trust,
+            via_relay,
+            trust_domain,
             cluster,
         }),
         Command::Token {
