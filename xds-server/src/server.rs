@@ -141,6 +141,7 @@ impl Server {
                 metrics.clone(),
             ));
             let members = Arc::new(MemberClusters::load(&ca_dir)?);
+            identity::registration::restore(&ca_dir, &controller);
             let authn = Arc::new(Authenticator::new(auth_ca.clone(), members.clone()));
             let secure_shared = AdsShared {
                 secrets: Some(Arc::new(CaSecrets::new(
@@ -156,6 +157,7 @@ impl Server {
                 AdsService::secure(secure_shared, authn.clone()),
                 CaService::server(auth_ca.clone(), authn.clone(), metrics.clone()),
                 RegistrationService::server(
+                    ca_dir.clone(),
                     auth_ca.clone(),
                     controller.clone(),
                     authn.clone(),

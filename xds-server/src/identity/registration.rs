@@ -20,7 +20,82 @@ use trellis_proto::trellis::relay::v1::{
     ClusterRegistry, RegistryAck, TokenKeys, TokenKeysRequest,
 };
 
+/// A member cluster's last accepted registry, kept so that a restarted control plane
+/// knows the cluster's workloads before its relay reports again: otherwise the relay's
+/// class streams would be answered, for a moment, as if those workloads did not exist,
+/// and that config would reach the sidecars.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Kept {
+    network: String,
+    region: Option<String>,
+    zone: Option<String>,
+    files: Vec<(String, String)>,
+}
+
+const KEPT_DIR: &str = "registries";
+
+fn keep(ca_dir: &std::path::Path, cluster: &str, meta: &ClusterMeta, files: &[(String, String)]) {
+    let dir = ca_dir.join(KEPT_DIR);
+    let kept = Kept {
+        network: meta.network.clone(),
+        region: meta.region.clone(),
+        zone: meta.zone.clone(),
+        files: files.to_vec(),
+    };
+    let result = std::fs::create_dir_all(&dir).and_then(|()| {
+        let text = serde_json::to_vec(&kept).map_err(std::io::Error::other)?;
+        let tmp = dir.join(format!(".{cluster}.json.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, dir.join(format!("{cluster}.json")))
+    });
+    if let Err(e) = result {
+        warn!(cluster, error = %e, "cannot keep the member cluster's registry on disk");
+    }
+}
+
+/// Applies every kept member-cluster registry (at start, before serving).
+pub fn restore(ca_dir: &std::path::Path, controller: &Controller) {
+    let Ok(entries) = std::fs::read_dir(ca_dir.join(KEPT_DIR)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let Some(cluster) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+            .filter(|n| !n.starts_with('.'))
+        else {
+            continue;
+        };
+        let kept: Kept = match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "kept registry unreadable; the cluster's relay will report it again");
+                continue;
+            }
+        };
+        let meta = ClusterMeta {
+            network: kept.network,
+            region: kept.region,
+            zone: kept.zone,
+        };
+        match controller.set_cluster_registry(cluster, meta, kept.files) {
+            Ok(o) => info!(
+                cluster,
+                workloads = o.workloads,
+                "member cluster registry restored"
+            ),
+            Err(e) => warn!(cluster, error = %e, "kept registry refused"),
+        }
+    }
+}
+
 pub struct RegistrationService {
+    ca_dir: std::path::PathBuf,
     authority: cert_authority::Authority,
     controller: Arc<Controller>,
     auth: Arc<Authenticator>,
@@ -29,12 +104,14 @@ pub struct RegistrationService {
 
 impl RegistrationService {
     pub fn server(
+        ca_dir: std::path::PathBuf,
         authority: cert_authority::Authority,
         controller: Arc<Controller>,
         auth: Arc<Authenticator>,
         metrics: Arc<Metrics>,
     ) -> RegistrationServer<RegistrationService> {
         RegistrationServer::new(RegistrationService {
+            ca_dir,
             authority,
             controller,
             auth,
@@ -93,6 +170,7 @@ impl Registration for RegistrationService {
         let mut reports = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let controller = self.controller.clone();
+        let ca_dir = self.ca_dir.clone();
         tokio::spawn(async move {
             loop {
                 let report = match reports.message().await {
@@ -105,10 +183,20 @@ impl Registration for RegistrationService {
                 };
                 let files: Vec<(String, String)> =
                     report.files.into_iter().map(|f| (f.name, f.yaml)).collect();
-                let (c, m, name) = (controller.clone(), meta.clone(), cluster.clone());
-                let outcome =
-                    tokio::task::spawn_blocking(move || c.set_cluster_registry(&name, m, files))
-                        .await;
+                let (c, m, name, dir) = (
+                    controller.clone(),
+                    meta.clone(),
+                    cluster.clone(),
+                    ca_dir.clone(),
+                );
+                let outcome = tokio::task::spawn_blocking(move || {
+                    let outcome = c.set_cluster_registry(&name, m.clone(), files.clone());
+                    if outcome.is_ok() {
+                        keep(&dir, &name, &m, &files);
+                    }
+                    outcome
+                })
+                .await;
                 let errors: Vec<String> = match outcome {
                     Ok(Ok(o)) => {
                         info!(cluster = %cluster, revision = report.revision, workloads = o.workloads, changed = o.changed, errors = o.errors.len(), "member cluster registry reported");
