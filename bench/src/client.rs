@@ -102,6 +102,30 @@ pub fn node(index: usize) -> Node {
     }
 }
 
+/// The Envoy node of simulated client `index` in member cluster `cluster`: an
+/// outbound-only proxy of namespace `bench` (the id names no workload, so every client of
+/// a relay is one proxy class there: one upstream stream per relay), with node metadata
+/// `CLUSTER_ID` as Istio sets it.
+pub fn member_node(index: usize, cluster: &str) -> Node {
+    let ip = client_address(index);
+    let s = |v: &str| Value {
+        kind: Some(value::Kind::StringValue(v.into())),
+    };
+    let fields = [
+        ("NAMESPACE".to_string(), s(NAMESPACE)),
+        ("CLUSTER_ID".to_string(), s(cluster)),
+    ];
+    Node {
+        id: format!("sidecar~{ip}~bench-{index}~{NAMESPACE}.svc.cluster.local"),
+        cluster: format!("bench.{NAMESPACE}"),
+        metadata: Some(Struct {
+            fields: fields.into_iter().collect(),
+        }),
+        user_agent_name: "envoy".into(),
+        ..Default::default()
+    }
+}
+
 /// A by-name subscription: the names, and their encoding as
 /// `DiscoveryRequest.resource_names` (field 3) for SotW requests. Shared, not copied.
 #[derive(Debug, Default, Clone)]
@@ -305,10 +329,15 @@ pub struct Envoy {
 }
 
 impl Envoy {
+    #[cfg(test)]
     pub fn new(mode: Mode, index: usize, nack: Option<Kind>) -> Envoy {
+        Envoy::with_node(mode, node(index), nack)
+    }
+
+    pub fn with_node(mode: Mode, node: Node, nack: Option<Kind>) -> Envoy {
         Envoy {
             mode,
-            node: node(index),
+            node,
             nack,
             types: Default::default(),
             node_sent: false,

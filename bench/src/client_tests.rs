@@ -440,3 +440,21 @@ fn eds_answers_the_subscription_in_any_order() {
     .unwrap();
     assert!(!f.types[Kind::Eds.idx()].answered);
 }
+
+#[test]
+fn member_nodes_name_their_cluster_and_no_workload() {
+    let n = member_node(7, "r3");
+    let meta = |k: &str| match n.metadata.as_ref().unwrap().fields[k].kind.as_ref() {
+        Some(value::Kind::StringValue(s)) => s.clone(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(meta("CLUSTER_ID"), "r3");
+    assert_eq!(meta("NAMESPACE"), NAMESPACE);
+    // Istio's id form, but the third part is no `NAME.NAMESPACE`: an outbound-only proxy
+    // of the namespace, one proxy class for every client of a relay.
+    let parts: Vec<&str> = n.id.split('~').collect();
+    assert_eq!(parts.len(), 4, "{}", n.id);
+    assert!(!parts[2].ends_with(&format!(".{NAMESPACE}")), "{}", n.id);
+    assert_eq!(parts[3], format!("{NAMESPACE}.svc.cluster.local"));
+    assert_ne!(member_node(8, "r3").id, n.id);
+}

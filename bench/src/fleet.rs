@@ -193,7 +193,14 @@ impl ClientStats {
 
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
-    pub addr: SocketAddr,
+    /// Where clients connect: client `i` to `addrs[i % addrs.len()]` (the server, or
+    /// the relays in the relay scenario).
+    pub addrs: Vec<SocketAddr>,
+    /// 0: every client is a sidecar of its own (unknown) workload, in the control
+    /// plane's cluster. `k > 0`: client `i` is an outbound-only proxy of namespace
+    /// `bench` in member cluster `r{i % k}` (node metadata `CLUSTER_ID`), the cluster of
+    /// the relay at `addrs[i % addrs.len()]` when there are `k` relays.
+    pub clusters: usize,
     pub mode: Mode,
     /// Clients with an index below `nack_clients` NACK every response of `nack`.
     pub nack: Option<Kind>,
@@ -235,10 +242,16 @@ impl Fleet {
             Mode::Sotw => SOTW_PATH,
             Mode::Delta => DELTA_PATH,
         };
-        let uri: http::Uri = format!("http://{}{path}", cfg.addr)
-            .parse()
+        if cfg.addrs.is_empty() {
+            bail!("no server address");
+        }
+        let uris = cfg
+            .addrs
+            .iter()
+            .map(|a| format!("http://{a}{path}").parse::<http::Uri>())
+            .collect::<Result<Vec<_>, _>>()
             .context("bad server address")?;
-        let cfg = Arc::new((cfg.clone(), uri));
+        let cfg = Arc::new((cfg.clone(), uris));
         let probes = Arc::new(Probes::default());
         let mut tasks = JoinSet::new();
         let mut clients = Vec::with_capacity(range.len());
@@ -319,6 +332,11 @@ impl Fleet {
     }
 }
 
+/// The name of member cluster `k` (and of its relay) in the relay scenario.
+pub fn member_cluster(k: usize) -> String {
+    format!("r{k}")
+}
+
 /// xorshift64*: jitter without a dependency.
 fn next_rand(state: &mut u64) -> u64 {
     let mut x = *state;
@@ -329,18 +347,28 @@ fn next_rand(state: &mut u64) -> u64 {
     x.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
 
-async fn run(cfg: Arc<(FleetConfig, http::Uri)>, stats: Arc<ClientStats>, probes: Arc<Probes>) {
-    let (cfg, uri) = (&cfg.0, &cfg.1);
+async fn run(
+    cfg: Arc<(FleetConfig, Vec<http::Uri>)>,
+    stats: Arc<ClientStats>,
+    probes: Arc<Probes>,
+) {
+    let (cfg, uris) = (&cfg.0, &cfg.1);
     stats.started_ns.store(now_ns(), Relaxed);
     let nack = (stats.index < cfg.nack_clients)
         .then_some(cfg.nack)
         .flatten();
-    let mut envoy = Envoy::new(cfg.mode, stats.index, nack);
+    let target = stats.index % cfg.addrs.len();
+    let (addr, uri) = (cfg.addrs[target], &uris[target]);
+    let node = match cfg.clusters {
+        0 => crate::client::node(stats.index),
+        k => crate::client::member_node(stats.index, &member_cluster(stats.index % k)),
+    };
+    let mut envoy = Envoy::with_node(cfg.mode, node, nack);
     let mut rng = (stats.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now_ns();
     let mut attempt: u32 = 0;
     let mut bufs = Buffers::default();
     for _ in 0..cfg.max_streams {
-        match one_stream(cfg, uri, &mut envoy, &stats, &probes, &mut bufs).await {
+        match one_stream(cfg, addr, uri, &mut envoy, &stats, &probes, &mut bufs).await {
             Ok(true) => attempt = 0,
             Ok(false) => {}
             Err(e) => {
@@ -375,6 +403,7 @@ struct Buffers {
 /// One connection and ADS stream until it ends; `Ok(true)` if it got at least one response.
 async fn one_stream(
     cfg: &FleetConfig,
+    addr: SocketAddr,
     uri: &http::Uri,
     envoy: &mut Envoy,
     stats: &ClientStats,
@@ -384,10 +413,10 @@ async fn one_stream(
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(client_address(stats.index).into(), 0))?;
     sock.set_nodelay(true)?;
-    let tcp = tokio::time::timeout(cfg.connect_timeout, sock.connect(cfg.addr))
+    let tcp = tokio::time::timeout(cfg.connect_timeout, sock.connect(addr))
         .await
-        .map_err(|_| anyhow!("connect to {} timed out", cfg.addr))?
-        .with_context(|| format!("connect to {}", cfg.addr))?;
+        .map_err(|_| anyhow!("connect to {addr} timed out"))?
+        .with_context(|| format!("connect to {addr}"))?;
     let (client, mut conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)

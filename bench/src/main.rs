@@ -39,8 +39,12 @@ enum Command {
     EnvoyConvergence,
     /// The five simulated-client scenarios above with the given flags.
     All,
-    /// Every scenario in both modes with tiny numbers (20 clients, 10x3 mesh; 3 Envoys
-    /// for envoy-convergence, run only if Envoy is found): a smoke test.
+    /// N clients spread over --relays `relay` processes joined to the server: storm and
+    /// an endpoint change through the relays; then the same change with the clients
+    /// connected directly, on a fresh server.
+    Relay,
+    /// Every scenario in both modes with tiny numbers (20 clients, 10x3 mesh, 2 relays;
+    /// 3 Envoys for envoy-convergence, run only if Envoy is found): a smoke test.
     Quick,
     /// Only the floor: --frames message sizes to --clients streams (storm shape with --on-accept).
     #[value(hide = true)]
@@ -125,18 +129,37 @@ struct Cli {
     /// envoy-convergence: how often each Envoy's /config_dump is polled, in ms.
     #[arg(long, env = "XDS_BENCH_ENVOY_POLL_MS", default_value_t = 5)]
     envoy_poll_ms: u64,
+    /// relay: relay processes (the clients are spread over them).
+    #[arg(long, env = "XDS_BENCH_RELAYS", default_value_t = 10)]
+    relays: usize,
+    /// The relay binary (default: next to this binary).
+    #[arg(long, env = "XDS_BENCH_RELAY_BIN")]
+    relay_bin: Option<PathBuf>,
     #[arg(long, hide = true, value_delimiter = ',')]
     frames: Vec<u64>,
     #[arg(long, hide = true)]
     on_accept: bool,
 }
 
-/// Ten thousand clients need ten thousand sockets: raise the soft limit to the hard one.
+/// Ten thousand clients need ten thousand sockets: raise the soft limit to the hard one,
+/// and (as root, up to `fs.nr_open`) the hard one to what the clients need. The servers,
+/// relays and floor the bench starts inherit the limit.
 fn raise_nofile(clients: usize) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
     };
+    let want = clients as u64 + 4096;
+    if hard < want {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(hard);
+        let target = want.min(nr_open).max(hard);
+        // Fails without CAP_SYS_RESOURCE: then the hard limit stays.
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, target, target);
+    }
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((soft, hard));
     if soft < hard {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
@@ -164,6 +187,21 @@ fn server_bin(cli: &Cli) -> Result<PathBuf> {
     if !bin.exists() {
         bail!(
             "no xds-server next to {} (build it: cargo build --release -p xds-server -p xds-bench), or pass --server-bin / --server",
+            exe.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn relay_bin(cli: &Cli) -> Result<PathBuf> {
+    if let Some(b) = &cli.relay_bin {
+        return Ok(b.clone());
+    }
+    let exe = std::env::current_exe().context("cannot find the xds-bench executable")?;
+    let bin = exe.with_file_name("relay");
+    if !bin.exists() {
+        bail!(
+            "no relay next to {} (build it: cargo build --release -p relay), or pass --relay-bin",
             exe.display()
         );
     }
@@ -212,6 +250,9 @@ fn settings(cli: &Cli) -> Result<Settings> {
         envoy_bin: None,
         bootstrap_bin: None,
         envoy_poll: Duration::from_millis(cli.envoy_poll_ms.max(1)),
+        relays: cli.relays,
+        relay_bin: None,
+        clusters: 0,
     })
 }
 
@@ -259,6 +300,15 @@ async fn run(cli: Cli) -> Result<()> {
                 envoy::find(cli.envoy_bin.as_deref()).filter(|_| s.bootstrap_bin.is_some());
         }
     }
+    if cli.scenario == Command::Relay {
+        if cli.relays == 0 {
+            bail!("--relays must be at least 1");
+        }
+        s.relay_bin = Some(relay_bin(&cli)?);
+    }
+    if cli.scenario == Command::Quick {
+        s.relay_bin = relay_bin(&cli).ok();
+    }
     let mut plan: Vec<(Mode, Scenario)> = Vec::new();
     match cli.scenario {
         Command::Storm => plan.push((s.mode, Scenario::Storm)),
@@ -267,6 +317,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Churn => plan.push((s.mode, Scenario::Churn)),
         Command::Reconnect => plan.push((s.mode, Scenario::Reconnect)),
         Command::EnvoyConvergence => plan.push((s.mode, Scenario::EnvoyConvergence)),
+        Command::Relay => plan.push((s.mode, Scenario::Relay)),
         Command::All => plan.extend(Scenario::ALL.map(|sc| (s.mode, sc))),
         Command::Quick => {
             s.clients = 20;
@@ -279,6 +330,15 @@ async fn run(cli: Cli) -> Result<()> {
             s.backoff_base = Duration::from_millis(100);
             s.timeout = Duration::from_secs(30);
             s.envoys = 3;
+            s.relays = 2;
+            if s.relay_bin.is_none() {
+                if in_ci() {
+                    bail!("quick: no relay binary next to xds-bench (CI=true: not skipping relay); build it: cargo build -p relay");
+                }
+                println!(
+                    "relay: skipped: no relay binary next to xds-bench (cargo build -p relay)"
+                );
+            }
             if s.envoy_bin.is_none() {
                 if in_ci() {
                     bail!("quick: no Envoy found (CI=true: not skipping envoy-convergence); set ENVOY_BIN or run scripts/install-envoy.sh");
@@ -287,6 +347,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             for mode in [Mode::Sotw, Mode::Delta] {
                 plan.extend(Scenario::ALL.map(|sc| (mode, sc)));
+                if s.relay_bin.is_some() {
+                    plan.push((mode, Scenario::Relay));
+                }
                 if s.envoy_bin.is_some() {
                     plan.push((mode, Scenario::EnvoyConvergence));
                 }

@@ -69,6 +69,30 @@ pub struct EnvoyFigures {
     pub ack_max_ms: Option<f64>,
 }
 
+/// Figures of the `relay` scenario's rows (clients through relay processes).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RelayFigures {
+    pub relays: usize,
+    /// Proxies connected to the server whose node id starts with `relay~` (its
+    /// `/debug/syncz`): the relays' upstream streams, one per proxy class per relay.
+    pub upstream_streams: usize,
+    /// Every proxy connected to the server.
+    pub server_proxies: usize,
+    /// Proxies connected to the relays (their `/debug/syncz`, summed).
+    pub relay_proxies: usize,
+    /// All relay processes: CPU seconds in the measured window, VmRSS and VmHWM after it.
+    pub relay_cpu_s: f64,
+    pub relay_rss_bytes: u64,
+    pub relay_peak_rss_bytes: u64,
+    /// The change: mean `trellis_xds_push_latency_seconds` (EDS) over the relays'
+    /// downstream pushes (relay state published to response handed to the transport).
+    pub relay_push_latency_mean_ms: Option<f64>,
+    /// The change: the same change with the clients connected to a fresh server directly.
+    pub direct_all_ms: Option<f64>,
+    pub direct_server_cpu_s: Option<f64>,
+    pub direct_server_rss_bytes: Option<u64>,
+}
+
 /// One scenario's figures. Every key is always present; `null` means not measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioResult {
@@ -116,6 +140,7 @@ pub struct ScenarioResult {
     pub stream_failures: u64,
     pub churn: Option<ChurnFigures>,
     pub envoy: Option<EnvoyFigures>,
+    pub relay: Option<RelayFigures>,
     pub notes: Vec<String>,
 }
 
@@ -237,6 +262,21 @@ pub fn table(results: &[ScenarioResult]) -> String {
                 mib(Some(c.server_rss_start_bytes)),
                 mib(Some(c.server_rss_end_bytes)),
                 mib(Some(c.server_rss_max_bytes)),
+            ));
+        }
+        if let Some(rl) = &r.relay {
+            out.push_str(&format!(
+                "{} {}: {} relays; at the server {} upstream streams (relay~) of {} proxies, for {} clients ({} at the relays); relays: CPU {:.3} s, RSS {} MiB (peak {})\n",
+                r.scenario,
+                r.mode,
+                rl.relays,
+                rl.upstream_streams,
+                rl.server_proxies,
+                r.clients,
+                rl.relay_proxies,
+                rl.relay_cpu_s,
+                mib(Some(rl.relay_rss_bytes)),
+                mib(Some(rl.relay_peak_rss_bytes)),
             ));
         }
         for n in &r.notes {

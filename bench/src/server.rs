@@ -156,6 +156,14 @@ pub fn free_port() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+/// The secure port of a self-started server (`--secure-addr`, `--ca-dir`): relays join
+/// and connect there.
+#[derive(Debug, Clone)]
+pub struct SecurePort {
+    pub addr: SocketAddr,
+    pub ca_dir: PathBuf,
+}
+
 /// A self-started `xds-server serve` on loopback ports.
 #[derive(Debug)]
 pub struct ServerProcess {
@@ -164,6 +172,8 @@ pub struct ServerProcess {
     pub config_dir: PathBuf,
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// `None`: started with `--secure-addr off`.
+    pub secure: Option<SecurePort>,
     pub log: PathBuf,
 }
 
@@ -174,6 +184,7 @@ impl ServerProcess {
         config_dir: &Path,
         log: &Path,
         addrs: Option<(SocketAddr, SocketAddr)>,
+        secure: Option<SecurePort>,
         timeout: Duration,
     ) -> Result<ServerProcess> {
         let (xds_addr, admin_addr) = match addrs {
@@ -192,16 +203,22 @@ impl ServerProcess {
             .arg("--xds-addr")
             .arg(xds_addr.to_string())
             .arg("--admin-addr")
-            .arg(admin_addr.to_string())
-            .arg("--secure-addr")
-            .arg("off")
-            .env(
-                "RUST_LOG",
-                std::env::var("XDS_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file);
+            .arg(admin_addr.to_string());
+        match &secure {
+            Some(sp) => cmd
+                .arg("--secure-addr")
+                .arg(sp.addr.to_string())
+                .arg("--ca-dir")
+                .arg(&sp.ca_dir),
+            None => cmd.arg("--secure-addr").arg("off"),
+        };
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("XDS_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
         let guard = ChildGuard::spawn(cmd, "xds-server")?;
         let mut s = ServerProcess {
             guard,
@@ -209,6 +226,7 @@ impl ServerProcess {
             config_dir: config_dir.to_path_buf(),
             xds_addr,
             admin_addr,
+            secure,
             log: log.to_path_buf(),
         };
         s.wait_ready(timeout).await?;
@@ -253,6 +271,7 @@ impl ServerProcess {
             &self.config_dir,
             &self.log,
             Some((self.xds_addr, self.admin_addr)),
+            self.secure.clone(),
             timeout,
         )
         .await?;

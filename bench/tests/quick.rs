@@ -30,6 +30,16 @@ fn xds_server() -> PathBuf {
     server
 }
 
+fn relay() -> PathBuf {
+    let relay = xds_server().with_file_name("relay");
+    assert!(
+        relay.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        relay.display()
+    );
+    relay
+}
+
 #[test]
 fn quick_runs_every_scenario_and_writes_json() {
     let dir = tempfile::tempdir().unwrap();
@@ -38,6 +48,8 @@ fn quick_runs_every_scenario_and_writes_json() {
         .arg("quick")
         .arg("--server-bin")
         .arg(xds_server())
+        .arg("--relay-bin")
+        .arg(relay())
         .arg("--json")
         .arg(&json)
         .stdout(Stdio::piped())
@@ -92,8 +104,8 @@ fn quick_runs_every_scenario_and_writes_json() {
     assert!(envoy_rows == 0 || envoy_rows == 2, "{envoy_rows}");
     assert_eq!(
         results.len(),
-        10 + 2 * envoy_rows,
-        "5 scenarios x 2 modes, plus envoy-convergence and its comparison row"
+        16 + 2 * envoy_rows,
+        "5 scenarios x 2 modes, relay's 3 rows x 2 modes, plus envoy-convergence and its comparison row"
     );
     for (i, r) in results.iter().enumerate() {
         for k in KEYS {
@@ -116,6 +128,9 @@ fn quick_runs_every_scenario_and_writes_json() {
         "policy-change",
         "churn",
         "reconnect",
+        "relay-storm",
+        "relay-endpoint-change",
+        "direct-endpoint-change",
     ] {
         let extra = if s == "policy-change" { envoy_rows } else { 0 };
         assert_eq!(
@@ -132,6 +147,26 @@ fn quick_runs_every_scenario_and_writes_json() {
         assert_eq!(r["envoy"]["envoys"], 3, "{r}");
         assert!(r["envoy"]["polls"].as_u64().unwrap() > 0, "{r}");
     }
+    // Through 2 relays: one upstream stream each (the clients are one proxy class per
+    // relay), every client connected to a relay.
+    for r in results
+        .iter()
+        .filter(|r| r["scenario"] == "relay-storm" || r["scenario"] == "relay-endpoint-change")
+    {
+        let relay = &r["relay"];
+        assert_eq!(relay["relays"], 2, "{r}");
+        assert_eq!(relay["upstream_streams"], 2, "{r}");
+        assert_eq!(relay["relay_proxies"], 20, "{r}");
+        assert!(relay["relay_rss_bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    let direct = results
+        .iter()
+        .find(|r| r["scenario"] == "relay-endpoint-change")
+        .unwrap();
+    assert!(
+        direct["relay"]["direct_all_ms"].as_f64().unwrap() > 0.0,
+        "{direct}"
+    );
     let storm = results.iter().find(|r| r["scenario"] == "storm").unwrap();
     assert!(storm["rss_per_proxy_bytes"].is_number(), "{storm}");
     assert!(storm["floor_ratio"].is_number(), "{storm}");

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tracing::info;
 
 mod real_envoy;
+mod relay;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
@@ -29,6 +30,9 @@ pub enum Scenario {
     Reconnect,
     /// Real Envoy sidecars and a policy change (not part of `ALL`).
     EnvoyConvergence,
+    /// Clients through relay processes: storm, endpoint change, and the same change
+    /// with the clients connected directly (not part of `ALL`).
+    Relay,
 }
 
 impl Scenario {
@@ -48,6 +52,7 @@ impl Scenario {
             Scenario::Churn => "churn",
             Scenario::Reconnect => "reconnect",
             Scenario::EnvoyConvergence => "envoy-convergence",
+            Scenario::Relay => "relay",
         }
     }
 }
@@ -87,6 +92,12 @@ pub struct Settings {
     pub envoy_bin: Option<PathBuf>,
     pub bootstrap_bin: Option<PathBuf>,
     pub envoy_poll: Duration,
+    /// relay: relay processes, and the binary (`relay run`).
+    pub relays: usize,
+    pub relay_bin: Option<PathBuf>,
+    /// The clients' nodes: 0, sidecars of the control plane's cluster; `k > 0`,
+    /// outbound-only proxies of member clusters `r0` .. (see [`FleetConfig::clusters`]).
+    pub clusters: usize,
 }
 
 /// The server and mesh of one scenario run.
@@ -125,7 +136,7 @@ impl Target {
                 let dir = tmp.path().join("config");
                 let mesh = new_mesh(&dir)?;
                 let log = tmp.path().join("server.log");
-                let p = ServerProcess::start(bin, &dir, &log, None, s.timeout).await?;
+                let p = ServerProcess::start(bin, &dir, &log, None, None, s.timeout).await?;
                 Ok(Target {
                     xds: p.xds_addr,
                     pid: Some(p.pid()),
@@ -185,7 +196,8 @@ impl Target {
 
 fn fleet_config(s: &Settings, addr: SocketAddr) -> FleetConfig {
     FleetConfig {
-        addr,
+        addrs: vec![addr],
+        clusters: s.clusters,
         mode: s.mode,
         nack: s.nack,
         nack_clients: (s.clients as f64 * s.nack_fraction).round() as usize,
@@ -238,6 +250,7 @@ fn new_result(s: &Settings, scenario: Scenario, t: &Target) -> ScenarioResult {
         stream_failures: 0,
         churn: None,
         envoy: None,
+        relay: None,
         notes: Vec::new(),
     }
 }
@@ -350,6 +363,9 @@ async fn run_floor(
 /// Runs a scenario; its figures (none if skipped). `envoy-convergence` gives two rows:
 /// the real Envoys, then `policy-change` with as many simulated clients.
 pub async fn run(s: &Settings, scenario: Scenario) -> Result<Vec<ScenarioResult>> {
+    if scenario == Scenario::Relay {
+        return relay::run(s).await;
+    }
     let mut out: Vec<ScenarioResult> = run_one(s, scenario).await?.into_iter().collect();
     if scenario == Scenario::EnvoyConvergence && !out.is_empty() {
         let mut sim = s.clone();
@@ -403,6 +419,7 @@ async fn run_one(s: &Settings, scenario: Scenario) -> Result<Option<ScenarioResu
         Scenario::Churn => churn(s, &mut t, &mut r).await?,
         Scenario::Reconnect => reconnect(s, &mut t, &mut r).await?,
         Scenario::EnvoyConvergence => real_envoy::envoy_convergence(s, &mut t, &mut r).await?,
+        Scenario::Relay => bail!("relay runs through relay::run"),
     }
     Ok(Some(r))
 }
