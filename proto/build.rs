@@ -1,7 +1,10 @@
-//! Compiles `istio/**.proto` with protox (a pure-Rust protobuf compiler: no protoc needed).
+//! Compiles `istio/**.proto` and `trellis/**.proto` with protox (a pure-Rust protobuf compiler: no protoc needed).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["istio/v1/auth/ca.proto", "trellis/relay/v1/registration.proto"];
+    let protos = [
+        "istio/v1/auth/ca.proto",
+        "trellis/relay/v1/registration.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
