@@ -15,6 +15,7 @@
 
 pub mod cache;
 pub mod join;
+pub mod proxies;
 pub mod registry;
 pub mod secrets;
 pub mod tls;
@@ -154,6 +155,10 @@ impl Relay {
             wanted,
             stats.clone(),
         ))];
+        tasks.push(tokio::spawn(proxies::report_loop(
+            channel.clone(),
+            registry.clone(),
+        )));
         let report = Arc::new(std::sync::Mutex::new(registry::ReportStatus::default()));
         if let Some(dir) = &opts.registry_dir {
             let (files, watch_task) = registry::watch_folder(dir.clone())?;

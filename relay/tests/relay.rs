@@ -161,6 +161,39 @@ async fn cds(addr: std::net::SocketAddr, node_id: &str) -> DiscoveryResponse {
     .expect("no CDS response within 10 s")
 }
 
+/// A proxy that stays connected (until the returned guard is dropped).
+async fn hold(
+    addr: std::net::SocketAddr,
+    node_id: &str,
+) -> (
+    mpsc::Sender<DiscoveryRequest>,
+    tonic::Streaming<DiscoveryResponse>,
+) {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(node(node_id)),
+        type_url: CDS.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    (tx, stream)
+}
+
 async fn until(what: &str, ok: impl Fn() -> bool) {
     for _ in 0..500 {
         if ok() {
@@ -202,6 +235,17 @@ async fn a_relay_joins_once_serves_its_sidecars_and_keeps_serving_without_the_co
         relay.upstream.streams.load(Ordering::Relaxed) == 2
     })
     .await;
+
+    // The control plane's admin lists the sidecars behind the relay (one that stays).
+    let held = hold(relay.xds_addr, "sidecar-held").await;
+    let reported = m.server.relay_proxies.clone().unwrap();
+    until("the relay to report its sidecar", || {
+        reported
+            .get("b")
+            .is_some_and(|r| r.connected && r.proxies.iter().any(|p| p["id"] == "sidecar-held"))
+    })
+    .await;
+    drop(held);
 
     // The token was used up: another relay cannot join with it.
     let err = m.relay(Some(token), "relay-b-again").await.unwrap_err();

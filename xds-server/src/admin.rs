@@ -24,6 +24,8 @@ pub struct AdminState {
     pub authority: Option<Authority>,
     /// Joined member clusters (with the CA only).
     pub clusters: Option<Arc<MemberClusters>>,
+    /// What each member cluster's relay reports about its sidecars.
+    pub relay_proxies: Option<Arc<crate::identity::registration::RelayProxies>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -169,5 +171,19 @@ async fn clusters(State(s): State<AdminState>) -> Response {
     let Some(clusters) = &s.clusters else {
         return no_ca();
     };
-    Json(json!(clusters.all())).into_response()
+    // Each member cluster with what its relay last reported: whether it is connected, and
+    // the sidecars it serves (the control plane cannot reach member clusters itself).
+    let all: Vec<serde_json::Value> = clusters
+        .all()
+        .into_iter()
+        .map(|c| {
+            let reported = s.relay_proxies.as_ref().and_then(|r| r.get(&c.name));
+            let mut v = json!(c);
+            v["relay_connected"] = json!(reported.as_ref().is_some_and(|r| r.connected));
+            v["proxies_reported_at_ms"] = json!(reported.as_ref().map(|r| r.reported_at_ms));
+            v["proxies"] = json!(reported.map(|r| r.proxies).unwrap_or_default());
+            v
+        })
+        .collect();
+    Json(json!(all)).into_response()
 }

@@ -73,6 +73,8 @@ pub struct Server {
     pub clusters: Option<Arc<MemberClusters>>,
     /// Who callers on the secure port are; `None` without it.
     pub authenticator: Option<Arc<Authenticator>>,
+    /// What member clusters' relays report about their sidecars.
+    pub relay_proxies: Option<Arc<identity::registration::RelayProxies>>,
     pub controller: Arc<Controller>,
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
@@ -119,6 +121,7 @@ impl Server {
         let mut clusters = None;
         let mut authenticator = None;
         let mut secure_server = None;
+        let mut relay_proxies_for_admin = None;
         if let Some(opts) = secure {
             let mut ca = opts.ca;
             ca.trust_domain = controller.snapshot().mesh.trust_domain.clone();
@@ -141,6 +144,8 @@ impl Server {
                 metrics.clone(),
             ));
             let members = Arc::new(MemberClusters::load(&ca_dir)?);
+            let relay_proxies = Arc::new(identity::registration::RelayProxies::default());
+            relay_proxies_for_admin = Some(relay_proxies.clone());
             identity::registration::restore(&ca_dir, &controller);
             let authn = Arc::new(Authenticator::new(auth_ca.clone(), members.clone()));
             let secure_shared = AdsShared {
@@ -157,6 +162,7 @@ impl Server {
                 AdsService::secure(secure_shared, authn.clone()),
                 CaService::server(auth_ca.clone(), authn.clone(), metrics.clone()),
                 RegistrationService::server(
+                    relay_proxies.clone(),
                     ca_dir.clone(),
                     auth_ca.clone(),
                     controller.clone(),
@@ -175,6 +181,7 @@ impl Server {
             metrics: metrics.clone(),
             authority: authority.clone(),
             clusters: clusters.clone(),
+            relay_proxies: relay_proxies_for_admin.clone(),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -212,6 +219,7 @@ impl Server {
             secure_addr,
             authority,
             clusters,
+            relay_proxies: relay_proxies_for_admin,
             authenticator,
             background,
             controller,

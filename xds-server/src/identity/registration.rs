@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 use trellis_proto::trellis::relay::v1::registration_server::{Registration, RegistrationServer};
 use trellis_proto::trellis::relay::v1::{
-    ClusterRegistry, RegistryAck, TokenKeys, TokenKeysRequest,
+    ClusterRegistry, ProxyList, ProxyListAck, RegistryAck, TokenKeys, TokenKeysRequest,
 };
 
 /// A member cluster's last accepted registry, kept so that a restarted control plane
@@ -94,7 +94,55 @@ pub fn restore(ca_dir: &std::path::Path, controller: &Controller) {
     }
 }
 
+/// What each member cluster's relay last reported about its sidecars, for the admin API.
+#[derive(Debug, Default)]
+pub struct RelayProxies {
+    by_cluster: std::sync::Mutex<std::collections::BTreeMap<String, Reported>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reported {
+    /// The relay's report stream is open.
+    pub connected: bool,
+    pub reported_at_ms: u64,
+    pub proxies: Vec<serde_json::Value>,
+}
+
+impl RelayProxies {
+    fn update(&self, cluster: &str, f: impl FnOnce(&mut Reported)) {
+        let mut m = self.by_cluster.lock().unwrap_or_else(|e| e.into_inner());
+        let r = m.entry(cluster.to_string()).or_insert_with(|| Reported {
+            connected: true,
+            reported_at_ms: 0,
+            proxies: Vec::new(),
+        });
+        f(r);
+    }
+
+    pub fn get(&self, cluster: &str) -> Option<Reported> {
+        self.by_cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cluster)
+            .cloned()
+    }
+}
+
+fn summary_json(p: &trellis_proto::trellis::relay::v1::ProxySummary) -> serde_json::Value {
+    serde_json::json!({
+        "id": p.id,
+        "workload": (!p.workload.is_empty()).then_some(&p.workload),
+        "namespace": p.namespace,
+        "mode": p.mode,
+        "synced": p.synced,
+        "identity": (!p.identity.is_empty()).then_some(&p.identity),
+        "connected_at_ms": p.connected_at_ms,
+        "acked": p.acked,
+    })
+}
+
 pub struct RegistrationService {
+    proxies: Arc<RelayProxies>,
     ca_dir: std::path::PathBuf,
     authority: cert_authority::Authority,
     controller: Arc<Controller>,
@@ -104,6 +152,7 @@ pub struct RegistrationService {
 
 impl RegistrationService {
     pub fn server(
+        proxies: Arc<RelayProxies>,
         ca_dir: std::path::PathBuf,
         authority: cert_authority::Authority,
         controller: Arc<Controller>,
@@ -111,6 +160,7 @@ impl RegistrationService {
         metrics: Arc<Metrics>,
     ) -> RegistrationServer<RegistrationService> {
         RegistrationServer::new(RegistrationService {
+            proxies,
             ca_dir,
             authority,
             controller,
@@ -142,6 +192,32 @@ impl RegistrationService {
 #[tonic::async_trait]
 impl Registration for RegistrationService {
     type ReportStream = ReceiverStream<Result<RegistryAck, Status>>;
+
+    async fn report_proxies(
+        &self,
+        request: Request<Streaming<ProxyList>>,
+    ) -> Result<Response<ProxyListAck>, Status> {
+        let cluster = self.relay_cluster(&request)?;
+        let mut lists = request.into_inner();
+        let now_ms = crate::ads::status::now_ms;
+        loop {
+            match lists.message().await {
+                Ok(Some(list)) => self.proxies.update(&cluster, |r| {
+                    r.connected = true;
+                    r.reported_at_ms = now_ms();
+                    r.proxies = list.proxies.iter().map(summary_json).collect();
+                }),
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(cluster = %cluster, error = %e, "proxy report stream failed");
+                    break;
+                }
+            }
+        }
+        // Kept, marked stale: the last word of a relay that may just be reconnecting.
+        self.proxies.update(&cluster, |r| r.connected = false);
+        Ok(Response::new(ProxyListAck {}))
+    }
 
     async fn get_token_keys(
         &self,
