@@ -56,10 +56,19 @@ pub fn registry_file(w: &WorkloadDef) -> String {
     format!("{}.yaml", w.name)
 }
 
-/// A member cluster's WorkloadEntry: plaintext (no `tlsMode` label: certificates through
-/// the relay are a later step), no locality (the cluster's, from its join, applies).
+/// The label that marks a workload as having a sidecar with a mesh certificate.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// A member cluster's WorkloadEntry, no locality (the cluster's, from its join, applies);
+/// labelled `security.istio.io/tlsMode: istio` for an [`WorkloadDef::mtls`] workload,
+/// plaintext (no identity) otherwise.
 pub fn workload_entry_yaml(net: &LoopbackNet, w: &WorkloadDef) -> String {
     let a = addrs(net, w);
+    let tls_label = if w.mtls {
+        format!("\n    {TLS_MODE_LABEL}: istio")
+    } else {
+        String::new()
+    };
     format!(
         "apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
@@ -73,13 +82,14 @@ spec:
   address: \"{inbound_ip}\"
   labels:
     app: {app}
-    version: v1
-  serviceAccount: {app}
+    version: v1{tls_label}
+  serviceAccount: {service_account}
   ports:
     http: {PORT}
 ",
         name = w.name,
         app = w.app,
+        service_account = w.service_account,
         app_ip = a.app,
         outbound_ip = a.outbound,
         inbound_ip = a.inbound,

@@ -9,12 +9,18 @@
 //! ```text
 //! MCPC 127.0.X.1 (xDS, secure, admin)      config/ : mesh, ServiceEntries
 //!   ^ mTLS (secure port)                   ca/     : CA, clusters.json
-//! relay a 127.0.X.2 (xDS, admin)           registry-a/ : WorkloadEntries of a, state-a/
-//! relay b 127.0.X.3 (xDS, admin)           registry-b/ : WorkloadEntries of b, state-b/
-//!   ^ plaintext ADS
+//! relay a 127.0.X.2 (xDS, secure, admin)   registry-a/ : WorkloadEntries of a, state-a/
+//! relay b 127.0.X.3 (xDS, secure, admin)   registry-b/ : WorkloadEntries of b, state-b/
+//!   ^ plaintext ADS, or (mTLS workloads) the secure port with a token: ADS + SDS
 //! sidecar of workload W: inbound 127.0.X.N:9080, outbound (and Envoy admin) .N+100,
 //!   its echo app .N+50:9080 (the echo reports the workload name as its version)
 //! ```
+//!
+//! A workload defined with [`WorkloadDef::mtls`] is labelled `security.istio.io/tlsMode:
+//! istio`: its sidecar proves its identity (a workload token made with the MCPC's CA dir)
+//! on its relay's secure port instead of plaintext xDS, gets its certificate (signed by
+//! the MCPC, one per service account at the relay) and the trust bundle over SDS from the
+//! relay, and speaks mutual TLS with other labelled sidecars, in either cluster.
 //!
 //! Workloads of cluster `a` use host parts 10-19, those of `b` 20-29. The ServiceEntries
 //! live on the MCPC and select workloads by label across all clusters; member clusters'
@@ -25,11 +31,13 @@
 #![allow(dead_code)]
 
 mod config;
+mod mtls;
 mod processes;
 mod state;
 mod traffic;
 
 pub use config::*;
+pub use mtls::*;
 pub use state::*;
 pub use traffic::*;
 
@@ -42,6 +50,7 @@ use anyhow::{anyhow, bail, Context as _};
 use trellis_tests::{test_dir, ChildGuard, LoopbackNet};
 
 pub const NAMESPACE: &str = "default";
+pub const TRUST_DOMAIN: &str = "cluster.local";
 /// Every service (and so every outbound listener and every inbound port) uses this port.
 pub const PORT: u16 = 9080;
 pub const POLL: Duration = Duration::from_millis(100);
@@ -97,6 +106,11 @@ pub struct WorkloadDef {
     /// Started with the mesh; `false`: its WorkloadEntry is in the registry from the
     /// start, but the test starts its echo and sidecar later ([`MultiMesh::start_sidecar`]).
     pub start: bool,
+    /// Labelled `security.istio.io/tlsMode: istio`, its sidecar bootstrapped with a
+    /// workload token against its relay's secure port (certificate and trust over SDS).
+    pub mtls: bool,
+    /// Its WorkloadEntry's `serviceAccount`: the identity of its certificate.
+    pub service_account: &'static str,
 }
 
 impl WorkloadDef {
@@ -110,6 +124,8 @@ impl WorkloadDef {
             has_app: false,
             delta: false,
             start: true,
+            mtls: false,
+            service_account: name,
         }
     }
 
@@ -128,6 +144,8 @@ impl WorkloadDef {
             has_app: true,
             delta: false,
             start: true,
+            mtls: false,
+            service_account: app,
         }
     }
 
@@ -139,6 +157,24 @@ impl WorkloadDef {
     pub const fn deferred(mut self) -> Self {
         self.start = false;
         self
+    }
+
+    pub const fn mtls(mut self) -> Self {
+        self.mtls = true;
+        self
+    }
+
+    pub const fn with_service_account(mut self, sa: &'static str) -> Self {
+        self.service_account = sa;
+        self
+    }
+
+    /// The SPIFFE id of its certificate (meaningful with [`Self::mtls`]).
+    pub fn spiffe_id(&self) -> String {
+        format!(
+            "spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{}",
+            self.service_account
+        )
     }
 
     /// `name.namespace`, as `/debug/syncz` names the workload.
@@ -186,8 +222,8 @@ pub struct Relay {
     pub process: Option<ChildGuard>,
     pub def: ClusterDef,
     pub xds_addr: SocketAddr,
-    /// Its secure port (TLS, bootstrap tokens, SDS); unused by these plaintext sidecars,
-    /// but every relay needs its own.
+    /// Its secure port (TLS, bootstrap tokens, SDS): where the sidecars of
+    /// [`WorkloadDef::mtls`] workloads connect.
     pub secure_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub registry_dir: PathBuf,

@@ -233,7 +233,10 @@ impl MultiMesh {
         Ok(())
     }
 
-    /// `xds-server bootstrap` for a workload's sidecar, pointing at its cluster's relay.
+    /// `xds-server bootstrap` for a workload's sidecar, pointing at its cluster's relay:
+    /// its plaintext xDS port, or for an [`WorkloadDef::mtls`] workload its secure port,
+    /// with a workload token for the workload's service account, trusting the relay's
+    /// identity through the files in the relay's state dir.
     fn bootstrap(&self, w: &WorkloadDef, admin_port: u16) -> anyhow::Result<String> {
         let relay = self.relay(w.cluster.name);
         let mut command = Command::new(cargo_bin("xds-server"));
@@ -243,12 +246,26 @@ impl MultiMesh {
             .arg(w.workload_id())
             .arg("--config-dir")
             .arg(&relay.registry_dir)
-            .arg("--xds-addr")
-            .arg(relay.xds_addr.to_string())
             .arg("--cluster")
             .arg(w.cluster.name)
             .arg("--admin-port")
             .arg(admin_port.to_string());
+        let port = if w.mtls {
+            let token_file = self.workload_token(w)?;
+            command
+                .arg("--token-file")
+                .arg(&token_file)
+                .arg("--secure-addr")
+                .arg(relay.secure_addr.to_string())
+                .arg("--ca-dir")
+                .arg(&relay.state_dir)
+                .args(["--via-relay", w.cluster.name])
+                .args(["--trust-domain", super::TRUST_DOMAIN]);
+            relay.secure_addr
+        } else {
+            command.arg("--xds-addr").arg(relay.xds_addr.to_string());
+            relay.xds_addr
+        };
         if w.delta {
             command.arg("--delta");
         }
@@ -262,13 +279,48 @@ impl MultiMesh {
         );
         let yaml = String::from_utf8(output.stdout).context("bootstrap is not UTF-8")?;
         ensure!(
-            yaml.contains(&relay.xds_addr.port().to_string()),
-            "bootstrap for {} does not point at relay {} ({}):\n{yaml}",
+            yaml.contains(&port.port().to_string()),
+            "bootstrap for {} does not point at relay {} ({port}):\n{yaml}",
             w.name,
             w.cluster.name,
-            relay.xds_addr
         );
         Ok(yaml)
+    }
+
+    /// `xds-server token create` for a workload's identity (`NAMESPACE/SERVICE_ACCOUNT`),
+    /// made with the MCPC's config and CA dirs (which works while the MCPC is down: it
+    /// only needs the token key), written to `tokens/W.token`.
+    pub fn workload_token(&self, w: &WorkloadDef) -> anyhow::Result<std::path::PathBuf> {
+        let mut command = Command::new(cargo_bin("xds-server"));
+        command
+            .args(["token", "create", "--identity"])
+            .arg(format!("{}/{}", super::NAMESPACE, w.service_account))
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .arg("--ca-dir")
+            .arg(&self.ca_dir)
+            .args(["--ttl", "1h"]);
+        let output = run_to_completion(command, CLI_TIMEOUT)?;
+        ensure!(
+            output.status.success(),
+            "xds-server token create for {} failed ({}): {}",
+            w.name,
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let token = String::from_utf8(output.stdout).context("token is not UTF-8")?;
+        let token = token.trim();
+        ensure!(
+            !token.is_empty() && !token.contains(char::is_whitespace),
+            "xds-server token create printed no single token: {token:?}"
+        );
+        let path = self
+            .dir
+            .path()
+            .join("tokens")
+            .join(format!("{}.token", w.name));
+        std::fs::write(&path, token)?;
+        Ok(path)
     }
 
     pub(crate) fn spawn_sidecar(&mut self, w: &WorkloadDef) -> anyhow::Result<()> {

@@ -114,7 +114,9 @@ impl MultiMesh {
     }
 
     /// Every started sidecar of `cluster` connected once to its relay, in its mode,
-    /// synced, with CDS and LDS sent and everything sent ACKed.
+    /// synced, with CDS and LDS sent and everything sent ACKed; a sidecar of an
+    /// [`super::WorkloadDef::mtls`] workload also as its identity, holding ACKed secrets
+    /// (see [`super::check_proxy_secrets`]).
     pub fn check_relay_converged(&self, cluster: &str) -> anyhow::Result<()> {
         let proxies = self.relay_proxies(cluster)?;
         let sidecars: Vec<_> = self
@@ -160,6 +162,9 @@ impl MultiMesh {
                     t["sent_version"],
                     t["acked_version"]
                 );
+            }
+            if w.mtls {
+                super::check_proxy_secrets(proxy, w).with_context(|| format!("relay {cluster}"))?;
             }
         }
         Ok(())

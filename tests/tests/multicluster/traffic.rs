@@ -52,6 +52,19 @@ pub fn request(outbound: SocketAddr, app: &str) -> anyhow::Result<String> {
     answered_by(&call(outbound, app)?, app)
 }
 
+/// One request to `app` through `outbound`: the workload that answered; with
+/// `caller` also that the app saw that SPIFFE id in `x-forwarded-client-cert`, i.e. the
+/// hop between the sidecars was mutual TLS with the caller's certificate.
+pub fn request_as(outbound: SocketAddr, app: &str, caller: Option<&str>) -> anyhow::Result<String> {
+    let response = call(outbound, app)?;
+    let workload = answered_by(&response, app)?;
+    if let Some(id) = caller {
+        super::check_xfcc(&response, id)
+            .map_err(|e| e.context(format!("answered by {workload}")))?;
+    }
+    Ok(workload)
+}
+
 /// What a sequence of requests saw while traffic moved to another workload.
 #[derive(Debug, Default)]
 pub struct Switch {
@@ -116,6 +129,7 @@ pub fn switch_to(
 
 impl MultiMesh {
     /// Waits until `client` reaches every service that has a started workload.
+    /// (Over mutual TLS where [`Self::expected_caller`] says so.)
     pub fn wait_routing(&mut self, client: &str) -> anyhow::Result<()> {
         let outbound = self.outbound(client);
         let apps: Vec<&'static str> = self
@@ -124,20 +138,34 @@ impl MultiMesh {
             .filter(|app| self.workloads_of(app).iter().any(|w| w.start))
             .collect();
         for app in apps {
+            let caller = self.expected_caller(client, app);
             self.wait(&format!("{client} reaches {app}"), CONVERGE_TIMEOUT, |_| {
-                request(outbound, app)
+                request_as(outbound, app, caller.as_deref())
             })?;
         }
         Ok(())
     }
 
-    /// Asserts that `n` requests from `client` to `app` are all answered by `workload`.
+    /// The identity the workloads of `app` must see in `x-forwarded-client-cert` when
+    /// `client` calls them: the client's SPIFFE id when the client and every workload of
+    /// `app` are [`super::WorkloadDef::mtls`] (so the hop is mutual TLS); `None` otherwise.
+    pub fn expected_caller(&self, client: &str, app: &str) -> Option<String> {
+        let client = self.def(client);
+        let workloads = self.workloads_of(app);
+        (client.mtls && !workloads.is_empty() && workloads.iter().all(|w| w.mtls))
+            .then(|| client.spiffe_id())
+    }
+
+    /// Asserts that `n` requests from `client` to `app` are all answered by `workload`
+    /// (and over mutual TLS with the client's identity where [`Self::expected_caller`]
+    /// says so).
     #[track_caller]
     pub fn assert_all_answered_by(&self, client: &str, app: &str, workload: &str, n: usize) {
         let outbound = self.outbound(client);
+        let caller = self.expected_caller(client, app);
         let mut answered: BTreeMap<String, usize> = BTreeMap::new();
         for i in 0..n {
-            let who = request(outbound, app)
+            let who = request_as(outbound, app, caller.as_deref())
                 .unwrap_or_else(|e| panic!("{client} -> {app}, request {i} of {n}: {e:#}"));
             *answered.entry(who).or_insert(0) += 1;
         }
@@ -145,7 +173,10 @@ impl MultiMesh {
             answered.keys().eq([workload]),
             "{client} -> {app}: {n} requests must all be answered by {workload}, got {answered:?}"
         );
-        eprintln!("{client} -> {app}: {n} x answered by {workload}");
+        eprintln!(
+            "{client} -> {app}: {n} x answered by {workload}{}",
+            caller.map_or(String::new(), |id| format!(", which saw the caller {id}"))
+        );
     }
 
     /// A [`Target`] for continuous traffic from `client` to service `app`.
@@ -154,6 +185,7 @@ impl MultiMesh {
             label: format!("{client} -> {app}"),
             outbound: self.outbound(client),
             app,
+            caller: self.expected_caller(client, app),
         }
     }
 }
@@ -164,6 +196,8 @@ pub struct Target {
     pub label: String,
     pub outbound: SocketAddr,
     pub app: &'static str,
+    /// The SPIFFE id the app must see in `x-forwarded-client-cert` (mutual TLS).
+    pub caller: Option<String>,
 }
 
 /// What one thread saw.
@@ -276,7 +310,7 @@ impl Traffic {
                         && Instant::now() < deadline
                         && report.ok + report.failed < MAX_REQUESTS
                     {
-                        match request(target.outbound, target.app) {
+                        match request_as(target.outbound, target.app, target.caller.as_deref()) {
                             Ok(workload) => {
                                 report.ok += 1;
                                 *report.answered.entry(workload).or_insert(0) += 1;
