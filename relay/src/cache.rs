@@ -99,6 +99,8 @@ pub struct RelayState {
     views: HashMap<ClassKey, Arc<ProxyView>>,
     wants: mpsc::UnboundedSender<ClassKey>,
     cluster: String,
+    /// Service account of each workload of the registry folder.
+    accounts: Arc<HashMap<String, String>>,
 }
 
 impl ConfigSource for RelayState {
@@ -123,10 +125,19 @@ impl ConfigSource for RelayState {
     fn claim_error(&self, node: &NodeInfo, caller: Option<&Caller>) -> Option<String> {
         let caller = caller?;
         let id = &caller.identity;
-        (node.namespace != id.namespace).then(|| {
-            format!(
+        if node.namespace != id.namespace {
+            return Some(format!(
                 "identity {id} may not act for a proxy in namespace {:?} (cluster {})",
                 node.namespace, self.cluster
+            ));
+        }
+        // As on the control plane: a workload of the registry runs as one service account.
+        let workload = node.workload.as_deref()?;
+        let sa = self.accounts.get(workload)?;
+        (*sa != id.service_account).then(|| {
+            format!(
+                "identity {id} may not claim workload {workload}: it runs as service account {sa:?} (cluster {})",
+                self.cluster
             )
         })
     }
@@ -136,6 +147,7 @@ impl ConfigSource for RelayState {
 #[derive(Debug)]
 pub struct RelayCache {
     cluster: String,
+    accounts: Mutex<Arc<HashMap<String, String>>>,
     classes: Mutex<BTreeMap<ClassKey, Class>>,
     generation: Mutex<u64>,
     tx: watch::Sender<Arc<dyn ConfigSource>>,
@@ -159,10 +171,12 @@ impl RelayCache {
             views: HashMap::new(),
             wants: wants.clone(),
             cluster: cluster.to_string(),
+            accounts: Arc::default(),
         });
         let (tx, _) = watch::channel(state);
         let cache = Arc::new(RelayCache {
             cluster: cluster.to_string(),
+            accounts: Mutex::default(),
             classes: Mutex::default(),
             generation: Mutex::new(0),
             tx,
@@ -243,7 +257,22 @@ impl RelayCache {
             views,
             wants: self.wants.clone(),
             cluster: self.cluster.clone(),
+            accounts: self.accounts.lock().map(|a| a.clone()).unwrap_or_default(),
         }));
+    }
+
+    /// The registry's workloads and their service accounts (for claim checks).
+    pub fn set_service_accounts(&self, accounts: HashMap<String, String>) {
+        let changed = {
+            let mut cur = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = **cur != accounts;
+            *cur = Arc::new(accounts);
+            changed
+        };
+        if changed {
+            let classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+            self.publish(&classes);
+        }
     }
 
     /// Classes with a complete view, and how many resources each holds.

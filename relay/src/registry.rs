@@ -62,24 +62,34 @@ pub fn read_folder(dir: &Path) -> Result<Vec<RegistryFile>, RelayError> {
     Ok(files)
 }
 
-/// The workload classes the files declare (the files that parse; the control plane
-/// reports the rest).
-pub fn classes(files: &[RegistryFile]) -> Vec<ClassKey> {
-    let mut keys = Vec::new();
+/// The workloads the files declare (the files that parse; the control plane reports
+/// the rest): their classes, and the service account each runs as.
+pub fn workloads(files: &[RegistryFile]) -> Vec<(ClassKey, String)> {
+    let mut out = Vec::new();
     for f in files {
         let Ok(objects) = xds_server::config::parse::parse_file(&f.name, &f.yaml) else {
             continue;
         };
         for o in objects {
             if let ConfigObject::WorkloadEntry(we) = o {
-                keys.push(ClassKey {
+                let sa = we
+                    .spec
+                    .service_account
+                    .clone()
+                    .unwrap_or_else(|| "default".to_string());
+                let key = ClassKey {
                     workload: Some(format!("{}.{}", we.name, we.namespace)),
                     namespace: we.namespace.clone(),
-                });
+                };
+                out.push((key, sa));
             }
         }
     }
-    keys
+    out
+}
+
+pub fn classes(files: &[RegistryFile]) -> Vec<ClassKey> {
+    workloads(files).into_iter().map(|(k, _)| k).collect()
 }
 
 /// The registry folder's files, as last read.
@@ -167,7 +177,14 @@ async fn report_once(
     let (tx, rx) = mpsc::channel::<ClusterRegistry>(4);
     let mut client = RegistrationClient::new(channel.clone());
     let send = |current: &Arc<Vec<RegistryFile>>| {
-        for key in classes(current) {
+        let declared = workloads(current);
+        cache.set_service_accounts(
+            declared
+                .iter()
+                .filter_map(|(k, sa)| Some((k.workload.clone()?, sa.clone())))
+                .collect(),
+        );
+        for (key, _) in declared {
             cache.want(key);
         }
         let rev = revision.fetch_add(1, Ordering::Relaxed) + 1;

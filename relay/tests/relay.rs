@@ -422,6 +422,27 @@ async fn sidecars_get_their_own_certificate_through_the_relay_also_offline() {
         cert_identity(&resp),
         "spiffe://cluster.local/ns/default/sa/bookinfo-details"
     );
+    // A workload of the registry runs as one service account: another identity may not
+    // claim it (the relay learns the accounts from its registry folder).
+    let ratings_b = "sidecar~127.0.7.5~ratings-b.default~default.svc.cluster.local";
+    let mut refused = None;
+    for _ in 0..50 {
+        match relay_sds(secure, &token("bookinfo-details"), ratings_b).await {
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let err = refused.expect("claiming ratings-b as bookinfo-details was never refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("runs as service account"),
+        "{}",
+        err.message()
+    );
+
     // Tokens the control plane did not sign are refused by the relay itself.
     let other = tempfile::tempdir().unwrap();
     let foreign = cert_authority::Authority::open(CaOptions {
