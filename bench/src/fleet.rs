@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
@@ -34,11 +34,14 @@ pub const CONN_WINDOW: u32 = 256 << 20;
 /// gRPC framing: compression flag + 4-byte length before every message.
 pub const GRPC_HEADER: u64 = crate::client::GRPC_HEADER as u64;
 
-static EPOCH: OnceLock<Instant> = OnceLock::new();
-
-/// Nanoseconds since the bench started (never 0, which means "not yet").
+/// `CLOCK_MONOTONIC` in nanoseconds (never 0, which means "not yet"): one clock for the
+/// bench and its fleet shards (child processes, see [`crate::shard`]).
 pub fn now_ns() -> u64 {
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+        .max(1)
 }
 
 /// Splits the DATA frames of a stream into gRPC messages. A message that lies within

@@ -10,6 +10,7 @@ mod mesh;
 mod report;
 mod scenarios;
 mod server;
+mod shard;
 mod wire;
 
 use anyhow::{bail, Context, Result};
@@ -51,6 +52,9 @@ enum Command {
     Floor,
     #[value(hide = true)]
     FloorServe,
+    /// A range of clients in a child process, driven over stdin/stdout (see shard.rs).
+    #[value(hide = true)]
+    FleetShard,
     /// The built-in CA's cost per operation (--clients operations of each kind).
     Ca,
 }
@@ -137,6 +141,16 @@ struct Cli {
     relay_bin: Option<PathBuf>,
     #[arg(long, hide = true, value_delimiter = ',')]
     frames: Vec<u64>,
+    #[arg(long, hide = true, value_delimiter = ',')]
+    shard_addrs: Vec<SocketAddr>,
+    #[arg(long, hide = true, default_value_t = 0)]
+    shard_clusters: usize,
+    #[arg(long, hide = true, default_value_t = 0)]
+    shard_start: usize,
+    #[arg(long, hide = true, default_value_t = 0)]
+    shard_end: usize,
+    #[arg(long, hide = true, default_value_t = 0)]
+    shard_nack_clients: usize,
     #[arg(long, hide = true)]
     on_accept: bool,
 }
@@ -144,10 +158,10 @@ struct Cli {
 /// Ten thousand clients need ten thousand sockets: raise the soft limit to the hard one,
 /// and (as root, up to `fs.nr_open`) the hard one to what the clients need. The servers,
 /// relays and floor the bench starts inherit the limit.
-fn raise_nofile(clients: usize) {
+fn raise_nofile(clients: usize) -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
+        return u64::MAX;
     };
     let want = clients as u64 + 4096;
     if hard < want {
@@ -163,7 +177,10 @@ fn raise_nofile(clients: usize) {
     if soft < hard {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
-    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s)
+}
+
+fn warn_nofile(clients: usize, limit: u64) {
     if (clients as u64) + 256 > limit {
         tracing::warn!(
             clients,
@@ -253,6 +270,7 @@ fn settings(cli: &Cli) -> Result<Settings> {
         relays: cli.relays,
         relay_bin: None,
         clusters: 0,
+        nofile: u64::MAX,
     })
 }
 
@@ -266,8 +284,20 @@ async fn run(cli: Cli) -> Result<()> {
     if cli.scenario == Command::FloorServe {
         return floor::serve_main(&cli.frames, cli.on_accept).await;
     }
+    if cli.scenario == Command::FleetShard {
+        let cfg = shard::ShardConfig {
+            addrs: cli.shard_addrs.clone(),
+            clusters: cli.shard_clusters,
+            mode: cli.mode,
+            nack: cli.nack,
+            nack_clients: cli.shard_nack_clients,
+            backoff_base: Duration::from_millis(cli.backoff_base_ms),
+            timeout: Duration::from_secs(cli.timeout),
+        };
+        return shard::shard_main(cfg, cli.shard_start..cli.shard_end).await;
+    }
     if cli.scenario == Command::Floor {
-        raise_nofile(cli.clients);
+        warn_nofile(cli.clients, raise_nofile(cli.clients));
         let shape = if cli.on_accept {
             floor::Shape::Storm
         } else {
@@ -355,9 +385,13 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Floor | Command::FloorServe | Command::Ca => {}
+        Command::Floor | Command::FloorServe | Command::FleetShard | Command::Ca => {}
     }
-    raise_nofile(s.clients);
+    s.nofile = raise_nofile(s.clients);
+    if cli.scenario != Command::Relay {
+        // relay spreads its clients over processes, and checks its own budget.
+        warn_nofile(s.clients, s.nofile);
+    }
     let mut results: Vec<ScenarioResult> = Vec::new();
     for (mode, scenario) in plan {
         let mut run_settings = s.clone();

@@ -98,6 +98,8 @@ pub struct Settings {
     /// The clients' nodes: 0, sidecars of the control plane's cluster; `k > 0`,
     /// outbound-only proxies of member clusters `r0` .. (see [`FleetConfig::clusters`]).
     pub clusters: usize,
+    /// The open-file limit of this process (and of the processes it starts).
+    pub nofile: u64,
 }
 
 /// The server and mesh of one scenario run.

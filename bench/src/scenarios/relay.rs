@@ -6,12 +6,14 @@
 //!
 //! Client `i` connects to relay `i % K` (cluster `r{i % K}`) as an outbound-only proxy of
 //! namespace `bench` with node metadata `CLUSTER_ID`: one proxy class per relay, so one
-//! upstream stream per relay.
+//! upstream stream per relay. The clients run in fleet shards (child processes, see
+//! [`crate::shard`]): N clients need N sockets, more than one process may open here.
 
 use super::*;
 use crate::fleet::member_cluster;
 use crate::report::RelayFigures;
 use crate::server::{ChildGuard, SecurePort};
+use crate::shard::{ShardConfig, ShardReport, Shards};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -256,6 +258,13 @@ pub async fn run(s: &Settings) -> Result<Vec<ScenarioResult>> {
     if s.relays == 0 {
         bail!("--relays must be at least 1");
     }
+    let per_relay = s.clients.div_ceil(s.relays) as u64;
+    if per_relay + 1024 > s.nofile {
+        bail!(
+            "each relay would hold {per_relay} client connections, too many for the open-file limit ({}): use more --relays",
+            s.nofile
+        );
+    }
     let tmp = tempfile::Builder::new()
         .prefix("xds-bench-relay-")
         .tempdir()?;
@@ -303,7 +312,17 @@ pub async fn run(s: &Settings) -> Result<Vec<ScenarioResult>> {
     t.stop();
     let (storm, mut change) = measured.map_err(|e| anyhow!("{e:#}{logs}"))?;
 
-    // The same change, the same clients (same nodes), connected to a fresh server.
+    // The same change, the same clients (same nodes), connected to a fresh server: one
+    // process holding every client's socket, so only within the open-file limit.
+    if s.clients as u64 + 1024 > s.nofile {
+        let why = format!(
+            "direct comparison skipped: {} clients connected directly need as many sockets in one server process, above the open-file limit ({})",
+            s.clients, s.nofile
+        );
+        println!("relay: {why}");
+        change.notes.push(why);
+        return Ok(vec![storm, change]);
+    }
     let mut direct = s.clone();
     direct.clusters = s.relays;
     let mut d = run_one(&direct, Scenario::EndpointChange)
@@ -329,15 +348,87 @@ pub async fn run(s: &Settings) -> Result<Vec<ScenarioResult>> {
     Ok(vec![storm, change, d])
 }
 
-/// The storm and the change through the relays.
+/// The storm and the change through the relays, with the clients in fleet shards.
 async fn through_relays(
     s: &Settings,
     t: &mut Target,
     relays: &mut [RelayProcess],
 ) -> Result<(ScenarioResult, ScenarioResult)> {
-    let mut cfg = fleet_config(s, t.xds);
-    cfg.addrs = relays.iter().map(|r| r.xds).collect();
-    cfg.clusters = relays.len();
+    let cfg = ShardConfig {
+        addrs: relays.iter().map(|r| r.xds).collect(),
+        clusters: relays.len(),
+        mode: s.mode,
+        nack: s.nack,
+        nack_clients: fleet_config(s, t.xds).nack_clients,
+        backoff_base: s.backoff_base,
+        timeout: s.timeout,
+    };
+    let mut shards = Shards::spawn(&cfg, s.clients).await?;
+    let r = measure(s, t, relays, &mut shards).await;
+    shards.stop().await;
+    r
+}
+
+/// The bench's CPU: this process and its shards.
+fn bench_cpu(shards: &Shards) -> f64 {
+    client_cpu() + shards.cpu_s()
+}
+
+fn failures_of(r: &ShardReport) -> u64 {
+    r.clients.iter().map(|c| c.stream_failures).sum()
+}
+
+fn set_counts(r: &mut ScenarioResult, rep: &ShardReport, fail0: u64) {
+    r.nacks = rep.clients.iter().map(|c| c.nacks).sum();
+    r.stream_failures = failures_of(rep).saturating_sub(fail0);
+    if r.stream_failures > 0 {
+        r.notes.push(format!(
+            "{} ADS streams failed and were retried (e.g. {})",
+            r.stream_failures,
+            rep.last_error.clone().unwrap_or_default()
+        ));
+    }
+}
+
+/// Mean bytes per client of `kinds` since `base` (same client order).
+fn mean_bytes(rep: &ShardReport, base: Option<&ShardReport>, kinds: &[Kind]) -> f64 {
+    if rep.clients.is_empty() {
+        return 0.0;
+    }
+    let total: u64 = rep
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            kinds
+                .iter()
+                .map(|k| {
+                    let b0 = base
+                        .and_then(|b| b.clients.get(i))
+                        .map_or(0, |b| b.bytes[k.idx()]);
+                    c.bytes[k.idx()].saturating_sub(b0)
+                })
+                .sum::<u64>()
+        })
+        .sum();
+    total as f64 / rep.clients.len() as f64
+}
+
+/// Connected proxies at the server whose id starts with `relay~`, and all of them.
+async fn upstream_streams(t: &Target, timeout: Duration) -> Result<(usize, usize)> {
+    let (connected, ids) = syncz(t.admin.context("no admin address")?, timeout).await?;
+    Ok((
+        ids.iter().filter(|i| i.starts_with("relay~")).count(),
+        connected,
+    ))
+}
+
+async fn measure(
+    s: &Settings,
+    t: &mut Target,
+    relays: &mut [RelayProcess],
+    shards: &mut Shards,
+) -> Result<(ScenarioResult, ScenarioResult)> {
     let figures = RelayFigures {
         relays: relays.len(),
         ..Default::default()
@@ -348,46 +439,33 @@ async fn through_relays(
     st.scenario = "relay-storm".into();
     let srv0 = t.stats();
     let rel0 = relay_totals(relays);
-    let cli0 = client_cpu();
+    let cli0 = bench_cpu(shards);
     let t0 = now_ns();
-    let fleet = Fleet::spawn(&cfg, 0..s.clients)?;
-    if let Err(e) = fleet.wait_synced(s.timeout).await {
-        let streams = match t.admin {
-            Some(a) => syncz(a, s.timeout)
-                .await
-                .map(|(_, ids)| ids.iter().filter(|i| i.starts_with("relay~")).count()),
-            None => Ok(0),
-        };
-        fleet.shutdown().await;
+    shards.all("start").await?;
+    if let Err(e) = shards.all("wait_synced").await {
+        let streams = upstream_streams(t, s.timeout).await;
         return Err(e.context(format!(
-            "through {} relays (upstream streams at the server: {streams:?})",
+            "through {} relays (upstream streams at the server, all proxies there: {streams:?})",
             relays.len()
         )));
     }
     let srv1 = t.stats();
     let rel1 = relay_totals(relays);
-    st.client_cpu_s = client_cpu() - cli0;
-    let synced: Vec<u64> = fleet
-        .clients
-        .iter()
-        .map(|c| c.synced_ns.load(Relaxed))
-        .collect();
+    st.client_cpu_s = bench_cpu(shards) - cli0;
+    let rep = shards.report(u64::MAX).await?;
     let l = Latencies::from_ms(
-        fleet
-            .clients
+        rep.clients
             .iter()
-            .zip(&synced)
-            .map(|(c, at)| ms_between(c.started_ns.load(Relaxed), *at))
+            .map(|c| ms_between(c.started_ns, c.synced_ns))
             .collect(),
     );
-    let last = synced.iter().copied().max().unwrap_or(t0);
-    let first = synced.iter().copied().min().unwrap_or(t0);
+    let last = rep.clients.iter().map(|c| c.synced_ns).max().unwrap_or(t0);
+    let first = rep.clients.iter().map(|c| c.synced_ns).min().unwrap_or(t0);
     st.set_latencies(&l, ms_between(t0, last), ms_between(t0, first));
     let connect = Latencies::from_ms(
-        fleet
-            .clients
+        rep.clients
             .iter()
-            .map(|c| ms_between(c.started_ns.load(Relaxed), c.stream_ns.load(Relaxed)))
+            .map(|c| ms_between(c.started_ns, c.stream_ns))
             .collect(),
     );
     st.connect_p50_ms = Some(connect.p(50.0));
@@ -399,19 +477,16 @@ async fn through_relays(
         st.server_peak_rss_bytes = Some(b.peak_rss_bytes);
     }
     st.pushes = 1;
-    let zero = vec![[0u64; 4]; fleet.len()];
-    st.bytes_per_client = mean_bytes_since(&fleet, &zero, &Kind::ALL);
-    st.nacks = nack_count(&fleet);
-    note_failures(&fleet, &mut st, 0);
+    st.bytes_per_client = mean_bytes(&rep, None, &Kind::ALL);
+    set_counts(&mut st, &rep, 0);
     // Outside the measured window: who is connected where.
-    let (server_proxies, ids) = syncz(t.admin.context("no admin address")?, s.timeout).await?;
-    let upstream_streams = ids.iter().filter(|i| i.starts_with("relay~")).count();
+    let (upstream, server_proxies) = upstream_streams(t, s.timeout).await?;
     let mut relay_proxies = 0;
     for r in relays.iter() {
         relay_proxies += syncz(r.admin, s.timeout).await?.0;
     }
     st.relay = Some(RelayFigures {
-        upstream_streams,
+        upstream_streams: upstream,
         server_proxies,
         relay_proxies,
         relay_cpu_s: rel1.0 - rel0.0,
@@ -419,56 +494,51 @@ async fn through_relays(
         relay_peak_rss_bytes: rel1.2,
         ..figures.clone()
     });
-    st.notes.push(
-        "per client from its start to fully synced through its relay (the relay fetches the class upstream on the first client); no floor: two hops"
-            .into(),
-    );
+    st.notes.push(format!(
+        "per client from its start to fully synced through its relay (the relay fetches the class upstream on the first client); clients in {} fleet shard processes (bench CPU is theirs); no floor: two hops",
+        shards.len()
+    ));
 
     // The change: one endpoint moves; until every client has ACKed it via its relay.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut ch = new_result(s, Scenario::Relay, t);
     ch.scenario = "relay-endpoint-change".into();
-    fleet.probes.eds.store(true, Relaxed);
-    let base = bytes_snapshot(&fleet);
+    shards.all("probe_eds").await?;
+    let base = shards.report(u64::MAX).await?;
+    let fail0 = failures_of(&base);
     let metrics0 = t.metrics().await;
     let relay_metrics0 = relay_metrics(relays).await;
     let srv0 = t.stats();
     let rel0 = relay_totals(relays);
-    let cli0 = client_cpu();
-    let fail0 = failures(&fleet);
+    let cli0 = bench_cpu(shards);
     let Some(mesh) = t.mesh.as_mut() else {
         bail!("no mesh to edit");
     };
     let seq = mesh.change_endpoint(mesh.spec.services / 2)?;
     let t0 = now_ns();
-    let waited = fleet
-        .wait_all("change received through the relays", s.timeout, |c| {
-            c.markers[0].max.load(Relaxed) >= seq
-        })
-        .await;
-    if let Err(e) = waited {
-        fleet.shutdown().await;
-        return Err(e);
-    }
+    shards
+        .all(&format!("wait_marker {seq}"))
+        .await
+        .context("the change through the relays")?;
     let srv1 = t.stats();
     let rel1 = relay_totals(relays);
-    ch.client_cpu_s = client_cpu() - cli0;
-    let times: Vec<f64> = fleet
-        .clients
-        .iter()
-        .map(|c| ms_between(t0, c.markers[0].first_at_least(seq).unwrap_or(t0)))
-        .collect();
-    let l = Latencies::from_ms(times);
+    ch.client_cpu_s = bench_cpu(shards) - cli0;
+    let rep = shards.report(seq).await?;
+    let l = Latencies::from_ms(
+        rep.clients
+            .iter()
+            .map(|c| ms_between(t0, c.marker_ns.max(t0)))
+            .collect(),
+    );
     ch.set_latencies(&l, l.max(), l.min());
     set_one_push_figures(&mut ch, srv0, srv1);
-    ch.bytes_per_client = mean_bytes_since(&fleet, &base, &[Kind::Eds]);
-    ch.nacks = nack_count(&fleet);
-    note_failures(&fleet, &mut ch, fail0);
+    ch.bytes_per_client = mean_bytes(&rep, Some(&base), &[Kind::Eds]);
+    set_counts(&mut ch, &rep, fail0);
     ch.server_push_latency_mean_ms = push_latency_ms(metrics0, t.metrics().await, Kind::Eds);
     let relay_push = relay_push_latency_ms(&relay_metrics0, &relay_metrics(relays).await);
-    let (server_proxies, ids) = syncz(t.admin.context("no admin address")?, s.timeout).await?;
+    let (upstream, server_proxies) = upstream_streams(t, s.timeout).await?;
     ch.relay = Some(RelayFigures {
-        upstream_streams: ids.iter().filter(|i| i.starts_with("relay~")).count(),
+        upstream_streams: upstream,
         server_proxies,
         relay_proxies,
         relay_cpu_s: rel1.0 - rel0.0,
@@ -481,6 +551,5 @@ async fn through_relays(
         "times run from the file write: server debounce and reload, the push to the relays, their push to the clients; server_push_latency is the server's push to the relays"
             .into(),
     );
-    fleet.shutdown().await;
     Ok((st, ch))
 }
