@@ -9,15 +9,19 @@
 # Everything it starts is stopped on exit or Ctrl-C.
 #   scripts/demo.sh            run the demo and exit
 #   scripts/demo.sh --stay     keep the mesh running afterwards until Ctrl-C
+#   scripts/demo.sh --multicluster [--stay]   the multi-cluster demo (scripts/demo-multicluster.sh)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${REPO_ROOT}"
+for arg in "$@"; do
+    if [[ "${arg}" == --multicluster ]]; then exec scripts/demo-multicluster.sh "$@"; fi
+done
 STAY=0
 for arg in "$@"; do
     case "${arg}" in
         --stay) STAY=1 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "demo: unknown argument ${arg}" >&2; exit 2 ;;
     esac
 done
