@@ -229,3 +229,82 @@ async fn delta_unknown_name_is_reported_removed() {
     ads.send(delta_ack(&r)).await;
     ads.expect_silence().await;
 }
+
+/// Envoy drops a cluster's EDS watch when the cluster is updated and adds it again for the
+/// new one: an unsubscribe, then a subscribe of the same, unchanged assignment. The proxy
+/// forgot it in between, so it must be sent again (or the new cluster waits for its
+/// initial fetch timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_resubscribe_to_an_unchanged_resource_sends_it_again() {
+    let mesh = Mesh::start().await;
+    let (details, ratings) = (outbound("details"), outbound("ratings"));
+    let first = DeltaDiscoveryRequest {
+        node: node("proxy-delta-resub"),
+        ..delta_request(EDS, &[&details, &ratings])
+    };
+    let mut ads = open_delta(mesh.server.xds_addr, first).await.unwrap();
+    let r1 = ads.recv().await;
+    let v1 = delta_versions(&r1);
+    ads.send(delta_ack(&r1)).await;
+    ads.send(DeltaDiscoveryRequest {
+        resource_names_unsubscribe: vec![ratings.clone()],
+        ..delta_request(EDS, &[])
+    })
+    .await;
+    ads.expect_silence().await;
+    ads.send(delta_request(EDS, &[&ratings])).await;
+    let r2 = ads.recv().await;
+    assert_eq!(r2.resources.len(), 1, "{r2:?}");
+    assert_eq!(r2.resources[0].name, ratings);
+    assert_eq!(Some(&r2.resources[0].version), v1.get(&ratings));
+    ads.send(delta_ack(&r2)).await;
+    ads.expect_silence().await;
+}
+
+/// An updated cluster (here its load balancer) makes Envoy rebuild it and wait for its
+/// endpoints again: the unchanged assignment follows the CDS update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_an_updated_cluster_gets_its_unchanged_endpoints_again() {
+    let mesh = Mesh::start().await;
+    let ratings = outbound("ratings");
+    let first = DeltaDiscoveryRequest {
+        node: node("proxy-delta-cds-update"),
+        ..delta_request(CDS, &[])
+    };
+    let mut ads = open_delta(mesh.server.xds_addr, first).await.unwrap();
+    let cds = ads.recv().await;
+    ads.send(delta_ack(&cds)).await;
+    let names: Vec<String> = delta_versions(&cds).into_keys().collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    ads.send(delta_request(EDS, &names)).await;
+    let eds = ads.recv().await;
+    assert_eq!(eds.type_url, EDS);
+    let before = delta_versions(&eds);
+    ads.send(delta_ack(&eds)).await;
+    ads.expect_silence().await;
+
+    let dr = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: default}
+spec:
+  host: ratings
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+";
+    mesh.apply("ratings-dr.yaml", dr).await;
+    let cds2 = ads.recv().await;
+    assert_eq!(cds2.type_url, CDS);
+    assert!(delta_versions(&cds2).contains_key(&ratings), "{cds2:?}");
+    let eds2 = ads.recv().await;
+    assert_eq!(eds2.type_url, EDS, "{eds2:?}");
+    let after = delta_versions(&eds2);
+    assert_eq!(
+        after.get(&ratings),
+        before.get(&ratings),
+        "same assignment, sent again"
+    );
+    assert_eq!(after.len(), 1, "only the updated cluster's: {after:?}");
+    ads.send(delta_ack(&cds2)).await;
+    ads.send(delta_ack(&eds2)).await;
+    ads.expect_silence().await;
+}

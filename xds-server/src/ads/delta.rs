@@ -62,6 +62,10 @@ pub(crate) struct Stream {
     status: Arc<ProxyStatus>,
     types: BTreeMap<TypeKind, TypeState>,
     nonce: u64,
+    /// Endpoint assignments to send again though unchanged: Envoy rebuilds an updated
+    /// cluster and its new EDS watch waits for an assignment (else it sits out the initial
+    /// fetch timeout, 15 s), but with Delta nothing would be sent for an unchanged one.
+    resend_eds: BTreeSet<Arc<str>>,
 }
 
 fn frame(
@@ -107,6 +111,7 @@ impl Protocol for Stream {
             status,
             types: BTreeMap::new(),
             nonce: 0,
+            resend_eds: BTreeSet::new(),
         }
     }
 
@@ -186,6 +191,30 @@ impl Protocol for Stream {
             let Some(mut update) = self.plan(kind, views.of(kind)) else {
                 continue;
             };
+            if kind == TypeKind::Cluster {
+                self.resend_eds.extend(update.diff.updated.iter().cloned());
+            }
+            let mut body = update.diff.body.clone();
+            let mut resources = update.diff.resources;
+            if kind == TypeKind::Endpoint && !self.resend_eds.is_empty() {
+                let resend = std::mem::take(&mut self.resend_eds);
+                let mut extra = BytesMut::from(&body[..]);
+                if let Some(st) = self.types.get(&kind) {
+                    for r in update
+                        .next
+                        .resources
+                        .iter()
+                        .filter(|r| resend.contains(&r.name))
+                    {
+                        // Changed ones are in the diff already.
+                        if st.known_version(&r.name) == Some(&*r.version) {
+                            extra.extend_from_slice(&r.delta_field);
+                            resources += 1;
+                        }
+                    }
+                }
+                body = extra.freeze();
+            }
             let mut removed: Vec<String> = update.diff.removed.clone();
             removed.append(&mut update.extra_removed);
             if kind == TypeKind::Cluster && !removed.is_empty() {
@@ -199,8 +228,8 @@ impl Protocol for Stream {
             self.send(
                 kind,
                 update.next,
-                &update.diff.body,
-                update.diff.resources,
+                &body,
+                resources,
                 &removed,
                 snap,
                 shared,
@@ -208,6 +237,8 @@ impl Protocol for Stream {
             )
             .await?;
         }
+        // Only meaningful within this flush (EDS follows CDS in it).
+        self.resend_eds.clear();
         if !deferred_removals.is_empty() {
             let next = match self.types.get(&TypeKind::Cluster).map(|s| &s.known) {
                 Some(Known::Body(b)) => b.clone(),
@@ -233,9 +264,17 @@ impl Stream {
     fn plan(&mut self, kind: TypeKind, view: &ProxyView) -> Option<Update> {
         let st = self.types.get_mut(&kind)?;
         let next = view.sotw_body(kind, st.wanted(), if st.wildcard { None } else { st.key });
+        let resend = kind == TypeKind::Endpoint
+            && next
+                .resources
+                .iter()
+                .any(|r| self.resend_eds.contains(&r.name));
         let diff = match &st.known {
             Known::Body(prev)
-                if Arc::ptr_eq(prev, &next) && st.announce.is_empty() && !st.must_respond =>
+                if Arc::ptr_eq(prev, &next)
+                    && st.announce.is_empty()
+                    && !st.must_respond
+                    && !resend =>
             {
                 return None
             }
@@ -260,7 +299,7 @@ impl Stream {
                 extra_removed.push(n);
             }
         }
-        let must_send = std::mem::take(&mut st.must_respond);
+        let must_send = std::mem::take(&mut st.must_respond) || resend;
         if diff.resources == 0 && diff.removed.is_empty() && extra_removed.is_empty() && !must_send
         {
             st.known = Known::Body(next);

@@ -54,6 +54,9 @@ pub struct DeltaUpdate {
     pub resources: usize,
     pub body: Bytes,
     pub removed: Vec<String>,
+    /// Names the proxy held in another version (not new ones): for CDS, the clusters Envoy
+    /// rebuilds, whose endpoints it then waits for again.
+    pub updated: Vec<Arc<str>>,
 }
 
 impl DeltaUpdate {
@@ -67,10 +70,15 @@ impl DeltaUpdate {
     ) -> DeltaUpdate {
         let mut body = BytesMut::new();
         let mut resources = 0;
+        let mut updated = Vec::new();
         for r in &next.resources {
-            if known_version(&r.name) != Some(&*r.version) {
+            let held = known_version(&r.name);
+            if held != Some(&*r.version) {
                 body.extend_from_slice(&r.delta_field);
                 resources += 1;
+                if held.is_some() {
+                    updated.push(r.name.clone());
+                }
             }
         }
         let present: BTreeSet<&str> = next.resources.iter().map(|r| &*r.name).collect();
@@ -83,6 +91,7 @@ impl DeltaUpdate {
             resources,
             body: body.freeze(),
             removed,
+            updated,
         }
     }
 }
