@@ -1,6 +1,8 @@
 //! Tells the control plane which sidecars this relay serves (for its admin API): the
-//! whole list, sent whenever it changes (checked every second), over one client stream
-//! that comes back with backoff when lost.
+//! whole list, sent when it changed, at most every few seconds, over one client stream
+//! that comes back with backoff when lost. Deliberately coarse: no per-type versions
+//! (every ACK would change the list), so the control plane's cost stays per relay, not
+//! per sidecar; the relay's own `/debug/syncz` has the details.
 
 use crate::upstream::backoff;
 use crate::RelayError;
@@ -14,7 +16,7 @@ use trellis_proto::trellis::relay::v1::registration_client::RegistrationClient;
 use trellis_proto::trellis::relay::v1::{ProxyList, ProxySummary};
 use xds_server::ads::status::ProxyRegistry;
 
-const EVERY: Duration = Duration::from_secs(1);
+const EVERY: Duration = Duration::from_secs(5);
 
 pub fn summarize(registry: &ProxyRegistry) -> ProxyList {
     let mut proxies: Vec<ProxySummary> = registry
@@ -30,11 +32,7 @@ pub fn summarize(registry: &ProxyRegistry) -> ProxyList {
                 synced: v.synced,
                 identity: v.identity.unwrap_or_default(),
                 connected_at_ms: v.connected_at_ms,
-                acked: v
-                    .types
-                    .iter()
-                    .filter_map(|(t, s)| Some((t.to_string(), s.acked_version.clone()?)))
-                    .collect(),
+                acked: Default::default(),
             }
         })
         .collect();
