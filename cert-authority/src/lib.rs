@@ -128,3 +128,20 @@ pub use trust::{RootInfo, TrustState};
 pub fn rfc3339(t: std::time::SystemTime) -> String {
     pem::rfc3339(t)
 }
+
+/// The fingerprint (SHA-256 of the DER, lowercase hex) of the first certificate in
+/// `pem_text`, as [`TrustState::signer`] and [`RootInfo::fingerprint`] name roots; `None`
+/// if it holds no certificate.
+pub fn fingerprint_pem(pem_text: &str) -> Option<String> {
+    pem::certificates("certificate", pem_text)
+        .ok()?
+        .first()
+        .map(|der| pem::fingerprint(der))
+}
+
+/// Writes `bytes` to `path` through a temporary file that is synced and renamed into
+/// place, so a reader (Envoy's file watch, a restarting process) never sees half a file;
+/// `private` makes it 0600 from the first byte (keys). Shared by the server and the relay.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8], private: bool) -> Result<(), CaError> {
+    fsutil::write_atomic(path, bytes, if private { 0o600 } else { 0o644 })
+}

@@ -23,6 +23,9 @@ use trellis_proto::istio::v1::auth::IstioCertificateRequest;
 const KEY_FILE: &str = "relay-key.pem";
 const CHAIN_FILE: &str = "relay-chain.pem";
 const BUNDLE_FILE: &str = "trust-bundle.pem";
+/// Fingerprint of the root the relay's certificate is under: when the mesh's signer is
+/// another root (a rotation), the certificate is issued again.
+const ANCHOR_FILE: &str = "relay-anchor";
 
 #[derive(Clone)]
 pub struct RelayIdentity {
@@ -30,6 +33,9 @@ pub struct RelayIdentity {
     pub chain_pem: String,
     pub key_pem: String,
     pub bundle_pem: String,
+    /// Fingerprint of the root `chain_pem` is under (`None`: not known, e.g. kept by an
+    /// older relay; the certificate is then issued again once the trust state is heard).
+    pub anchor: Option<String>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
 }
@@ -83,19 +89,6 @@ pub fn token_identity(token: &str) -> Result<SpiffeId, RelayError> {
     SpiffeId::parse(sub).map_err(|e| bad(&e.to_string()))
 }
 
-fn csr(id: &SpiffeId) -> Result<(String, String), RelayError> {
-    let err = |e: rcgen::Error| RelayError::Tls(e.to_string());
-    let key = rcgen::KeyPair::generate().map_err(err)?;
-    let mut params = rcgen::CertificateParams::default();
-    let uri = id
-        .uri()
-        .try_into()
-        .map_err(|e: rcgen::Error| RelayError::Tls(e.to_string()))?;
-    params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
-    let csr = params.serialize_request(&key).map_err(err)?;
-    Ok((csr.pem().map_err(err)?, key.serialize_pem()))
-}
-
 fn validity(chain_pem: &str) -> Result<(SystemTime, SystemTime), RelayError> {
     let der = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .next()
@@ -117,7 +110,9 @@ async fn sign(
     bearer: Option<&str>,
     bundle_pem: &str,
 ) -> Result<RelayIdentity, RelayError> {
-    let (csr, key_pem) = csr(id)?;
+    let (key, csr) = cert_authority::PrivateKey::generate_with_csr(id)
+        .map_err(|e| RelayError::Tls(e.to_string()))?;
+    let key_pem = key.pem().to_string();
     let mut req = Request::new(IstioCertificateRequest {
         csr,
         validity_duration: 0,
@@ -139,7 +134,8 @@ async fn sign(
         .ok_or_else(|| RelayError::Tls("the control plane returned an empty chain".into()))?;
     let chain_pem = leaf_and_intermediates.concat();
     let (not_before, not_after) = validity(&chain_pem)?;
-    // The bundle the relay trusts: what it had plus the root this chain is under.
+    // The bundle the relay trusts: what it had plus the root this chain is under (on
+    // joining, before the control plane's trust state has been heard).
     let mut bundle_pem = bundle_pem.to_string();
     if !bundle_pem.contains(root.trim()) {
         bundle_pem.push_str(root);
@@ -149,6 +145,7 @@ async fn sign(
         chain_pem,
         key_pem,
         bundle_pem,
+        anchor: cert_authority::fingerprint_pem(root),
         not_before,
         not_after,
     })
@@ -165,32 +162,19 @@ pub async fn join(
     sign(tls::channel(upstream, live), &id, Some(token), bundle_pem).await
 }
 
-/// A new certificate for the same identity, asked for over the current mTLS identity.
+/// A new certificate for the same identity, asked for over the current mTLS identity;
+/// it will trust `bundle_pem` (the mesh's current bundle).
 pub async fn renew(
     channel: tonic::transport::Channel,
     current: &RelayIdentity,
+    bundle_pem: &str,
 ) -> Result<RelayIdentity, RelayError> {
-    sign(channel, &current.id, None, &current.bundle_pem).await
+    sign(channel, &current.id, None, bundle_pem).await
 }
 
 fn write(dir: &Path, name: &str, text: &str, private: bool) -> Result<(), RelayError> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let io = |source| RelayError::State {
-        path: path.display().to_string(),
-        source,
-    };
-    {
-        use std::io::Write;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        if private {
-            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        }
-        let mut f = opts.open(&tmp).map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)?;
-    }
-    std::fs::rename(&tmp, &path).map_err(io)
+    cert_authority::write_atomic(&dir.join(name), text.as_bytes(), private)
+        .map_err(|e| RelayError::Tls(e.to_string()))
 }
 
 pub fn save(dir: &Path, id: &RelayIdentity) -> Result<(), RelayError> {
@@ -200,6 +184,12 @@ pub fn save(dir: &Path, id: &RelayIdentity) -> Result<(), RelayError> {
     })?;
     write(dir, KEY_FILE, &id.key_pem, true)?;
     write(dir, CHAIN_FILE, &id.chain_pem, false)?;
+    write(
+        dir,
+        ANCHOR_FILE,
+        id.anchor.as_deref().unwrap_or_default(),
+        false,
+    )?;
     write(dir, BUNDLE_FILE, &id.bundle_pem, false)
 }
 
@@ -227,11 +217,16 @@ pub fn load(dir: &Path) -> Result<Option<RelayIdentity>, RelayError> {
     let id = xds_server::identity::tls::spiffe_id_of(&der).ok_or_else(|| {
         RelayError::Tls(format!("{}: no SPIFFE id", dir.join(CHAIN_FILE).display()))
     })?;
+    let anchor = read(ANCHOR_FILE)
+        .ok()
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty());
     Ok(Some(RelayIdentity {
         id,
         chain_pem,
         key_pem,
         bundle_pem,
+        anchor,
         not_before,
         not_after,
     }))

@@ -19,6 +19,7 @@ pub mod proxies;
 pub mod registry;
 pub mod secrets;
 pub mod tls;
+pub mod trust;
 pub mod upstream;
 
 use axum::extract::State;
@@ -29,9 +30,8 @@ use join::RelayIdentity;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -117,6 +117,7 @@ struct AdminState {
     metrics: Arc<Metrics>,
     identity: Arc<RwLock<RelayIdentity>>,
     report: Arc<std::sync::Mutex<registry::ReportStatus>>,
+    trust_epoch: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -142,7 +143,10 @@ impl Relay {
             .map_err(|e| RelayError::Tls(e.to_string()))?;
         let live = Arc::new(RwLock::new(identity.tls()?));
         let channel = tls::channel(opts.upstream, live.clone());
-        let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(identity.bundle_pem.clone());
+        let (trust_tx, trust_rx) =
+            tokio::sync::watch::channel(Arc::new(trust::Trust::kept(&identity.bundle_pem)));
+        let applied = Arc::new(AtomicU64::new(0));
+        let moved = Arc::new(tokio::sync::Notify::new());
         let identity = Arc::new(RwLock::new(identity));
         let (cache, wanted) = RelayCache::new(&opts.cluster);
         let stats = Arc::new(UpstreamStats::default());
@@ -155,9 +159,14 @@ impl Relay {
             wanted,
             stats.clone(),
         ))];
+        tasks.push(tokio::spawn(trust::watch_loop(channel.clone(), trust_tx)));
         tasks.push(tokio::spawn(proxies::report_loop(
             channel.clone(),
-            registry.clone(),
+            proxies::Source {
+                registry: registry.clone(),
+                trust_epoch: applied.clone(),
+                trust_moved: moved.clone(),
+            },
         )));
         let report = Arc::new(std::sync::Mutex::new(registry::ReportStatus::default()));
         if let Some(dir) = &opts.registry_dir {
@@ -182,7 +191,7 @@ impl Relay {
             let provider = Arc::new(secrets::RelaySecrets::new(
                 channel.clone(),
                 auth.clone(),
-                bundle_rx.clone(),
+                trust_rx.clone(),
             ));
             let current = identity
                 .read()
@@ -215,14 +224,16 @@ impl Relay {
             }));
             secrets = Some(provider);
         }
-        tasks.push(tokio::spawn(renew_loop(
+        tasks.push(tokio::spawn(trust::own_loop(
             channel,
             identity.clone(),
-            Renewed {
+            trust_rx,
+            trust::Own {
                 live,
                 server_tls,
-                bundle: bundle_tx,
                 state_dir: opts.state_dir.clone(),
+                applied: applied.clone(),
+                moved,
             },
         )));
         let xds_addr = opts.listen.local_addr().map_err(RelayError::Listener)?;
@@ -253,6 +264,7 @@ impl Relay {
             metrics,
             identity: identity.clone(),
             report,
+            trust_epoch: applied,
         };
         let router = Router::new()
             .route("/healthz/ready", get(|| async { "ready\n" }))
@@ -280,80 +292,6 @@ impl Relay {
     }
 }
 
-/// Where a renewed relay certificate goes.
-struct Renewed {
-    live: tls::LiveConfig,
-    server_tls: Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
-    bundle: tokio::sync::watch::Sender<String>,
-    state_dir: PathBuf,
-}
-
-async fn renew_loop(
-    channel: tonic::transport::Channel,
-    identity: Arc<RwLock<RelayIdentity>>,
-    to: Renewed,
-) {
-    let Renewed {
-        live,
-        server_tls,
-        bundle,
-        state_dir,
-    } = to;
-    loop {
-        let current = identity
-            .read()
-            .map(|i| i.clone())
-            .unwrap_or_else(|e| e.into_inner().clone());
-        let wait = current
-            .renew_at()
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO)
-            .max(Duration::from_secs(1));
-        tokio::time::sleep(wait).await;
-        match join::renew(channel.clone(), &current).await {
-            Ok(next) => {
-                match next.tls() {
-                    Ok(config) => {
-                        *live.write().unwrap_or_else(|e| e.into_inner()) = config;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "renewed relay certificate unusable; keeping the current one");
-                        continue;
-                    }
-                }
-                if let Some(swap) = &server_tls {
-                    match xds_server::identity::tls::server_config(
-                        &next.chain_pem,
-                        &next.key_pem,
-                        &next.bundle_pem,
-                    ) {
-                        Ok(c) => swap.store(c),
-                        Err(e) => warn!(error = %e, "cannot serve with the renewed certificate"),
-                    }
-                }
-                bundle.send_if_modified(|b| {
-                    let changed = *b != next.bundle_pem;
-                    b.clone_from(&next.bundle_pem);
-                    changed
-                });
-                if let Err(e) = join::save(&state_dir, &next).and_then(|()| {
-                    xds_server::identity::write_trust_bundle(&state_dir, &next.bundle_pem)
-                        .map_err(|e| RelayError::Tls(e.to_string()))
-                }) {
-                    warn!(error = %e, "cannot save the renewed relay certificate");
-                }
-                info!(identity = %next.id, "relay certificate renewed");
-                *identity.write().unwrap_or_else(|e| e.into_inner()) = next;
-            }
-            Err(e) => {
-                // Still valid until it expires: retry, without hammering the control plane.
-                warn!(error = %e, "cannot renew the relay certificate; retrying in 10 s");
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            }
-        }
-    }
-}
-
 async fn syncz(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let proxies: Vec<_> = s.registry.all().iter().map(|p| p.view()).collect();
     Json(json!({
@@ -376,6 +314,7 @@ async fn relay_status(State(s): State<AdminState>) -> Json<serde_json::Value> {
         "cluster": s.cluster,
         "identity": id,
         "upstream_streams": s.upstream.streams.load(Ordering::Relaxed),
+        "trust_epoch": s.trust_epoch.load(Ordering::Relaxed),
         "registry": s.report.lock().map(|r| json!(*r)).unwrap_or_default(),
         "classes": classes,
     }))

@@ -1,14 +1,17 @@
-//! Tells the control plane which sidecars this relay serves (for its admin API): the
+//! Tells the control plane which sidecars this relay serves (for its admin API) and
+//! which trust epoch they and the relay are at (a root rotation waits for them): the
 //! whole list, sent when it changed, at most every few seconds, over one client stream
 //! that comes back with backoff when lost. Deliberately coarse: no per-type versions
 //! (every ACK would change the list), so the control plane's cost stays per relay, not
-//! per sidecar; the relay's own `/debug/syncz` has the details.
+//! per sidecar; the relay's own `/debug/syncz` has the details. A change of trust epochs
+//! goes out within a second: a rotation phase waits on it.
 
 use crate::upstream::backoff;
 use crate::RelayError;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tracing::warn;
@@ -17,13 +20,15 @@ use trellis_proto::trellis::relay::v1::{ProxyList, ProxySummary};
 use xds_server::ads::status::ProxyRegistry;
 
 const EVERY: Duration = Duration::from_secs(5);
+const TRUST_EVERY: Duration = Duration::from_secs(1);
 
-pub fn summarize(registry: &ProxyRegistry) -> ProxyList {
+pub fn summarize(registry: &ProxyRegistry, relay_trust_epoch: u64) -> ProxyList {
     let mut proxies: Vec<ProxySummary> = registry
         .all()
         .iter()
         .map(|p| {
             let v = p.view();
+            let secrets = p.secrets();
             ProxySummary {
                 id: v.id,
                 workload: v.workload.unwrap_or_default(),
@@ -33,17 +38,46 @@ pub fn summarize(registry: &ProxyRegistry) -> ProxyList {
                 identity: v.identity.unwrap_or_default(),
                 connected_at_ms: v.connected_at_ms,
                 acked: Default::default(),
+                trust_epoch_sent: secrets.epoch_sent,
+                trust_epoch_acked: secrets.epoch_acked,
             }
         })
         .collect();
     proxies.sort_by(|a, b| a.id.cmp(&b.id));
-    ProxyList { proxies }
+    ProxyList {
+        proxies,
+        relay_trust_epoch,
+    }
 }
 
-pub async fn report_loop(channel: Channel, registry: Arc<ProxyRegistry>) {
+/// The part of a list a root rotation waits on.
+fn trust_of(list: &ProxyList) -> impl Iterator<Item = (Option<u64>, Option<u64>)> + '_ {
+    std::iter::once((Some(list.relay_trust_epoch), None)).chain(
+        list.proxies
+            .iter()
+            .map(|p| (p.trust_epoch_sent, p.trust_epoch_acked)),
+    )
+}
+
+/// What the report loop reads.
+#[derive(Clone)]
+pub struct Source {
+    pub registry: Arc<ProxyRegistry>,
+    /// The relay's own trust epoch (see `trust`).
+    pub trust_epoch: Arc<AtomicU64>,
+    pub trust_moved: Arc<Notify>,
+}
+
+impl Source {
+    fn summarize(&self) -> ProxyList {
+        summarize(&self.registry, self.trust_epoch.load(Ordering::SeqCst))
+    }
+}
+
+pub async fn report_loop(channel: Channel, source: Source) {
     let mut attempt = 0u32;
     loop {
-        if let Err(e) = report_once(&channel, &registry, &mut attempt).await {
+        if let Err(e) = report_once(&channel, &source, &mut attempt).await {
             warn!(error = %e, attempt, "proxy report stream lost; retrying");
         }
         tokio::time::sleep(backoff(attempt, u64::from(attempt) ^ 0x2545_f491)).await;
@@ -53,25 +87,31 @@ pub async fn report_loop(channel: Channel, registry: Arc<ProxyRegistry>) {
 
 async fn report_once(
     channel: &Channel,
-    registry: &ProxyRegistry,
+    source: &Source,
     attempt: &mut u32,
 ) -> Result<(), RelayError> {
     let (tx, rx) = mpsc::channel::<ProxyList>(2);
-    let mut last = summarize(registry);
+    let mut last = source.summarize();
     tx.send(last.clone())
         .await
         .map_err(|_| RelayError::Closed)?;
     let mut client = RegistrationClient::new(channel.clone());
     let call = client.report_proxies(ReceiverStream::new(rx));
     let sender = async {
+        let mut sent_at = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(EVERY).await;
-            let now = summarize(registry);
-            if now != last {
+            tokio::select! {
+                _ = tokio::time::sleep(TRUST_EVERY) => {}
+                () = source.trust_moved.notified() => {}
+            }
+            let now = source.summarize();
+            let trust_moved = !trust_of(&now).eq(trust_of(&last));
+            if now != last && (trust_moved || sent_at.elapsed() >= EVERY) {
                 if tx.send(now.clone()).await.is_err() {
                     return;
                 }
                 last = now;
+                sent_at = tokio::time::Instant::now();
             }
             *attempt = 0;
         }

@@ -5,7 +5,13 @@
 //! key pair and certificate, signed upstream: it forwards the sidecar's token with the
 //! CSR, so the control plane, not the relay, decides which identity a certificate gets.
 //! A sidecar only ever receives the secrets of the identity it proved.
+//!
+//! Secrets follow the mesh's trust state (see `trust`): a new bundle goes out at once,
+//! and a certificate under a root that no longer signs is issued again at once, so a
+//! root rotation reaches these sidecars as it reaches the control plane's own; each
+//! sidecar's secrets carry the trust epoch they belong to, which the relay reports.
 
+use crate::trust::Trust;
 use crate::RelayError;
 use cert_authority::{PrivateKey, SpiffeId, TokenKind, TokenVerifier};
 use std::collections::HashMap;
@@ -172,7 +178,7 @@ impl Authenticate for RelayAuth {
 pub struct RelaySecrets {
     channel: Channel,
     auth: Arc<RelayAuth>,
-    bundle: watch::Receiver<String>,
+    trust: watch::Receiver<Arc<Trust>>,
     identities: Mutex<HashMap<SpiffeId, watch::Receiver<Arc<ProxySecrets>>>>,
     /// Keeps the identity tasks' senders alive for the relay's lifetime.
     keep: RwLock<Vec<watch::Sender<Arc<ProxySecrets>>>>,
@@ -185,11 +191,11 @@ impl std::fmt::Debug for RelaySecrets {
 }
 
 impl RelaySecrets {
-    pub fn new(channel: Channel, auth: Arc<RelayAuth>, bundle: watch::Receiver<String>) -> Self {
+    pub fn new(channel: Channel, auth: Arc<RelayAuth>, trust: watch::Receiver<Arc<Trust>>) -> Self {
         RelaySecrets {
             channel,
             auth,
-            bundle,
+            trust,
             identities: Mutex::default(),
             keep: RwLock::default(),
         }
@@ -208,6 +214,8 @@ struct Issued {
     chain_pem: String,
     key: PrivateKey,
     serial: String,
+    /// Fingerprint of the root the chain is under.
+    anchor: Option<String>,
     not_before: SystemTime,
     not_after: SystemTime,
 }
@@ -229,10 +237,10 @@ async fn issue(channel: Channel, id: &SpiffeId, token: &str) -> Result<Issued, R
         .await?
         .into_inner()
         .cert_chain;
-    let leaf_and_intermediates = chain
+    let (root, rest) = chain
         .split_last()
-        .map(|(_, rest)| rest.concat())
         .ok_or_else(|| RelayError::Tls("the control plane returned an empty chain".into()))?;
+    let leaf_and_intermediates = rest.concat();
     let der = rustls_pki_types::pem::PemObject::pem_slice_iter(leaf_and_intermediates.as_bytes())
         .next()
         .and_then(|c: Result<rustls_pki_types::CertificateDer<'static>, _>| c.ok())
@@ -245,6 +253,7 @@ async fn issue(channel: Channel, id: &SpiffeId, token: &str) -> Result<Issued, R
         not_before: t(cert.validity().not_before.timestamp()),
         not_after: t(cert.validity().not_after.timestamp()),
         chain_pem: leaf_and_intermediates,
+        anchor: cert_authority::fingerprint_pem(root),
         key,
     })
 }
@@ -264,7 +273,7 @@ fn secrets_of(issued: &Issued, bundle_pem: &str, epoch: u64) -> ProxySecrets {
             .duration_since(UNIX_EPOCH)
             .ok()
             .map(|d| d.as_secs()),
-        cert_root: None,
+        cert_root: issued.anchor.clone(),
         ready: true,
     }
 }
@@ -283,66 +292,70 @@ impl SecretProvider for RelaySecrets {
         // request simply waits, as Envoy's does for a slow control plane.
         let (tx, rx) = watch::channel(Arc::new(ProxySecrets::default()));
         identities.insert(id.clone(), rx.clone());
-        let (channel, auth, mut bundle) =
-            (self.channel.clone(), self.auth.clone(), self.bundle.clone());
+        let (channel, auth, trust) = (self.channel.clone(), self.auth.clone(), self.trust.clone());
         let (id, proxy) = (id.clone(), proxy.to_string());
         let task_tx = tx.clone();
         if let Ok(mut keep) = self.keep.write() {
             keep.push(tx);
         }
-        tokio::spawn(async move {
-            let mut epoch = 0u64;
-            let mut current: Option<Issued> = None;
-            loop {
-                let due = current.as_ref().map(|c| {
-                    let life = c.not_after.duration_since(c.not_before).unwrap_or_default();
-                    c.not_before + life / 2
-                });
-                let wait = due
-                    .map(|d| {
-                        d.duration_since(SystemTime::now())
-                            .unwrap_or(Duration::ZERO)
-                    })
-                    .unwrap_or(Duration::ZERO)
-                    .max(if current.is_some() {
-                        Duration::from_secs(1)
-                    } else {
-                        Duration::ZERO
-                    });
-                let renew = tokio::select! {
-                    _ = tokio::time::sleep(wait) => true,
-                    changed = bundle.changed() => {
-                        if changed.is_err() { return; }
-                        false
-                    }
-                };
-                if renew {
-                    let Some(token) = auth.token_for(&id) else {
-                        warn!(identity = %id, "no valid token to renew with; keeping the current certificate");
-                        tokio::time::sleep(Duration::from_secs(10)).await;
-                        continue;
-                    };
-                    match issue(channel.clone(), &id, &token).await {
-                        Ok(issued) => {
-                            info!(identity = %id, node = %proxy, serial = %issued.serial, "certificate for local sidecars signed upstream");
-                            current = Some(issued);
-                        }
-                        Err(e) => {
-                            warn!(identity = %id, error = %e, "cannot get a certificate signed upstream; retrying in 5 s");
-                            tokio::time::sleep(Duration::from_secs(5)).await;
-                            continue;
-                        }
-                    }
+        tokio::spawn(identity_task(channel, auth, trust, id, proxy, task_tx));
+        Ok(rx)
+    }
+}
+
+/// Keeps one identity's certificate current: issued when first asked for, again at half
+/// its life, and again at once when the mesh's signer moves to another root.
+async fn identity_task(
+    channel: Channel,
+    auth: Arc<RelayAuth>,
+    mut trust: watch::Receiver<Arc<Trust>>,
+    id: SpiffeId,
+    proxy: String,
+    tx: watch::Sender<Arc<ProxySecrets>>,
+) {
+    let mut current: Option<Issued> = None;
+    let mut renew_due = true;
+    loop {
+        let t = trust.borrow_and_update().clone();
+        let reissue = current
+            .as_ref()
+            .is_some_and(|c| t.needs_reissue(c.anchor.as_deref()));
+        if renew_due || reissue {
+            let Some(token) = auth.token_for(&id) else {
+                warn!(identity = %id, "no valid token to renew with; keeping the current certificate");
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                continue;
+            };
+            match issue(channel.clone(), &id, &token).await {
+                Ok(issued) => {
+                    info!(identity = %id, node = %proxy, serial = %issued.serial, epoch = t.epoch, reissue, "certificate for local sidecars signed upstream");
+                    current = Some(issued);
+                    renew_due = false;
                 }
-                if let Some(c) = &current {
-                    epoch += 1;
-                    let pem = bundle.borrow().clone();
-                    if task_tx.send(Arc::new(secrets_of(c, &pem, epoch))).is_err() {
-                        return;
-                    }
+                Err(e) => {
+                    warn!(identity = %id, error = %e, "cannot get a certificate signed upstream; retrying in 5 s");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    continue;
                 }
             }
-        });
-        Ok(rx)
+        }
+        let Some(c) = &current else { continue };
+        // The trust that was current when this certificate was asked for: it is under
+        // that epoch's signer (the signer only moves on once this relay reported it).
+        if tx
+            .send(Arc::new(secrets_of(c, &t.bundle_pem, t.epoch)))
+            .is_err()
+        {
+            return;
+        }
+        let life = c.not_after.duration_since(c.not_before).unwrap_or_default();
+        let wait = (c.not_before + life / 2)
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => renew_due = true,
+            changed = trust.changed() => if changed.is_err() { return },
+        }
     }
 }

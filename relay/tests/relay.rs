@@ -317,11 +317,20 @@ impl rustls::client::danger::ServerCertVerifier for BySpiffeId {
 
 /// The first SDS response of a sidecar of cluster b that proves itself with `token` on
 /// the relay's secure port, or the stream's error.
-async fn relay_sds(
+const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// An SDS stream to the relay's secure port, authenticated by `token`.
+async fn relay_sds_stream(
     addr: std::net::SocketAddr,
     token: &str,
     node_id: &str,
-) -> Result<DiscoveryResponse, tonic::Status> {
+) -> Result<
+    (
+        mpsc::Sender<DiscoveryRequest>,
+        tonic::Streaming<DiscoveryResponse>,
+    ),
+    tonic::Status,
+> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -348,7 +357,7 @@ async fn relay_sds(
     let (tx, rx) = mpsc::channel(4);
     tx.send(DiscoveryRequest {
         node: Some(node(node_id)),
-        type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
+        type_url: SDS.into(),
         resource_names: vec!["default".into(), "ROOTCA".into()],
         ..Default::default()
     })
@@ -358,8 +367,17 @@ async fn relay_sds(
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let stream = client.stream_aggregated_resources(req).await?.into_inner();
+    Ok((tx, stream))
+}
+
+async fn relay_sds(
+    addr: std::net::SocketAddr,
+    token: &str,
+    node_id: &str,
+) -> Result<DiscoveryResponse, tonic::Status> {
     tokio::time::timeout(WAIT, async move {
-        let mut stream = client.stream_aggregated_resources(req).await?.into_inner();
+        let (tx, mut stream) = relay_sds_stream(addr, token, node_id).await?;
         let first = stream.message().await?;
         drop(tx);
         first.ok_or_else(|| tonic::Status::unknown("stream ended"))
@@ -469,6 +487,153 @@ async fn sidecars_get_their_own_certificate_through_the_relay_also_offline() {
         .unwrap();
     assert_eq!(
         cert_identity(&resp),
+        "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
+    );
+}
+
+fn secret_parts(resp: &DiscoveryResponse) -> (Option<String>, Option<String>) {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
+    use prost::Message;
+    let inline = |d: Option<envoy_types::pb::envoy::config::core::v3::DataSource>| match d
+        .and_then(|d| d.specifier)
+    {
+        Some(Specifier::InlineString(s)) => s,
+        other => panic!("not inline: {other:?}"),
+    };
+    let (mut chain, mut bundle) = (None, None);
+    for any in &resp.resources {
+        match Secret::decode(any.value.as_slice()).unwrap().r#type {
+            Some(secret::Type::TlsCertificate(t)) => chain = Some(inline(t.certificate_chain)),
+            Some(secret::Type::ValidationContext(v)) => bundle = Some(inline(v.trusted_ca)),
+            other => panic!("unexpected secret {other:?}"),
+        }
+    }
+    (chain, bundle)
+}
+
+async fn next_sds(stream: &mut tonic::Streaming<DiscoveryResponse>) -> DiscoveryResponse {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("no SDS response within 10 s")
+        .unwrap()
+        .unwrap()
+}
+
+async fn ack(tx: &mpsc::Sender<DiscoveryRequest>, resp: &DiscoveryResponse) {
+    tx.send(DiscoveryRequest {
+        type_url: SDS.into(),
+        version_info: resp.version_info.clone(),
+        response_nonce: resp.nonce.clone(),
+        resource_names: vec!["default".into(), "ROOTCA".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_root_rotation_reaches_sidecars_behind_a_relay_and_waits_for_them() {
+    let m = mesh().await;
+    let relay = m.relay(Some(m.join_token("b")), "relay-b").await.unwrap();
+    let ca = m.server.authority.clone().unwrap();
+    let relays = m.server.relay_proxies.clone().unwrap();
+    let token = ca
+        .tokens()
+        .create(
+            &cert_authority::SpiffeId::new("cluster.local", "default", "bookinfo-ratings"),
+            TokenKind::Workload,
+            Duration::from_secs(600),
+            Default::default(),
+        )
+        .unwrap();
+    let (tx, mut stream) = relay_sds_stream(relay.secure_addr.unwrap(), &token, "sidecar-r1")
+        .await
+        .unwrap();
+    let first = next_sds(&mut stream).await;
+    ack(&tx, &first).await;
+    // The relay hears the trust state and reports itself and its sidecar at it.
+    let epoch0 = ca.current().epoch;
+    for _ in 0..100 {
+        if relays.get("b").is_some_and(|r| r.trust_epoch == epoch0)
+            && relays.pending(epoch0).0.is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(relays.get("b").map(|r| r.trust_epoch), Some(epoch0));
+
+    let old_root = ca.current().roots[0].fingerprint.clone();
+    ca.start_rotation().unwrap();
+    // Both roots reach the sidecar; until it ACKs, the rotation waits for it.
+    let mut last = next_sds(&mut stream).await;
+    let (_, bundle) = secret_parts(&last);
+    let roots = <rustls_pki_types::CertificateDer<'static> as rustls_pki_types::pem::PemObject>::pem_slice_iter(
+        bundle.unwrap().as_bytes(),
+    )
+    .count();
+    assert_eq!(roots, 2, "both roots in the sidecar's bundle");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        ca.rotation().map(|r| r.phase),
+        Some(cert_authority::Phase::AddNewRoot),
+        "the rotation moved on without the sidecar behind the relay"
+    );
+    let (pending, _) = relays.pending(ca.current().epoch);
+    assert!(
+        pending.iter().any(|p| p.node == "b/sidecar-r1"),
+        "{pending:?}"
+    );
+
+    // The sidecar ACKs whatever it gets: the rotation runs to the end.
+    ack(&tx, &last).await;
+    for _ in 0..120 {
+        if ca.rotation().is_none() {
+            break;
+        }
+        if let Ok(Some(Ok(r))) = tokio::time::timeout(Duration::from_millis(500), stream.message())
+            .await
+            .map(Result::transpose)
+        {
+            ack(&tx, &r).await;
+            last = r;
+        }
+    }
+    assert!(ca.rotation().is_none(), "the rotation did not finish");
+    let trust = ca.current();
+    assert_eq!(trust.roots.len(), 1);
+    assert_ne!(trust.roots[0].fingerprint, old_root);
+    // Whatever came last: the new root only, and a certificate under it.
+    while let Ok(Some(Ok(r))) = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .map(Result::transpose)
+    {
+        ack(&tx, &r).await;
+        last = r;
+    }
+    let (chain, bundle) = secret_parts(&last);
+    assert_eq!(bundle.unwrap().trim(), trust.roots[0].pem.trim());
+    let p = relay.registry.find("sidecar-r1").unwrap();
+    assert_eq!(
+        p.secrets().cert_root.as_deref(),
+        Some(trust.signer.as_str()),
+        "the sidecar's certificate is not under the new root"
+    );
+    assert!(chain.is_some());
+    // The relay itself: its certificate under the new root, its trust files on the new
+    // bundle only (sidecars' bootstraps watch them).
+    let id = relay.identity.read().unwrap().clone();
+    assert_eq!(id.anchor.as_deref(), Some(trust.signer.as_str()));
+    let kept =
+        std::fs::read_to_string(m.dir.path().join("relay-b").join("trust-bundle.pem")).unwrap();
+    assert_eq!(kept.trim(), trust.roots[0].pem.trim());
+    // And it still reaches the control plane (its new certificate, the new root).
+    let again = relay_sds(relay.secure_addr.unwrap(), &token, "sidecar-r2")
+        .await
+        .unwrap();
+    assert_eq!(
+        cert_identity(&again),
         "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
     );
 }

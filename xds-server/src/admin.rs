@@ -137,7 +137,11 @@ async fn ca_status(State(s): State<AdminState>) -> Response {
         .iter()
         .map(|r| json!({"fingerprint": r.fingerprint, "subject": r.subject, "not_after": r.not_after}))
         .collect();
-    let pending = crate::identity::rotation::pending(&s.registry, trust.epoch);
+    let (pending, relays_away) = crate::identity::rotation::waiting_for(
+        &s.registry,
+        s.relay_proxies.as_deref(),
+        trust.epoch,
+    );
     let with_secrets = s
         .registry
         .all()
@@ -152,6 +156,7 @@ async fn ca_status(State(s): State<AdminState>) -> Response {
         "rotation": trust.rotation,
         "proxies_with_secrets": with_secrets,
         "pending": pending,
+        "relays_away": relays_away,
     }))
     .into_response()
 }

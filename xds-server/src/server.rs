@@ -138,13 +138,14 @@ impl Server {
                 ca_dir.clone(),
             )?;
             background.push(live.task);
+            let members = Arc::new(MemberClusters::load(&ca_dir)?);
+            let relay_proxies = Arc::new(identity::registration::RelayProxies::default());
             background.push(identity::rotation::spawn(
                 auth_ca.clone(),
                 registry.clone(),
+                relay_proxies.clone(),
                 metrics.clone(),
             ));
-            let members = Arc::new(MemberClusters::load(&ca_dir)?);
-            let relay_proxies = Arc::new(identity::registration::RelayProxies::default());
             relay_proxies_for_admin = Some(relay_proxies.clone());
             identity::registration::restore(&ca_dir, &controller);
             let authn = Arc::new(Authenticator::new(auth_ca.clone(), members.clone()));

@@ -39,7 +39,11 @@ async fn rotation_waits_for_every_proxy_and_resumes_after_a_restart() {
     // Ten checks of the rotation driver (200 ms apart) go by: it must still wait.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(phase(&s.ca), Some(cert_authority::Phase::AddNewRoot));
-    let pending = xds_server::identity::rotation::pending(&s.server.registry, s.ca.current().epoch);
+    let (pending, _) = xds_server::identity::rotation::waiting_for(
+        &s.server.registry,
+        None,
+        s.ca.current().epoch,
+    );
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!(pending[0].node, REVIEWS_V1);
 
@@ -67,11 +71,20 @@ async fn rotation_waits_for_every_proxy_and_resumes_after_a_restart() {
     s.server = server;
     assert_eq!(phase(&s.ca), Some(cert_authority::Phase::AddNewRoot));
 
-    // Now the proxy ACKs everything it gets: the rotation runs to the end.
+    // Now the proxy ACKs everything it gets: the rotation runs to the end, but not
+    // before the resume grace (others might still be on their way back).
     let mut proxy = SdsStream::open(&s, &token, REVIEWS_V1, &["default", "ROOTCA"]).await;
     let mut last = proxy.next().await;
     proxy.ack(&last).await;
-    for _ in 0..20 {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        phase(&s.ca),
+        Some(cert_authority::Phase::AddNewRoot),
+        "a resumed rotation moved on within its grace"
+    );
+    let bound = xds_server::identity::rotation::RESUME_GRACE + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + bound;
+    while std::time::Instant::now() < deadline {
         if s.ca.rotation().is_none() {
             break;
         }

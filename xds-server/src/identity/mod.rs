@@ -28,12 +28,6 @@ pub enum IdentityError {
     Ca(#[from] CaError),
     #[error("cannot build the secure port's TLS config: {0}")]
     Tls(String),
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// The identity the control plane serves its secure port with.
@@ -62,19 +56,9 @@ pub fn write_trust_bundle(ca_dir: &Path, bundle_pem: &str) -> Result<(), Identit
             "validation_context": { "trusted_ca": { "inline_string": bundle_pem } },
         }]
     });
-    write_atomic(ca_dir, TRUST_BUNDLE_FILE, bundle_pem)?;
-    write_atomic(ca_dir, XDS_TRUST_FILE, &sds.to_string())
-}
-
-fn write_atomic(dir: &Path, name: &str, content: &str) -> Result<(), IdentityError> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let err = |source| IdentityError::Write {
-        path: path.display().to_string(),
-        source,
-    };
-    std::fs::write(&tmp, content).map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)
+    cert_authority::write_atomic(&ca_dir.join(TRUST_BUNDLE_FILE), bundle_pem.as_bytes(), false)?;
+    cert_authority::write_atomic(&ca_dir.join(XDS_TRUST_FILE), sds.to_string().as_bytes(), false)?;
+    Ok(())
 }
 
 /// Watches a plugged-in CA folder and hands changes to the CA. Operators replace the

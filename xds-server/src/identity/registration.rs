@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use trellis_proto::trellis::relay::v1::registration_server::{Registration, RegistrationServer};
 use trellis_proto::trellis::relay::v1::{
     ClusterRegistry, ProxyList, ProxyListAck, RegistryAck, TokenKeys, TokenKeysRequest,
+    TrustRequest, TrustUpdate,
 };
 
 /// A member cluster's last accepted registry, kept so that a restarted control plane
@@ -42,12 +43,13 @@ fn keep(ca_dir: &std::path::Path, cluster: &str, meta: &ClusterMeta, files: &[(S
         zone: meta.zone.clone(),
         files: files.to_vec(),
     };
-    let result = std::fs::create_dir_all(&dir).and_then(|()| {
-        let text = serde_json::to_vec(&kept).map_err(std::io::Error::other)?;
-        let tmp = dir.join(format!(".{cluster}.json.tmp"));
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, dir.join(format!("{cluster}.json")))
-    });
+    let result = std::fs::create_dir_all(&dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| serde_json::to_vec(&kept).map_err(|e| e.to_string()))
+        .and_then(|text| {
+            cert_authority::write_atomic(&dir.join(format!("{cluster}.json")), &text, false)
+                .map_err(|e| e.to_string())
+        });
     if let Err(e) = result {
         warn!(cluster, error = %e, "cannot keep the member cluster's registry on disk");
     }
@@ -105,7 +107,12 @@ pub struct Reported {
     /// The relay's report stream is open.
     pub connected: bool,
     pub reported_at_ms: u64,
+    /// The trust epoch the relay itself is at (its own certificate and trust files).
+    pub trust_epoch: u64,
     pub proxies: Vec<serde_json::Value>,
+    /// Per sidecar: id, identity, trust epoch sent, trust epoch ACKed.
+    #[serde(skip)]
+    epochs: Vec<(String, String, Option<u64>, Option<u64>)>,
 }
 
 impl RelayProxies {
@@ -114,9 +121,46 @@ impl RelayProxies {
         let r = m.entry(cluster.to_string()).or_insert_with(|| Reported {
             connected: true,
             reported_at_ms: 0,
+            trust_epoch: 0,
             proxies: Vec::new(),
+            epochs: Vec::new(),
         });
         f(r);
+    }
+
+    /// What holds a root rotation at `epoch` in the member clusters: every connected
+    /// relay that is not at `epoch` itself, and every sidecar behind one that holds
+    /// secrets and has not ACKed `epoch`. A relay whose report stream is closed is not
+    /// waited for (it is not connected; `/debug/ca` lists it under `relays_away`).
+    pub fn pending(&self, epoch: u64) -> (Vec<super::rotation::Pending>, Vec<String>) {
+        let m = self.by_cluster.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = Vec::new();
+        let mut away = Vec::new();
+        for (cluster, r) in m.iter() {
+            if !r.connected {
+                away.push(cluster.clone());
+                continue;
+            }
+            if r.trust_epoch < epoch {
+                pending.push(super::rotation::Pending {
+                    node: format!("relay of cluster {cluster}"),
+                    identity: None,
+                    epoch_sent: None,
+                    epoch_acked: Some(r.trust_epoch),
+                });
+            }
+            for (id, identity, sent, acked) in &r.epochs {
+                if sent.is_some() && acked.is_none_or(|a| a < epoch) {
+                    pending.push(super::rotation::Pending {
+                        node: format!("{cluster}/{id}"),
+                        identity: (!identity.is_empty()).then(|| identity.clone()),
+                        epoch_sent: *sent,
+                        epoch_acked: *acked,
+                    });
+                }
+            }
+        }
+        (pending, away)
     }
 
     pub fn get(&self, cluster: &str) -> Option<Reported> {
@@ -138,6 +182,8 @@ fn summary_json(p: &trellis_proto::trellis::relay::v1::ProxySummary) -> serde_js
         "identity": (!p.identity.is_empty()).then_some(&p.identity),
         "connected_at_ms": p.connected_at_ms,
         "acked": p.acked,
+        "trust_epoch_sent": p.trust_epoch_sent,
+        "trust_epoch_acked": p.trust_epoch_acked,
     })
 }
 
@@ -192,6 +238,33 @@ impl RegistrationService {
 #[tonic::async_trait]
 impl Registration for RegistrationService {
     type ReportStream = ReceiverStream<Result<RegistryAck, Status>>;
+    type WatchTrustStream = ReceiverStream<Result<TrustUpdate, Status>>;
+
+    async fn watch_trust(
+        &self,
+        request: Request<TrustRequest>,
+    ) -> Result<Response<Self::WatchTrustStream>, Status> {
+        let cluster = self.relay_cluster(&request)?;
+        let mut trust = self.authority.subscribe();
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            loop {
+                let update = {
+                    let t = trust.borrow_and_update();
+                    TrustUpdate {
+                        epoch: t.epoch,
+                        bundle_pem: t.bundle_pem.clone(),
+                        signer: t.signer.clone(),
+                    }
+                };
+                info!(cluster = %cluster, epoch = update.epoch, "trust state sent to the relay");
+                if tx.send(Ok(update)).await.is_err() || trust.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn report_proxies(
         &self,
@@ -205,7 +278,20 @@ impl Registration for RegistrationService {
                 Ok(Some(list)) => self.proxies.update(&cluster, |r| {
                     r.connected = true;
                     r.reported_at_ms = now_ms();
+                    r.trust_epoch = list.relay_trust_epoch;
                     r.proxies = list.proxies.iter().map(summary_json).collect();
+                    r.epochs = list
+                        .proxies
+                        .iter()
+                        .map(|p| {
+                            (
+                                p.id.clone(),
+                                p.identity.clone(),
+                                p.trust_epoch_sent,
+                                p.trust_epoch_acked,
+                            )
+                        })
+                        .collect();
                 }),
                 Ok(None) => break,
                 Err(e) => {
