@@ -39,11 +39,8 @@ async fn rotation_waits_for_every_proxy_and_resumes_after_a_restart() {
     // Ten checks of the rotation driver (200 ms apart) go by: it must still wait.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(phase(&s.ca), Some(cert_authority::Phase::AddNewRoot));
-    let (pending, _) = xds_server::identity::rotation::waiting_for(
-        &s.server.registry,
-        None,
-        s.ca.current().epoch,
-    );
+    let (pending, _) =
+        xds_server::identity::rotation::waiting_for(&s.server.registry, None, s.ca.current().epoch);
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!(pending[0].node, REVIEWS_V1);
 

@@ -56,8 +56,16 @@ pub fn write_trust_bundle(ca_dir: &Path, bundle_pem: &str) -> Result<(), Identit
             "validation_context": { "trusted_ca": { "inline_string": bundle_pem } },
         }]
     });
-    cert_authority::write_atomic(&ca_dir.join(TRUST_BUNDLE_FILE), bundle_pem.as_bytes(), false)?;
-    cert_authority::write_atomic(&ca_dir.join(XDS_TRUST_FILE), sds.to_string().as_bytes(), false)?;
+    cert_authority::write_atomic(
+        &ca_dir.join(TRUST_BUNDLE_FILE),
+        bundle_pem.as_bytes(),
+        false,
+    )?;
+    cert_authority::write_atomic(
+        &ca_dir.join(XDS_TRUST_FILE),
+        sds.to_string().as_bytes(),
+        false,
+    )?;
     Ok(())
 }
 
