@@ -7,7 +7,7 @@
 //! or every outbound-only proxy of a namespace, shares one upstream stream and one view.
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
@@ -152,6 +152,8 @@ pub struct RelayCache {
     generation: Mutex<u64>,
     tx: watch::Sender<Arc<dyn ConfigSource>>,
     wants: mpsc::UnboundedSender<ClassKey>,
+    /// Classes kept even with no sidecar connected: the registry folder's workloads.
+    pinned: Mutex<BTreeSet<ClassKey>>,
 }
 
 /// A change to one class from one upstream response.
@@ -181,6 +183,7 @@ impl RelayCache {
             generation: Mutex::new(0),
             tx,
             wants,
+            pinned: Mutex::default(),
         });
         (cache, wanted)
     }
@@ -194,6 +197,31 @@ impl RelayCache {
     /// control plane is unreachable still finds its config).
     pub fn want(&self, key: ClassKey) {
         let _ = self.wants.send(key);
+    }
+
+    /// The classes to keep ready even with no sidecar connected (the registry folder's
+    /// workloads), fetched now if they are not yet.
+    pub fn pin(&self, keys: BTreeSet<ClassKey>) {
+        for key in &keys {
+            let _ = self.wants.send(key.clone());
+        }
+        *self.pinned.lock().unwrap_or_else(|e| e.into_inner()) = keys;
+    }
+
+    pub fn pinned(&self) -> BTreeSet<ClassKey> {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Drops a class (its stream was retired); a proxy of it that comes later has it
+    /// fetched again.
+    pub fn forget(&self, key: &ClassKey) {
+        let mut classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+        if classes.remove(key).is_some_and(|c| c.view.is_some()) {
+            self.publish(&classes);
+        }
     }
 
     /// Versions the cache holds for a class and type: what a reconnecting upstream

@@ -32,6 +32,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -77,6 +78,9 @@ pub struct RelayOptions {
     /// tokens) and get their certificates over SDS; `None`: config only.
     pub secure_listen: Option<TcpListener>,
     pub admin: TcpListener,
+    /// A proxy class no sidecar has used for this long (and not a workload of the
+    /// registry folder) has its upstream stream closed and its cache dropped.
+    pub idle_class_after: Duration,
 }
 
 pub struct Relay {
@@ -154,10 +158,14 @@ impl Relay {
         let registry = Arc::new(ProxyRegistry::default());
         let mut tasks = vec![tokio::spawn(upstream::run(
             cache.clone(),
-            channel.clone(),
-            opts.cluster.clone(),
             wanted,
-            stats.clone(),
+            upstream::Upstream {
+                channel: channel.clone(),
+                cluster: opts.cluster.clone(),
+                stats: stats.clone(),
+                downstream: registry.clone(),
+                idle_after: opts.idle_class_after,
+            },
         ))];
         tasks.push(tokio::spawn(trust::watch_loop(channel.clone(), trust_tx)));
         tasks.push(tokio::spawn(proxies::report_loop(

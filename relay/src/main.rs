@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use tracing::info;
 
 #[derive(Parser, Debug)]
@@ -51,6 +52,11 @@ enum Command {
             default_value = "127.0.0.1:15014"
         )]
         admin_addr: SocketAddr,
+        /// A proxy class (a workload's sidecars, or a namespace's outbound-only proxies)
+        /// that no sidecar has used for this long has its upstream stream closed and its
+        /// cache dropped; the registry folder's workloads are always kept.
+        #[arg(long, env = "TRELLIS_RELAY_IDLE_CLASS_AFTER", default_value = "10m", value_parser = duration)]
+        idle_class_after: Duration,
         /// The cluster's WorkloadEntries (YAML), watched and reported upstream.
         #[arg(long, env = "TRELLIS_REGISTRY_DIR")]
         registry_dir: Option<PathBuf>,
@@ -75,6 +81,7 @@ async fn run(cli: Cli) -> Result<()> {
         admin_addr,
         registry_dir,
         state_dir,
+        idle_class_after,
     } = cli.command;
     let trust_bundle_pem = std::fs::read_to_string(&trust_bundle)
         .with_context(|| format!("cannot read the trust bundle {}", trust_bundle.display()))?;
@@ -107,6 +114,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
         },
         admin: bind(admin_addr, "the admin API")?,
+        idle_class_after,
     })
     .await?;
     info!(xds = %relay.xds_addr, admin = %relay.admin_addr, "relay serving");
@@ -118,6 +126,10 @@ async fn run(cli: Cli) -> Result<()> {
     }
     info!("shutting down");
     Ok(())
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    xds_server::config::parse_duration(s)
 }
 
 fn main() -> std::process::ExitCode {

@@ -184,9 +184,7 @@ async fn report_once(
                 .filter_map(|(k, sa)| Some((k.workload.clone()?, sa.clone())))
                 .collect(),
         );
-        for (key, _) in declared {
-            cache.want(key);
-        }
+        cache.pin(declared.into_iter().map(|(key, _)| key).collect());
         let rev = revision.fetch_add(1, Ordering::Relaxed) + 1;
         if let Ok(mut s) = status.lock() {
             s.revision = rev;

@@ -95,6 +95,16 @@ impl Mesh {
     }
 
     async fn relay(&self, token: Option<String>, state: &str) -> Result<Relay, relay::RelayError> {
+        self.relay_idle(token, state, Duration::from_secs(600))
+            .await
+    }
+
+    async fn relay_idle(
+        &self,
+        token: Option<String>,
+        state: &str,
+        idle_class_after: Duration,
+    ) -> Result<Relay, relay::RelayError> {
         Relay::start(RelayOptions {
             cluster: "b".into(),
             upstream: self.server.secure_addr.unwrap(),
@@ -112,6 +122,7 @@ impl Mesh {
             listen: bind().await,
             secure_listen: Some(bind().await),
             admin: bind().await,
+            idle_class_after,
         })
         .await
     }
@@ -636,4 +647,32 @@ async fn a_root_rotation_reaches_sidecars_behind_a_relay_and_waits_for_them() {
         cert_identity(&again),
         "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
     );
+}
+
+#[tokio::test]
+async fn a_class_no_sidecar_uses_any_more_is_retired_and_comes_back_when_needed() {
+    let m = mesh().await;
+    let relay = m
+        .relay_idle(Some(m.join_token("b")), "relay-b", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let streams = || relay.upstream.streams.load(Ordering::Relaxed);
+    // ratings-b (a workload of the registry folder) is kept ready: one stream.
+    until("the registry workload's stream", || streams() == 1).await;
+    let held = hold(relay.xds_addr, "sidecar-held").await;
+    until("a second stream for namespace default", || streams() == 2).await;
+    // While its sidecar is connected the class stays, however long that is.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(streams(), 2, "a class in use was retired");
+    drop(held);
+    until("the idle class to be retired", || {
+        streams() == 1 && relay.cache.classes().len() == 1
+    })
+    .await;
+    // The registry workload's class survived; a new sidecar of the retired class has it
+    // fetched again and gets its config.
+    let classes = relay.cache.classes();
+    assert_eq!(classes[0].0.workload.as_deref(), Some("ratings-b.default"));
+    let again = cds(relay.xds_addr, "sidecar-new").await;
+    assert!(!again.resources.is_empty());
 }
