@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "istio/v1/auth/ca.proto",
         "trellis/relay/v1/registration.proto",
+        "trellis/relay/v1/state.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -38,6 +38,12 @@ impl PrivateKey {
         Ok((PrivateKey::from_key_pair(&key), csr))
     }
 
+    /// A key kept on disk (by a relay, for its sidecars), checked to be a usable key;
+    /// `what` names it in errors.
+    pub fn from_pem(what: &str, text: &str) -> Result<PrivateKey, CaError> {
+        Ok(PrivateKey::from_key_pair(&load_key_pair(what, text)?))
+    }
+
     /// The key as PEM ("PRIVATE KEY", PKCS#8): what Envoy's `tls_certificate.private_key` gets.
     pub fn pem(&self) -> &str {
         &self.0

@@ -4,7 +4,8 @@
 //!   `xds-server` on its secure port so Istio's agents and Trellis relays can get
 //!   workload certificates signed.
 //! - [`trellis::relay::v1`]: `Registration/Report`, how a member cluster's relay reports
-//!   the cluster's workloads to the control plane.
+//!   the cluster's workloads to the control plane, and what a relay keeps on disk
+//!   (`CacheFile`) to serve its cluster after a restart without the control plane.
 
 pub mod istio {
     pub mod v1 {

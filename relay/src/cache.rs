@@ -215,6 +215,48 @@ impl RelayCache {
             .clone()
     }
 
+    /// The complete classes and their resources (for `persist`).
+    pub fn export(&self) -> crate::persist::Kept {
+        let classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+        classes
+            .iter()
+            .filter(|(_, c)| c.view.is_some())
+            .map(|(k, c)| {
+                (
+                    k.clone(),
+                    c.resources
+                        .iter()
+                        .flat_map(|m| m.values().cloned())
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Serves kept classes (from `persist`) until their streams bring news, and has
+    /// them fetched.
+    pub fn restore(&self, kept: crate::persist::Kept) {
+        if kept.is_empty() {
+            return;
+        }
+        let mut classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, resources) in kept {
+            let mut class = Class {
+                received: [true; 4],
+                ..Class::default()
+            };
+            for r in resources {
+                if let Some(i) = idx(r.kind) {
+                    class.resources[i].insert(r.name.clone(), r);
+                }
+            }
+            class.view = Some(class.build_view());
+            let _ = self.wants.send(key.clone());
+            classes.insert(key, class);
+        }
+        self.publish(&classes);
+    }
+
     /// Drops a class (its stream was retired); a proxy of it that comes later has it
     /// fetched again.
     pub fn forget(&self, key: &ClassKey) {

@@ -15,6 +15,7 @@
 
 pub mod cache;
 pub mod join;
+pub mod persist;
 pub mod proxies;
 pub mod registry;
 pub mod secrets;
@@ -153,6 +154,7 @@ impl Relay {
         let moved = Arc::new(tokio::sync::Notify::new());
         let identity = Arc::new(RwLock::new(identity));
         let (cache, wanted) = RelayCache::new(&opts.cluster);
+        cache.restore(persist::load(&opts.state_dir));
         let stats = Arc::new(UpstreamStats::default());
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(ProxyRegistry::default());
@@ -168,6 +170,10 @@ impl Relay {
             },
         ))];
         tasks.push(tokio::spawn(trust::watch_loop(channel.clone(), trust_tx)));
+        tasks.push(tokio::spawn(persist::save_loop(
+            cache.clone(),
+            opts.state_dir.clone(),
+        )));
         tasks.push(tokio::spawn(proxies::report_loop(
             channel.clone(),
             proxies::Source {
@@ -200,6 +206,7 @@ impl Relay {
                 channel.clone(),
                 auth.clone(),
                 trust_rx.clone(),
+                opts.state_dir.clone(),
             ));
             let current = identity
                 .read()

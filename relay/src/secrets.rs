@@ -179,6 +179,8 @@ pub struct RelaySecrets {
     channel: Channel,
     auth: Arc<RelayAuth>,
     trust: watch::Receiver<Arc<Trust>>,
+    /// Where each identity's key and certificate are kept (0600).
+    state_dir: std::path::PathBuf,
     identities: Mutex<HashMap<SpiffeId, watch::Receiver<Arc<ProxySecrets>>>>,
     /// Keeps the identity tasks' senders alive for the relay's lifetime.
     keep: RwLock<Vec<watch::Sender<Arc<ProxySecrets>>>>,
@@ -191,11 +193,17 @@ impl std::fmt::Debug for RelaySecrets {
 }
 
 impl RelaySecrets {
-    pub fn new(channel: Channel, auth: Arc<RelayAuth>, trust: watch::Receiver<Arc<Trust>>) -> Self {
+    pub fn new(
+        channel: Channel,
+        auth: Arc<RelayAuth>,
+        trust: watch::Receiver<Arc<Trust>>,
+        state_dir: std::path::PathBuf,
+    ) -> Self {
         RelaySecrets {
             channel,
             auth,
             trust,
+            state_dir,
             identities: Mutex::default(),
             keep: RwLock::default(),
         }
@@ -240,22 +248,85 @@ async fn issue(channel: Channel, id: &SpiffeId, token: &str) -> Result<Issued, R
     let (root, rest) = chain
         .split_last()
         .ok_or_else(|| RelayError::Tls("the control plane returned an empty chain".into()))?;
-    let leaf_and_intermediates = rest.concat();
-    let der = rustls_pki_types::pem::PemObject::pem_slice_iter(leaf_and_intermediates.as_bytes())
-        .next()
-        .and_then(|c: Result<rustls_pki_types::CertificateDer<'static>, _>| c.ok())
-        .ok_or_else(|| RelayError::Tls("no certificate in the chain".into()))?;
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(&der).map_err(|e| RelayError::Tls(e.to_string()))?;
-    let t = |s: i64| UNIX_EPOCH + Duration::from_secs(s.max(0) as u64);
-    Ok(Issued {
-        serial: cert.tbs_certificate.raw_serial_as_string(),
-        not_before: t(cert.validity().not_before.timestamp()),
-        not_after: t(cert.validity().not_after.timestamp()),
-        chain_pem: leaf_and_intermediates,
-        anchor: cert_authority::fingerprint_pem(root),
-        key,
-    })
+    Issued::parse(rest.concat(), key, cert_authority::fingerprint_pem(root))
+}
+
+impl Issued {
+    fn parse(
+        chain_pem: String,
+        key: PrivateKey,
+        anchor: Option<String>,
+    ) -> Result<Issued, RelayError> {
+        let der = rustls_pki_types::pem::PemObject::pem_slice_iter(chain_pem.as_bytes())
+            .next()
+            .and_then(|c: Result<rustls_pki_types::CertificateDer<'static>, _>| c.ok())
+            .ok_or_else(|| RelayError::Tls("no certificate in the chain".into()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| RelayError::Tls(e.to_string()))?;
+        let t = |s: i64| UNIX_EPOCH + Duration::from_secs(s.max(0) as u64);
+        Ok(Issued {
+            serial: cert.tbs_certificate.raw_serial_as_string(),
+            not_before: t(cert.validity().not_before.timestamp()),
+            not_after: t(cert.validity().not_after.timestamp()),
+            chain_pem,
+            anchor,
+            key,
+        })
+    }
+}
+
+/// One identity's key and certificate as kept in `<state-dir>/identities/` (0600), so a
+/// relay restarted while the control plane is out of reach still serves its sidecars.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptIdentity {
+    chain_pem: String,
+    key_pem: String,
+    anchor: Option<String>,
+}
+
+fn kept_path(state_dir: &Path, id: &SpiffeId) -> std::path::PathBuf {
+    state_dir
+        .join("identities")
+        .join(format!("{}.{}.json", id.namespace, id.service_account))
+}
+
+fn keep_identity(state_dir: &Path, id: &SpiffeId, issued: &Issued) {
+    let path = kept_path(state_dir, id);
+    let kept = KeptIdentity {
+        chain_pem: issued.chain_pem.clone(),
+        key_pem: issued.key.pem().to_string(),
+        anchor: issued.anchor.clone(),
+    };
+    let result = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .map_err(|e| e.to_string())
+        .and_then(|()| serde_json::to_vec(&kept).map_err(|e| e.to_string()))
+        .and_then(|b| cert_authority::write_atomic(&path, &b, true).map_err(|e| e.to_string()));
+    if let Err(e) = result {
+        warn!(identity = %id, error = %e, "cannot keep the certificate in the state dir");
+    }
+}
+
+/// A kept certificate for `id` that has not expired.
+fn kept_identity(state_dir: &Path, id: &SpiffeId) -> Option<Issued> {
+    let path = kept_path(state_dir, id);
+    let text = std::fs::read(&path).ok()?;
+    let kept = serde_json::from_slice::<KeptIdentity>(&text)
+        .map_err(|e| e.to_string())
+        .and_then(|k| {
+            let key = PrivateKey::from_pem(&path.display().to_string(), &k.key_pem)
+                .map_err(|e| e.to_string())?;
+            Issued::parse(k.chain_pem, key, k.anchor).map_err(|e| e.to_string())
+        });
+    match kept {
+        Ok(i) if i.not_after > SystemTime::now() => Some(i),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "kept certificate unreadable; ignoring it");
+            None
+        }
+    }
 }
 
 fn secrets_of(issued: &Issued, bundle_pem: &str, epoch: u64) -> ProxySecrets {
@@ -298,63 +369,81 @@ impl SecretProvider for RelaySecrets {
         if let Ok(mut keep) = self.keep.write() {
             keep.push(tx);
         }
-        tokio::spawn(identity_task(channel, auth, trust, id, proxy, task_tx));
+        let state_dir = self.state_dir.clone();
+        tokio::spawn(identity_task(
+            channel, auth, trust, state_dir, id, proxy, task_tx,
+        ));
         Ok(rx)
     }
 }
 
-/// Keeps one identity's certificate current: issued when first asked for, again at half
-/// its life, and again at once when the mesh's signer moves to another root.
+/// Keeps one identity's certificate current: issued when first asked for (or taken
+/// from the state dir), again at half its life, and again at once when the mesh's signer
+/// moves to another root. While that fails the current certificate stays in use.
 async fn identity_task(
     channel: Channel,
     auth: Arc<RelayAuth>,
     mut trust: watch::Receiver<Arc<Trust>>,
+    state_dir: std::path::PathBuf,
     id: SpiffeId,
     proxy: String,
     tx: watch::Sender<Arc<ProxySecrets>>,
 ) {
-    let mut current: Option<Issued> = None;
-    let mut renew_due = true;
+    let mut current = kept_identity(&state_dir, &id);
+    let mut renew_due = current.is_none();
+    // The last trust epoch the certificate in use was right for: what the sidecar is
+    // reported at while a re-issue under a new signer has not come through.
+    let mut valid_epoch = 0u64;
     loop {
         let t = trust.borrow_and_update().clone();
         let reissue = current
             .as_ref()
             .is_some_and(|c| t.needs_reissue(c.anchor.as_deref()));
+        let mut retry = None;
         if renew_due || reissue {
-            let Some(token) = auth.token_for(&id) else {
-                warn!(identity = %id, "no valid token to renew with; keeping the current certificate");
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                continue;
-            };
-            match issue(channel.clone(), &id, &token).await {
-                Ok(issued) => {
-                    info!(identity = %id, node = %proxy, serial = %issued.serial, epoch = t.epoch, reissue, "certificate for local sidecars signed upstream");
-                    current = Some(issued);
-                    renew_due = false;
+            match auth.token_for(&id) {
+                None => {
+                    warn!(identity = %id, "no valid token to renew with; keeping the current certificate");
+                    retry = Some(Duration::from_secs(10));
                 }
-                Err(e) => {
-                    warn!(identity = %id, error = %e, "cannot get a certificate signed upstream; retrying in 5 s");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    continue;
-                }
+                Some(token) => match issue(channel.clone(), &id, &token).await {
+                    Ok(issued) => {
+                        info!(identity = %id, node = %proxy, serial = %issued.serial, epoch = t.epoch, reissue, "certificate for local sidecars signed upstream");
+                        keep_identity(&state_dir, &id, &issued);
+                        current = Some(issued);
+                        renew_due = false;
+                    }
+                    Err(e) => {
+                        warn!(identity = %id, error = %e, "cannot get a certificate signed upstream; retrying in 5 s");
+                        retry = Some(Duration::from_secs(5));
+                    }
+                },
             }
         }
-        let Some(c) = &current else { continue };
-        // The trust that was current when this certificate was asked for: it is under
-        // that epoch's signer (the signer only moves on once this relay reported it).
-        if tx
-            .send(Arc::new(secrets_of(c, &t.bundle_pem, t.epoch)))
-            .is_err()
-        {
-            return;
-        }
-        let life = c.not_after.duration_since(c.not_before).unwrap_or_default();
-        let wait = (c.not_before + life / 2)
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO)
-            .max(Duration::from_secs(1));
+        let wait = match &current {
+            Some(c) => {
+                if !t.needs_reissue(c.anchor.as_deref()) {
+                    // Asked for under this trust (or a later one): the signer only moves
+                    // on once this relay reported the sidecars at the current epoch.
+                    valid_epoch = t.epoch;
+                }
+                if tx
+                    .send(Arc::new(secrets_of(c, &t.bundle_pem, valid_epoch)))
+                    .is_err()
+                {
+                    return;
+                }
+                let life = c.not_after.duration_since(c.not_before).unwrap_or_default();
+                let half = (c.not_before + life / 2)
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+                    .max(Duration::from_secs(1));
+                retry.map_or(half, |r| r.min(half))
+            }
+            None => retry.unwrap_or(Duration::from_secs(5)),
+        };
         tokio::select! {
-            _ = tokio::time::sleep(wait) => renew_due = true,
+            _ = tokio::time::sleep(wait) => if retry.is_none() { renew_due = true },
             changed = trust.changed() => if changed.is_err() { return },
         }
     }

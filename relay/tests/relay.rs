@@ -676,3 +676,67 @@ async fn a_class_no_sidecar_uses_any_more_is_retired_and_comes_back_when_needed(
     let again = cds(relay.xds_addr, "sidecar-new").await;
     assert!(!again.resources.is_empty());
 }
+
+#[tokio::test]
+async fn a_relay_restarted_while_the_control_plane_is_away_serves_from_its_state_dir() {
+    let mut m = mesh().await;
+    let relay = m.relay(Some(m.join_token("b")), "relay-b").await.unwrap();
+    let ca = m.server.authority.clone().unwrap();
+    let token = ca
+        .tokens()
+        .create(
+            &cert_authority::SpiffeId::new("cluster.local", "default", "bookinfo-ratings"),
+            TokenKind::Workload,
+            Duration::from_secs(600),
+            Default::default(),
+        )
+        .unwrap();
+    let before = cds(relay.xds_addr, "sidecar-1").await;
+    let sds = relay_sds(relay.secure_addr.unwrap(), &token, "sidecar-r1")
+        .await
+        .unwrap();
+    let chain = secret_parts(&sds).0.unwrap();
+    // The cache goes to disk within a couple of seconds of changing.
+    let state = m.dir.path().join("relay-b");
+    for _ in 0..100 {
+        let kept = std::fs::read(state.join("cache.pb")).unwrap_or_default();
+        if relay::persist::decode(&kept).is_ok_and(|k| k.len() == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        relay::persist::decode(&std::fs::read(state.join("cache.pb")).unwrap())
+            .unwrap()
+            .len(),
+        2,
+        "namespace default and ratings-b kept"
+    );
+
+    // The control plane goes away, then the relay restarts.
+    m.server.stop();
+    drop(relay);
+    let relay = m.relay(None, "relay-b").await.unwrap();
+    let after = cds(relay.xds_addr, "sidecar-2").await;
+    assert_eq!(after.version_info, before.version_info);
+    assert_eq!(after.resources.len(), before.resources.len());
+    // A sidecar of a known identity gets the kept certificate (the relay cannot get a
+    // new one signed now), and only its own.
+    let sds = relay_sds(relay.secure_addr.unwrap(), &token, "sidecar-r2")
+        .await
+        .unwrap();
+    assert_eq!(secret_parts(&sds).0.unwrap(), chain);
+    assert_eq!(
+        cert_identity(&sds),
+        "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
+    );
+    let kept = state
+        .join("identities")
+        .join("default.bookinfo-ratings.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(kept).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "a kept key is private"
+    );
+}
