@@ -10,7 +10,7 @@ use crate::cache::{wire, Resource, SotwBody, SubscriptionKey, TypeKind};
 use bytes::BytesMut;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tracing::{debug, warn};
 
@@ -133,6 +133,12 @@ impl Protocol for Stream {
         tx: &Responses,
     ) -> Result<(), ()> {
         let mut deferred_clusters = None;
+        // Clusters sent in a new version in this flush. Envoy rebuilds an updated cluster,
+        // and the new one warms until an EDS response names its assignment: an unchanged
+        // one would never come, and the cluster would wait out its initial fetch timeout
+        // (15 s; Envoy 1.40 then falls back to its cached assignment). EDS follows CDS in
+        // PUSH_ORDER, so it is sent again, unchanged, in this same flush.
+        let mut updated_clusters = BTreeSet::new();
         for kind in TypeKind::PUSH_ORDER {
             if kind == TypeKind::Secret && !views.own_ready {
                 continue;
@@ -142,11 +148,18 @@ impl Protocol for Stream {
             };
             let body = views.of(kind).sotw_body(kind, st.names.as_deref(), st.key);
             let unchanged = st.sent.as_ref().is_some_and(|s| s.version == body.version);
-            if unchanged && !st.dirty {
+            let resend = kind == TypeKind::Endpoint
+                && !updated_clusters.is_empty()
+                && body
+                    .resources
+                    .iter()
+                    .any(|r| updated_clusters.contains(&r.name));
+            if unchanged && !st.dirty && !resend {
                 continue;
             }
             st.dirty = false;
             if let Some(prev) = st.sent_body.as_ref().filter(|_| kind == TypeKind::Cluster) {
+                updated_clusters = updated(prev, &body);
                 let keep: BTreeSet<&str> = body.resources.iter().map(|r| &*r.name).collect();
                 let removed = prev.resources.iter().filter(|r| !keep.contains(&*r.name));
                 let mut union: Vec<Arc<Resource>> = removed.cloned().collect();
@@ -179,6 +192,20 @@ impl Protocol for Stream {
         }
         Ok(())
     }
+}
+
+/// The resources of `next` that `prev` holds in another version (not new ones).
+fn updated(prev: &SotwBody, next: &SotwBody) -> BTreeSet<Arc<str>> {
+    let had: HashMap<&str, &str> = prev
+        .resources
+        .iter()
+        .map(|r| (&*r.name, &*r.version))
+        .collect();
+    next.resources
+        .iter()
+        .filter(|r| had.get(&*r.name).is_some_and(|v| *v != &*r.version))
+        .map(|r| r.name.clone())
+        .collect()
 }
 
 impl Stream {
