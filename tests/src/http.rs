@@ -67,6 +67,19 @@ pub fn http_get(
     http_request(addr, "GET", path, headers, &[], DEFAULT_TIMEOUT)
 }
 
+/// `GET path` to `addr` (an admin API) expecting 200 and a JSON body.
+pub fn http_get_json(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    let response = http_get(addr, path, &[])?;
+    if response.status != 200 {
+        bail!(
+            "{addr}{path}: status {}: {}",
+            response.status,
+            response.text()
+        );
+    }
+    response.json()
+}
+
 /// Sends one request and reads the whole response, all within `timeout`.
 pub fn http_request(
     addr: SocketAddr,

@@ -34,6 +34,7 @@
 
 mod echo;
 mod envoy;
+mod envoy_stats;
 mod http;
 mod net;
 mod paths;
@@ -46,7 +47,10 @@ pub use envoy::{
     static_proxy_bootstrap, wait_envoy_admin, wait_envoy_live, AdsBootstrap, EnvoyOptions,
     ENVOY_START_TIMEOUT,
 };
-pub use http::{http_get, http_request, HttpResponse, DEFAULT_TIMEOUT};
+pub use envoy_stats::{
+    envoy_certs, envoy_stat, envoy_stat_sum, normalize_serial, EnvoyCert, EnvoyCerts,
+};
+pub use http::{http_get, http_get_json, http_request, HttpResponse, DEFAULT_TIMEOUT};
 pub use net::{free_addr, free_port, port_open, LoopbackNet, LOCALHOST};
 pub use paths::{cargo_bin, envoy_binary, require_envoy, target_dir, workspace_root};
 pub use process::{run_to_completion, test_dir, ChildGuard, TERMINATE_GRACE};

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use common::{
     assert_all_served_by, assert_default_mixed, count_versions, replace_once,
-    virtual_service_all_to, virtual_service_yaml, Mesh, Mode, BETA_MATCH, EDIT_TIMEOUT, POLL,
-    V1_WEIGHT, VIRTUAL_SERVICE_FILE,
+    virtual_service_all_to, virtual_service_yaml, Mesh, Mode, SidecarMesh, BETA_MATCH,
+    EDIT_TIMEOUT, POLL, V1_WEIGHT, VIRTUAL_SERVICE_FILE,
 };
 use serde_json::Value;
 use trellis_tests::{eventually, require_envoy};
@@ -115,7 +115,7 @@ fn edit_changes_routing_without_restart(mode: Mode) {
     assert_eq!(configz["errors"], serde_json::json!([]), "{configz}");
 
     // Same Envoy processes, still up, config applied in place.
-    mesh.assert_sidecars_running(&pids);
+    mesh.assert_sidecars_not_restarted(&pids);
     let uptime_after = mesh.envoy_uptime("client").expect("uptime");
     assert!(
         uptime_after >= uptime_before,
@@ -135,7 +135,7 @@ fn edit_changes_routing_without_restart(mode: Mode) {
         anyhow::Ok(())
     });
     assert_initial_routing(&mesh);
-    mesh.assert_sidecars_running(&pids);
+    mesh.assert_sidecars_not_restarted(&pids);
 }
 
 #[test]
@@ -247,7 +247,7 @@ fn invalid_edit_keeps_last_good_config(mode: Mode) {
         anyhow::ensure!(counts.keys().eq(["v2"]), "not all on v2 yet: {counts:?}");
         anyhow::Ok(())
     });
-    mesh.assert_sidecars_running(&pids);
+    mesh.assert_sidecars_not_restarted(&pids);
 }
 
 #[test]
@@ -312,7 +312,7 @@ fn envoy_rejection_is_a_nack(mode: Mode) {
     // The sidecar keeps the last good route config: the old /beta prefix route still
     // sends /beta to v2 (under the rejected regex it would not match), jason too.
     assert_initial_routing(&mesh);
-    mesh.assert_sidecars_running(&pids);
+    mesh.assert_sidecars_not_restarted(&pids);
 
     // Restoring the file lets every sidecar ACK again.
     mesh.write_config(VIRTUAL_SERVICE_FILE, &good);
@@ -320,7 +320,7 @@ fn envoy_rejection_is_a_nack(mode: Mode) {
     let rds = &mesh.proxy_status("client.default").expect("status")["types"]["rds"];
     assert_eq!(rds["acked_version"], rds["sent_version"], "{rds}");
     assert_initial_routing(&mesh);
-    mesh.assert_sidecars_running(&pids);
+    mesh.assert_sidecars_not_restarted(&pids);
 }
 
 #[test]

@@ -14,12 +14,14 @@
 //!
 //! Keep test dirs with `TRELLIS_KEEP_TEST_DIRS=1` to read every process's log.
 
+mod common;
 mod multicluster;
 
 use std::time::Duration;
 
+use common::{SidecarMesh, Traffic};
 use multicluster::{
-    switch_to, MultiMesh, WorkloadDef, CLUSTERS, CLUSTER_A, CLUSTER_B, CONVERGE_TIMEOUT,
+    switch_to, MultiMesh, Switch, WorkloadDef, CLUSTERS, CLUSTER_A, CLUSTER_B, CONVERGE_TIMEOUT,
     RECONNECT_TIMEOUT, SWITCH_TIMEOUT,
 };
 use trellis_tests::{require_envoy, Signal};
@@ -143,6 +145,26 @@ fn a_service_in_cluster_b_is_called_from_cluster_a() {
     mesh.assert_all_answered_by("client-a", "ratings", "ratings-b", N);
 }
 
+/// Sends client-a's requests to reviews until reviews-b answers [`IN_A_ROW`] in a row
+/// (after `what` took reviews-a away), and prints what they saw.
+#[track_caller]
+fn switch_reviews_to_b(mesh: &MultiMesh, what: &str) -> Switch {
+    let switch = switch_to(
+        mesh.outbound("client-a"),
+        "reviews",
+        "reviews-b",
+        IN_A_ROW,
+        SWITCH_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.control_plane_logs(30)));
+    eprintln!(
+        "{what}: {}; failures: {:?}",
+        switch.summary(),
+        switch.failures
+    );
+    switch
+}
+
 /// Failed requests tolerated while client-a's traffic moves from reviews-a (removed from
 /// a's registry) to reviews-b. The removal reaches client-a's Envoy as an EDS update
 /// (relay a reports the registry, the MCPC recomputes, relay a forwards); reviews-a's
@@ -163,19 +185,7 @@ fn own_cluster_preferred_then_failover_when_endpoints_go() {
 
     mesh.remove_from_registry("reviews-a")
         .expect("remove reviews-a");
-    let switch = switch_to(
-        mesh.outbound("client-a"),
-        "reviews",
-        "reviews-b",
-        IN_A_ROW,
-        SWITCH_TIMEOUT,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.control_plane_logs(30)));
-    eprintln!(
-        "reviews-a removed from a's registry: {}; failures: {:?}",
-        switch.summary(),
-        switch.failures
-    );
+    let switch = switch_reviews_to_b(&mesh, "reviews-a removed from a's registry");
     assert!(
         switch.failed <= MAX_FAILED_ON_REMOVAL,
         "{} requests failed while traffic moved to reviews-b (at most {MAX_FAILED_ON_REMOVAL}): {:?}",
@@ -243,18 +253,9 @@ fn failover_when_local_endpoints_are_ejected() {
             .is_some(),
         "reviews-a's app still runs after SIGKILL"
     );
-    let switch = switch_to(
-        mesh.outbound("client-a"),
-        "reviews",
-        "reviews-b",
-        IN_A_ROW,
-        SWITCH_TIMEOUT,
-    )
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", mesh.control_plane_logs(30)));
-    eprintln!(
-        "reviews-a's app killed: {}; outlier threshold {threshold}; failures: {:?}",
-        switch.summary(),
-        switch.failures
+    let switch = switch_reviews_to_b(
+        &mesh,
+        &format!("reviews-a's app killed (outlier threshold {threshold})"),
     );
     assert!(
         switch.failed <= threshold + EJECTION_MARGIN,
@@ -284,48 +285,16 @@ fn mcpc_down_no_failed_requests_and_new_sidecar_served_by_relay() {
     };
     // details-a has no sidecar yet, but its WorkloadEntry is in a's registry: relay a
     // prefetched its class.
-    mesh.wait("relay a prefetched details-a", CONVERGE_TIMEOUT, |m| {
-        let status = m.relay_status("a")?;
-        let class = status["classes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["workload"] == DETAILS_A.workload_id().as_str())
-            .cloned();
-        anyhow::ensure!(
-            class
-                .as_ref()
-                .is_some_and(|c| c["resources"].as_u64() > Some(0)),
-            "no class with resources for details-a: {status}"
-        );
-        Ok(())
-    })
-    .expect("prefetch");
+    mesh.wait_prefetched("details-a").expect("prefetch");
 
     let targets = [
         mesh.target("client-a", "ratings"),
         mesh.target("client-a", "reviews"),
     ];
-    let traffic = multicluster::Traffic::start(&targets);
+    let traffic = Traffic::start(&targets);
     traffic.wait_for_more(REQUESTS_PER_PHASE);
 
-    traffic.set_phase("MCPC SIGKILLed");
-    mesh.kill_server().expect("kill the MCPC");
-    mesh.wait("relays notice the MCPC is gone", RECONNECT_TIMEOUT, |m| {
-        for def in CLUSTERS {
-            let status = m.relay_status(def.name)?;
-            anyhow::ensure!(
-                status["upstream_streams"] == 0,
-                "relay {}: upstream_streams {}",
-                def.name,
-                status["upstream_streams"]
-            );
-        }
-        Ok(())
-    })
-    .expect("upstream lost");
-    traffic.set_phase("MCPC down");
-    traffic.wait_for_more(REQUESTS_PER_PHASE);
+    mesh.begin_mcpc_outage(&traffic, REQUESTS_PER_PHASE);
 
     // A new sidecar in a, served by relay a from its cache alone.
     traffic.set_phase("MCPC down, details-a starting");
@@ -336,51 +305,9 @@ fn mcpc_down_no_failed_requests_and_new_sidecar_served_by_relay() {
     traffic.set_phase("MCPC down, details-a serving");
     traffic.wait_for_more(REQUESTS_PER_PHASE);
 
-    let before: Vec<_> = CLUSTERS
-        .iter()
-        .map(|d| mesh.relay_sent(d.name).expect("relay syncz"))
-        .collect();
-
-    traffic.set_phase("MCPC restarting");
-    mesh.start_server().expect("restart the MCPC");
-    mesh.wait("relays reconnected", RECONNECT_TIMEOUT, |m| {
-        m.check_relays_connected()
-    })
-    .expect("relays reconnect to the restarted MCPC");
-    mesh.wait_converged(CONVERGE_TIMEOUT)
-        .expect("converged after the MCPC restart");
-    traffic.set_phase("MCPC back");
-    traffic.wait_for_more(REQUESTS_PER_PHASE);
-    let report = traffic.finish();
-
-    // Nothing changed, so the relays pushed nothing downstream: same versions, and not
-    // even a transient change (pushes counted per sidecar stream, which stayed up).
-    let churn: Vec<String> = CLUSTERS
-        .iter()
-        .zip(before)
-        .flat_map(|(def, before)| {
-            let after = mesh.relay_sent(def.name).expect("relay syncz");
-            multicluster::sent_changes(&before, &after)
-                .into_iter()
-                .map(move |c| format!("relay {}: {c}", def.name))
-        })
-        .collect();
-    eprintln!(
-        "downstream pushes across the MCPC restart: {}",
-        if churn.is_empty() {
-            "none".to_owned()
-        } else {
-            churn.join("; ")
-        }
-    );
-    report.assert_no_failures("MCPC killed, down, restarted");
+    let report = mesh.end_mcpc_outage(traffic, REQUESTS_PER_PHASE, "MCPC killed, down, restarted");
     report.assert_answered_only_by("client-a -> ratings", "ratings-b");
     report.assert_answered_only_by("client-a -> reviews", "reviews-a");
-    assert!(
-        churn.is_empty(),
-        "the relays pushed to their sidecars across an MCPC restart that changed nothing:\n{}",
-        churn.join("\n")
-    );
     for def in CLUSTERS {
         mesh.member_cluster(def.name)
             .expect("joined clusters survive the MCPC restart");
@@ -403,7 +330,7 @@ fn relay_restart_sidecars_reconnect() {
         mesh.target("client-a", "ratings"),
         mesh.target("client-a", "reviews"),
     ];
-    let traffic = multicluster::Traffic::start(&targets);
+    let traffic = Traffic::start(&targets);
     traffic.wait_for_more(REQUESTS_PER_PHASE);
 
     traffic.set_phase("relay a stopping (SIGTERM)");

@@ -13,11 +13,11 @@
 //!
 //! Keep test dirs with `TRELLIS_KEEP_TEST_DIRS=1` to read every process's log.
 
+mod common;
 mod multicluster;
 
-use multicluster::{
-    MultiMesh, WorkloadDef, CLUSTERS, CLUSTER_A, CLUSTER_B, CONVERGE_TIMEOUT, RECONNECT_TIMEOUT,
-};
+use common::{SidecarMesh, Traffic, PORT};
+use multicluster::{MultiMesh, WorkloadDef, CLUSTERS, CLUSTER_A, CLUSTER_B};
 use trellis_tests::require_envoy;
 
 /// The service account of client-a, and of details-a (started during the outage).
@@ -84,11 +84,11 @@ fn cross_cluster_call_over_mtls() {
         Some(CLIENT_A.spiffe_id())
     );
     let handshakes_before = mesh
-        .tls_handshakes("client-a", "ratings")
+        .tls_handshakes("client-a", PORT, "ratings")
         .expect("client-a's stats");
     mesh.assert_all_answered_by("client-a", "ratings", "ratings-b", N);
     let handshakes = mesh
-        .tls_handshakes("client-a", "ratings")
+        .tls_handshakes("client-a", PORT, "ratings")
         .expect("client-a's stats");
     eprintln!(
         "client-a's TLS handshakes with ratings: {handshakes_before} before, {handshakes} after"
@@ -153,20 +153,7 @@ fn mcpc_down_new_sidecar_gets_config_and_certificate_from_its_relay() {
     };
     // details-a has no sidecar yet, but its WorkloadEntry is in a's registry: relay a
     // prefetched its class; and its identity has a certificate at relay a (client-a's).
-    mesh.wait("relay a prefetched details-a", CONVERGE_TIMEOUT, |m| {
-        let status = m.relay_status("a")?;
-        anyhow::ensure!(
-            status["classes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["workload"] == DETAILS_A.workload_id().as_str()
-                    && c["resources"].as_u64() > Some(0)),
-            "no class with resources for details-a: {status}"
-        );
-        Ok(())
-    })
-    .expect("prefetch");
+    mesh.wait_prefetched("details-a").expect("prefetch");
     let frontend_serial = mesh.check_envoy_cert("client-a").expect("client-a's cert");
     assert_own_certificates(&mesh);
 
@@ -182,26 +169,10 @@ fn mcpc_down_new_sidecar_gets_config_and_certificate_from_its_relay() {
             t.label
         );
     }
-    let traffic = multicluster::Traffic::start(&targets);
+    let traffic = Traffic::start(&targets);
     traffic.wait_for_more(REQUESTS_PER_PHASE);
 
-    traffic.set_phase("MCPC SIGKILLed");
-    mesh.kill_server().expect("kill the MCPC");
-    mesh.wait("relays notice the MCPC is gone", RECONNECT_TIMEOUT, |m| {
-        for def in CLUSTERS {
-            let status = m.relay_status(def.name)?;
-            anyhow::ensure!(
-                status["upstream_streams"] == 0,
-                "relay {}: upstream_streams {}",
-                def.name,
-                status["upstream_streams"]
-            );
-        }
-        Ok(())
-    })
-    .expect("upstream lost");
-    traffic.set_phase("MCPC down");
-    traffic.wait_for_more(REQUESTS_PER_PHASE);
+    mesh.begin_mcpc_outage(&traffic, REQUESTS_PER_PHASE);
 
     // A new labelled sidecar in a (token made from the MCPC's CA dir, no MCPC needed):
     // config and certificate from relay a alone. start_sidecar waits until relay a
@@ -226,50 +197,14 @@ fn mcpc_down_new_sidecar_gets_config_and_certificate_from_its_relay() {
     traffic.set_phase("MCPC down, details-a serving");
     traffic.wait_for_more(REQUESTS_PER_PHASE);
 
-    let before: Vec<_> = CLUSTERS
-        .iter()
-        .map(|d| mesh.relay_sent(d.name).expect("relay syncz"))
-        .collect();
-
-    traffic.set_phase("MCPC restarting");
-    mesh.start_server().expect("restart the MCPC");
-    mesh.wait("relays reconnected", RECONNECT_TIMEOUT, |m| {
-        m.check_relays_connected()
-    })
-    .expect("relays reconnect to the restarted MCPC");
-    mesh.wait_converged(CONVERGE_TIMEOUT)
-        .expect("converged after the MCPC restart");
-    traffic.set_phase("MCPC back");
-    traffic.wait_for_more(REQUESTS_PER_PHASE);
-    let report = traffic.finish();
-
-    // Nothing changed, so the relays pushed nothing downstream, secrets included.
-    let churn: Vec<String> = CLUSTERS
-        .iter()
-        .zip(before)
-        .flat_map(|(def, before)| {
-            let after = mesh.relay_sent(def.name).expect("relay syncz");
-            multicluster::sent_changes(&before, &after)
-                .into_iter()
-                .map(move |c| format!("relay {}: {c}", def.name))
-        })
-        .collect();
-    eprintln!(
-        "downstream pushes across the MCPC restart: {}",
-        if churn.is_empty() {
-            "none".to_owned()
-        } else {
-            churn.join("; ")
-        }
+    // Across the restart the relays pushed nothing to their sidecars, secrets included.
+    let report = mesh.end_mcpc_outage(
+        traffic,
+        REQUESTS_PER_PHASE,
+        "MCPC killed, down (details-a started), restarted; over mTLS",
     );
-    report.assert_no_failures("MCPC killed, down (details-a started), restarted; over mTLS");
     report.assert_answered_only_by("client-a -> ratings", "ratings-b");
     report.assert_answered_only_by("client-a -> reviews", "reviews-a");
-    assert!(
-        churn.is_empty(),
-        "the relays pushed to their sidecars across an MCPC restart that changed nothing:\n{}",
-        churn.join("\n")
-    );
     assert_own_certificates(&mesh);
     mesh.assert_all_answered_by("details-a", "ratings", "ratings-b", N);
     mesh.assert_all_answered_by("client-a", "details", "details-a", N);

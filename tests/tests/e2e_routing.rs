@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{assert_all_served_by, count_versions, send, served_version, Mesh, Mode, PORT};
+use common::{
+    assert_all_served_by, count_versions, send, served_version, Mesh, Mode, SidecarMesh, PORT,
+};
 use trellis_tests::require_envoy;
 
 /// Requests per check that a route always picks one version. With the 80/20 split as the

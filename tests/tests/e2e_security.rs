@@ -13,16 +13,17 @@
 mod common;
 mod security;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{NAMESPACE, PORT};
+use common::{
+    call, xfcc_uris, Probe, SidecarMesh, Traffic, TrafficReport, WorkloadDef, NAMESPACE, PORT,
+};
 use security::jwt::{claims, jwks, now, JwtKey};
 use security::{
-    assert_statuses, call, check_mtls, peer_authentication_yaml, wait_statuses, xfcc_uris,
-    MeshOptions, SecureMesh, Target, Traffic, TrafficReport, WorkloadDef,
+    assert_statuses, check_mtls, peer_authentication_yaml, MeshOptions, SecureMesh, Target,
 };
 use trellis_tests::{cargo_bin, http_get, http_request, require_envoy, run_to_completion};
 
@@ -82,6 +83,34 @@ fn traffic_targets(mesh: &SecureMesh, client: &str) -> Vec<Target> {
         .into_iter()
         .flat_map(|app| [mesh.target(client, app), mesh.tcp_target(client, app)])
         .collect()
+}
+
+/// The serials of the certificates each sidecar's Envoy holds now.
+fn envoy_cert_serials(mesh: &SecureMesh) -> BTreeMap<&'static str, BTreeSet<String>> {
+    mesh.sidecars
+        .iter()
+        .map(|s| {
+            let name = s.def.name;
+            (name, mesh.envoy_cert_serials(name).expect("envoy certs"))
+        })
+        .collect()
+}
+
+/// No sidecar's Envoy holds any of the certificates it held `before` (`when`): the data
+/// plane holds the new ones, not merely the control plane's books.
+#[track_caller]
+fn assert_envoy_certs_replaced(
+    mesh: &SecureMesh,
+    before: &BTreeMap<&'static str, BTreeSet<String>>,
+    when: &str,
+) {
+    for (name, after) in envoy_cert_serials(mesh) {
+        let before = before.get(name).cloned().unwrap_or_default();
+        assert!(
+            after.is_disjoint(&before),
+            "{name}'s Envoy still holds a certificate {when}: before {before:?}, now {after:?}"
+        );
+    }
 }
 
 /// TLS handshakes of `client`'s sidecar per TCP target so far.
@@ -162,9 +191,7 @@ fn strict_refuses_plaintext_permissive_accepts_both() {
         "peer-authentication.yaml",
         &peer_authentication_yaml("STRICT"),
     );
-    wait_statuses("plaintext under STRICT", Err(()), plaintext, || {
-        mesh.config_errors()
-    });
+    mesh.wait_statuses("plaintext under STRICT", Err(()), plaintext);
     eprintln!(
         "plaintext under STRICT: {:#}",
         plaintext().expect_err("refused")
@@ -189,9 +216,7 @@ fn strict_refuses_plaintext_permissive_accepts_both() {
         "peer-authentication.yaml",
         &peer_authentication_yaml("PERMISSIVE"),
     );
-    wait_statuses("plaintext under PERMISSIVE", Ok(200), plaintext, || {
-        mesh.config_errors()
-    });
+    mesh.wait_statuses("plaintext under PERMISSIVE", Ok(200), plaintext);
     assert_statuses("plaintext TCP under PERMISSIVE", N, Ok(200), plaintext_tcp);
     assert_mtls_ok(&mesh, "client", "reviews", "/", N);
 
@@ -202,45 +227,52 @@ fn strict_refuses_plaintext_permissive_accepts_both() {
 
 // ---------------------------------------------------------------------------------------
 
-/// reviews: ALLOW `GET` from client only; DENY `/admin/*` and requests with `x-deny: yes`.
-fn reviews_authorization_yaml(allowed: &WorkloadDef) -> String {
+/// An AuthorizationPolicy `name` for the reviews workloads: `action` on `rules` (the items
+/// of `spec.rules`).
+fn reviews_policy_yaml(name: &str, action: &str, rules: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
-  name: reviews-allow
+  name: {name}
   namespace: {NAMESPACE}
 spec:
   selector:
     matchLabels: {{app: reviews}}
-  action: ALLOW
+  action: {action}
   rules:
-  - from:
+{rules}"
+    )
+}
+
+/// reviews: ALLOW `GET` from `allowed` only; DENY `/admin/*` and requests with `x-deny: yes`.
+fn reviews_authorization_yaml(allowed: &WorkloadDef) -> String {
+    let allow = reviews_policy_yaml(
+        "reviews-allow",
+        "ALLOW",
+        &format!(
+            "  - from:
     - source:
-        principals: [\"{principal}\"]
+        principals: [\"{}\"]
     to:
     - operation:
         methods: [GET]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: reviews-deny
-  namespace: {NAMESPACE}
-spec:
-  selector:
-    matchLabels: {{app: reviews}}
-  action: DENY
-  rules:
-  - to:
+",
+            allowed.principal()
+        ),
+    );
+    let deny = reviews_policy_yaml(
+        "reviews-deny",
+        "DENY",
+        "  - to:
     - operation:
         paths: [\"/admin/*\"]
   - when:
     - key: request.headers[x-deny]
       values: [\"yes\"]
 ",
-        principal = allowed.principal()
-    )
+    );
+    format!("{allow}---\n{deny}")
 }
 
 #[test]
@@ -256,18 +288,12 @@ fn authorization_allows_one_principal_and_denies_another() {
 
     mesh.apply("reviews-authz.yaml", &reviews_authorization_yaml(&CLIENT));
     // Every connection opened before the policy is gone once each client sees it.
-    wait_statuses(
-        "client-b GET / with the policy",
-        Ok(403),
-        || call(b, "reviews", "GET", "/", &[]),
-        || mesh.config_errors(),
-    );
-    wait_statuses(
-        "client POST / with the policy",
-        Ok(403),
-        || call(a, "reviews", "POST", "/", &[]),
-        || mesh.config_errors(),
-    );
+    mesh.wait_statuses("client-b GET / with the policy", Ok(403), || {
+        call(b, "reviews", "GET", "/", &[])
+    });
+    mesh.wait_statuses("client POST / with the policy", Ok(403), || {
+        call(a, "reviews", "POST", "/", &[])
+    });
 
     // The allowed principal gets through, the other one is refused by reviews' sidecar.
     assert_mtls_ok(&mesh, "client", "reviews", "/", N);
@@ -295,12 +321,9 @@ fn authorization_allows_one_principal_and_denies_another() {
 
     // Removing the policies lets client-b in again.
     std::fs::remove_file(mesh.config_path("reviews-authz.yaml")).expect("remove policy");
-    wait_statuses(
-        "client-b GET / without the policy",
-        Ok(200),
-        || call(b, "reviews", "GET", "/", &[]),
-        || mesh.config_errors(),
-    );
+    mesh.wait_statuses("client-b GET / without the policy", Ok(200), || {
+        call(b, "reviews", "GET", "/", &[])
+    });
     assert_mtls_ok(&mesh, "client-b", "reviews", "/", N);
 
     mesh.check_converged()
@@ -331,21 +354,15 @@ spec:
 }
 
 fn require_jwt_yaml() -> String {
-    format!(
-        "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: reviews-require-jwt
-  namespace: {NAMESPACE}
-spec:
-  selector:
-    matchLabels: {{app: reviews}}
-  action: ALLOW
-  rules:
-  - from:
+    reviews_policy_yaml(
+        "reviews-require-jwt",
+        "ALLOW",
+        &format!(
+            "  - from:
     - source:
         requestPrincipals: [\"{ISSUER}/*\"]
 "
+        ),
     )
 }
 
@@ -374,12 +391,7 @@ fn jwt_rule_accepts_valid_rejects_bad_and_missing() {
     let without = || call(client, "reviews", "GET", "/", &[]);
 
     // RequestAuthentication alone: a token must be valid if present; none is fine.
-    wait_statuses(
-        "bad signature",
-        Ok(401),
-        || with(&bad_h),
-        || mesh.config_errors(),
-    );
+    mesh.wait_statuses("bad signature", Ok(401), || with(&bad_h));
     let check_valid = |what: &str| {
         for i in 0..N {
             let response = with(&valid_h).unwrap_or_else(|e| panic!("{what} {i}: {e:#}"));
@@ -394,9 +406,7 @@ fn jwt_rule_accepts_valid_rejects_bad_and_missing() {
 
     // A policy requiring a request principal of the issuer: no token is now 403.
     mesh.apply("reviews-require-jwt.yaml", &require_jwt_yaml());
-    wait_statuses("no token with the policy", Ok(403), without, || {
-        mesh.config_errors()
-    });
+    mesh.wait_statuses("no token with the policy", Ok(403), without);
     check_valid("valid token with the policy");
     assert_statuses("bad signature with the policy", N, Ok(401), || with(&bad_h));
     assert_statuses("expired token with the policy", N, Ok(401), || {
@@ -430,10 +440,7 @@ fn zero_failed_requests_through_cert_renewal() {
         return;
     };
     let names: Vec<&str> = mesh.sidecars.iter().map(|s| s.def.name).collect();
-    let envoy_before: BTreeMap<&str, _> = names
-        .iter()
-        .map(|n| (*n, mesh.envoy_cert_serials(n).expect("envoy certs")))
-        .collect();
+    let envoy_before = envoy_cert_serials(&mesh);
 
     let targets = traffic_targets(&mesh, "client");
     let handshakes_before = tcp_handshakes(&mesh, &targets);
@@ -519,15 +526,7 @@ fn zero_failed_requests_through_cert_renewal() {
         );
     }
 
-    // The data plane holds the renewed certificates, not merely the control plane's books.
-    for name in &names {
-        let after = mesh.envoy_cert_serials(name).expect("envoy certs");
-        assert!(
-            after.is_disjoint(&envoy_before[name]),
-            "{name}'s Envoy still holds a certificate from the start: before {:?}, now {after:?}",
-            envoy_before[name]
-        );
-    }
+    assert_envoy_certs_replaced(&mesh, &envoy_before, "from the start");
     // Issued with the short TTL.
     let ttl = xds_ttl_secs(SHORT_CERT_TTL);
     for (workload, cert) in mesh.certs().expect("certs") {
@@ -591,10 +590,7 @@ fn zero_failed_requests_through_root_rotation() {
             "{workload}'s certificate is not from the root {old_root}: {cert:?}"
         );
     }
-    let envoy_before: BTreeMap<&str, _> = names
-        .iter()
-        .map(|n| (*n, mesh.envoy_cert_serials(n).expect("envoy certs")))
-        .collect();
+    let envoy_before = envoy_cert_serials(&mesh);
 
     let targets = traffic_targets(&mesh, "client");
     let handshakes_before = tcp_handshakes(&mesh, &targets);
@@ -660,13 +656,7 @@ fn zero_failed_requests_through_root_rotation() {
             "{workload} has not ACKed the current trust epoch: {cert:?}, {ca_after}"
         );
     }
-    for name in &names {
-        let after = mesh.envoy_cert_serials(name).expect("envoy certs");
-        assert!(
-            after.is_disjoint(&envoy_before[name]),
-            "{name}'s Envoy still holds its certificate from the old root: {after:?}"
-        );
-    }
+    assert_envoy_certs_replaced(&mesh, &envoy_before, "from the old root");
 
     // Fresh connections after the rotation: a new sidecar (no pooled connections) gets a
     // certificate from the new root and calls both services, which present theirs.

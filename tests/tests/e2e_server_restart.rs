@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     assert_all_served_by, count_versions, reviews_version, send, served_version, services_yaml_for,
-    virtual_service_all_to, Mesh, Mode, CONVERGE_TIMEOUT, EDIT_TIMEOUT, POLL, PORT, SERVICES_FILE,
-    VIRTUAL_SERVICE_FILE,
+    virtual_service_all_to, Mesh, Mode, SidecarMesh, CONVERGE_TIMEOUT, EDIT_TIMEOUT, POLL, PORT,
+    SERVICES_FILE, VIRTUAL_SERVICE_FILE,
 };
 use trellis_tests::{envoy_admin_get, eventually, http_get, require_envoy};
 
@@ -155,15 +155,7 @@ impl Drop for Traffic {
 /// Whether every sidecar's Envoy reports its ADS stream as `connected` (1) or not (0).
 fn wait_control_plane_state(mesh: &Mesh, connected: u64) {
     eventually(CONVERGE_TIMEOUT, POLL, || {
-        for sidecar in &mesh.sidecars {
-            let state = mesh.envoy_stat(sidecar.spec.name, "control_plane.connected_state")?;
-            anyhow::ensure!(
-                state == connected,
-                "{}: control_plane.connected_state is {state}, waiting for {connected}",
-                sidecar.spec.name
-            );
-        }
-        anyhow::Ok(())
+        mesh.check_control_plane_state(connected, |_| true)
     });
 }
 
@@ -219,7 +211,7 @@ fn server_restart(mode: Mode) {
         report.total,
         report.failures.join("\n")
     );
-    mesh.assert_sidecars_running(&pids);
+    mesh.assert_sidecars_not_restarted(&pids);
 
     // Routing is intact...
     assert_all_served_by(client, 50, "/", &[("end-user", "jason")], "v2");
@@ -234,7 +226,7 @@ fn server_restart(mode: Mode) {
         anyhow::Ok(())
     });
     eventually(EDIT_TIMEOUT, POLL, || mesh.check_converged(true));
-    mesh.assert_sidecars_running(&pids);
+    mesh.assert_sidecars_not_restarted(&pids);
 }
 
 #[test]
@@ -324,7 +316,7 @@ fn changes_while_down(mode: Mode) {
         anyhow::Ok(())
     });
     eventually(EDIT_TIMEOUT, POLL, || mesh.check_converged(true));
-    mesh.assert_sidecars_running(&pids);
+    mesh.assert_sidecars_not_restarted(&pids);
 }
 
 #[test]

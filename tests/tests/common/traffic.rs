@@ -4,7 +4,37 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use anyhow::{anyhow, bail, Context as _};
-use trellis_tests::{http_get, HttpResponse};
+use serde_json::Value;
+use trellis_tests::{http_get, http_request, HttpResponse};
+
+use super::REQUEST_TIMEOUT;
+
+/// One request through a sidecar's outbound listener to service `app` (`Host: app`),
+/// bounded by [`REQUEST_TIMEOUT`].
+pub fn call(
+    outbound: SocketAddr,
+    app: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<HttpResponse> {
+    let mut all: Vec<(&str, &str)> = vec![("host", app)];
+    all.extend_from_slice(headers);
+    http_request(outbound, method, path, &all, &[], REQUEST_TIMEOUT)
+}
+
+/// The `URI=` elements of the `x-forwarded-client-cert` header the echo app received
+/// (several elements are `,`-separated, fields `;`-separated): who called it over mutual
+/// TLS, as the sidecar in front of it saw the caller's certificate.
+pub fn xfcc_uris(body: &Value) -> Vec<String> {
+    body["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap_or_default()
+        .split([',', ';'])
+        .filter_map(|field| field.trim().strip_prefix("URI="))
+        .map(|uri| uri.trim_matches('"').to_owned())
+        .collect()
+}
 
 /// One request through a sidecar's outbound listener, `Host: reviews` unless `headers`
 /// name a host.
@@ -20,7 +50,9 @@ pub fn send(
     http_get(outbound, path, &all)
 }
 
-/// The version of the `app` workload that answered, or an error naming what came back.
+/// The version of the `app` workload that answered (200), or an error naming what came
+/// back. (The security and multi-cluster fixtures' echo apps report their workload's name
+/// as their version.)
 pub fn served_version(response: &HttpResponse, app: &str) -> anyhow::Result<String> {
     if response.status != 200 {
         bail!(

@@ -30,16 +30,14 @@
 // Each test uses a different part of this module.
 #![allow(dead_code)]
 
-mod config;
 mod mtls;
 mod processes;
 mod state;
 mod traffic;
 
-pub use config::*;
-pub use mtls::*;
-pub use state::*;
-pub use traffic::*;
+// Each test binary uses some of these; the others would be unused imports there.
+#[allow(unused_imports)]
+pub use self::{mtls::*, state::*, traffic::*};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -47,13 +45,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
-use trellis_tests::{test_dir, ChildGuard, LoopbackNet};
+use trellis_tests::{free_port, test_dir, ChildGuard, LoopbackNet};
 
-pub const NAMESPACE: &str = "default";
-pub const TRUST_DOMAIN: &str = "cluster.local";
-/// Every service (and so every outbound listener and every inbound port) uses this port.
-pub const PORT: u16 = 9080;
-pub const POLL: Duration = Duration::from_millis(100);
+use crate::common::{
+    self, mesh_yaml, services_yaml, workload_entry_yaml, SidecarMesh, MESH_FILE, POLL,
+    SERVICES_FILE,
+};
+
 /// Bound on the mesh converging: sidecars synced through their relay, every client's
 /// Envoy holding the endpoints of both clusters. Two hops (MCPC -> relay -> sidecar) and
 /// a dozen processes on a loaded 2-core machine; the usual time is a few seconds.
@@ -63,8 +61,6 @@ pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Bound on a registry edit (or an ejection) showing in traffic.
 pub const SWITCH_TIMEOUT: Duration = Duration::from_secs(60);
-/// Per-request deadline: requests take milliseconds, one still open after this failed.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A member cluster: its name (as in its join token) and locality.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,130 +86,27 @@ pub const CLUSTER_B: ClusterDef = ClusterDef {
 };
 pub const CLUSTERS: [ClusterDef; 2] = [CLUSTER_A, CLUSTER_B];
 
-/// One WorkloadEntry of a member cluster and how its sidecar is run.
-#[derive(Debug, Clone, Copy)]
-pub struct WorkloadDef {
-    pub name: &'static str,
-    /// Label `app`; a ServiceEntry of that name selects the workloads of every cluster.
-    pub app: &'static str,
-    pub cluster: ClusterDef,
-    /// Host part base: inbound `.N`, app `.N+50`, outbound `.N+100`.
-    pub host: u8,
-    /// Whether an echo app runs behind the sidecar (a client only sends).
-    pub has_app: bool,
-    /// Delta xDS instead of state of the world.
-    pub delta: bool,
-    /// Started with the mesh; `false`: its WorkloadEntry is in the registry from the
-    /// start, but the test starts its echo and sidecar later ([`MultiMesh::start_sidecar`]).
-    pub start: bool,
-    /// Labelled `security.istio.io/tlsMode: istio`, its sidecar bootstrapped with a
-    /// workload token against its relay's secure port (certificate and trust over SDS).
-    pub mtls: bool,
-    /// Its WorkloadEntry's `serviceAccount`: the identity of its certificate.
-    pub service_account: &'static str,
-}
+/// One WorkloadEntry of a member cluster and how its sidecar runs.
+pub type WorkloadDef = common::WorkloadDef<ClusterDef>;
+/// A running sidecar of a member cluster.
+pub type Sidecar = common::Sidecar<ClusterDef>;
 
 impl WorkloadDef {
-    /// A workload that only sends.
+    /// A workload of `cluster` that only sends.
     pub const fn client(name: &'static str, cluster: ClusterDef, host: u8) -> Self {
-        WorkloadDef {
-            name,
-            app: name,
-            cluster,
-            host,
-            has_app: false,
-            delta: false,
-            start: true,
-            mtls: false,
-            service_account: name,
-        }
+        common::WorkloadDef::<()>::client(name, host).in_cluster(cluster)
     }
 
-    /// A workload of service `app` with an echo app.
+    /// A workload of `cluster` serving service `app` with an echo app. The ServiceEntry
+    /// `app` selects the workloads of every cluster.
     pub const fn service(
         name: &'static str,
         app: &'static str,
         cluster: ClusterDef,
         host: u8,
     ) -> Self {
-        WorkloadDef {
-            name,
-            app,
-            cluster,
-            host,
-            has_app: true,
-            delta: false,
-            start: true,
-            mtls: false,
-            service_account: app,
-        }
+        common::WorkloadDef::<()>::service(name, app, host).in_cluster(cluster)
     }
-
-    pub const fn delta(mut self) -> Self {
-        self.delta = true;
-        self
-    }
-
-    pub const fn deferred(mut self) -> Self {
-        self.start = false;
-        self
-    }
-
-    pub const fn mtls(mut self) -> Self {
-        self.mtls = true;
-        self
-    }
-
-    pub const fn with_service_account(mut self, sa: &'static str) -> Self {
-        self.service_account = sa;
-        self
-    }
-
-    /// The SPIFFE id of its certificate (meaningful with [`Self::mtls`]).
-    pub fn spiffe_id(&self) -> String {
-        format!(
-            "spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{}",
-            self.service_account
-        )
-    }
-
-    /// `name.namespace`, as `/debug/syncz` names the workload.
-    pub fn workload_id(&self) -> String {
-        format!("{}.{NAMESPACE}", self.name)
-    }
-
-    pub fn mode(&self) -> &'static str {
-        if self.delta {
-            "delta"
-        } else {
-            "sotw"
-        }
-    }
-}
-
-/// The addresses of one workload inside a test's loopback block.
-#[derive(Debug, Clone, Copy)]
-pub struct Addrs {
-    pub inbound: IpAddr,
-    pub app: IpAddr,
-    pub outbound: IpAddr,
-}
-
-pub(crate) fn addrs(net: &LoopbackNet, w: &WorkloadDef) -> Addrs {
-    Addrs {
-        inbound: net.ip(w.host),
-        app: net.ip(w.host + 50),
-        outbound: net.ip(w.host + 100),
-    }
-}
-
-/// A running sidecar.
-#[derive(Debug)]
-pub struct Sidecar {
-    pub def: WorkloadDef,
-    pub addrs: Addrs,
-    pub admin: SocketAddr,
-    pub envoy: ChildGuard,
 }
 
 /// A member cluster's relay, its folders and (while it runs) its process.
@@ -272,12 +165,11 @@ impl MultiMesh {
         std::fs::create_dir(&config_dir)?;
         std::fs::create_dir(dir.path().join("tokens"))?;
         let ca_dir = dir.path().join("ca");
-        std::fs::write(config_dir.join("mesh.yaml"), mesh_yaml())?;
-        std::fs::write(config_dir.join("services.yaml"), services_yaml(&workloads))?;
+        std::fs::write(config_dir.join(MESH_FILE), mesh_yaml())?;
+        std::fs::write(config_dir.join(SERVICES_FILE), services_yaml(&workloads))?;
         let server_ip = net.ip(1);
-        let free = |ip: IpAddr| -> anyhow::Result<SocketAddr> {
-            Ok(SocketAddr::new(ip, trellis_tests::free_port(ip)?))
-        };
+        let free =
+            |ip: IpAddr| -> anyhow::Result<SocketAddr> { Ok(SocketAddr::new(ip, free_port(ip)?)) };
         let (xds_addr, admin_addr, secure_addr) =
             (free(server_ip)?, free(server_ip)?, free(server_ip)?);
         let mut relays = Vec::new();
@@ -371,51 +263,9 @@ impl MultiMesh {
             .unwrap_or_else(|| panic!("no cluster {cluster}"))
     }
 
-    pub fn sidecar(&self, name: &str) -> &Sidecar {
-        self.sidecars
-            .iter()
-            .find(|s| s.def.name == name)
-            .unwrap_or_else(|| panic!("no sidecar {name}"))
-    }
-
-    pub fn def(&self, name: &str) -> WorkloadDef {
-        *self
-            .workloads
-            .iter()
-            .find(|w| w.name == name)
-            .unwrap_or_else(|| panic!("no workload {name}"))
-    }
-
-    /// Where the app of a workload sends mesh traffic: its sidecar's outbound listener.
-    pub fn outbound(&self, name: &str) -> SocketAddr {
-        SocketAddr::new(self.sidecar(name).addrs.outbound, PORT)
-    }
-
     /// A workload's inbound address (what EDS lists for it).
     pub fn inbound_ip(&self, name: &str) -> IpAddr {
-        addrs(&self.net, &self.def(name)).inbound
-    }
-
-    /// The services (apps) of the mesh.
-    pub fn services(&self) -> Vec<&'static str> {
-        let mut apps: Vec<&'static str> = self
-            .workloads
-            .iter()
-            .filter(|w| w.has_app)
-            .map(|w| w.app)
-            .collect();
-        apps.sort_unstable();
-        apps.dedup();
-        apps
-    }
-
-    /// The workloads of service `app`, in every cluster.
-    pub fn workloads_of(&self, app: &str) -> Vec<WorkloadDef> {
-        self.workloads
-            .iter()
-            .filter(|w| w.has_app && w.app == app)
-            .copied()
-            .collect()
+        self.def(name).addrs(&self.net).inbound
     }
 
     /// Removes a workload's WorkloadEntry file from its cluster's registry folder.
@@ -495,23 +345,15 @@ impl MultiMesh {
         out
     }
 
-    /// Asserts that every sidecar's Envoy is still the one started (none crashed).
-    #[track_caller]
-    pub fn assert_sidecars_running(&mut self) {
-        for sidecar in &mut self.sidecars {
-            assert!(
-                sidecar.envoy.is_running(),
-                "envoy of {} exited:\n{}",
-                sidecar.def.name,
-                sidecar.envoy.log_tail(30)
-            );
-        }
-    }
-
     /// The echo app of a workload.
     pub fn echo_mut(&mut self, name: &str) -> anyhow::Result<&mut ChildGuard> {
         self.echos
             .get_mut(name)
             .ok_or_else(|| anyhow!("no echo app for {name}"))
     }
+}
+
+/// The file of a workload's WorkloadEntry in its cluster's registry folder.
+pub fn registry_file(w: &WorkloadDef) -> String {
+    format!("{}.yaml", w.name)
 }

@@ -4,14 +4,15 @@
 //! built on them.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context as _};
 use serde_json::Value;
-use trellis_tests::{envoy_admin_get, http_get};
+use trellis_tests::{envoy_admin_get, http_get_json};
 
-use super::{MultiMesh, CLUSTERS, NAMESPACE, PORT};
+use super::{check_proxy_secrets, MultiMesh, CLUSTERS, CONVERGE_TIMEOUT};
+use crate::common::{proxies_by_workload, SidecarMesh, NAMESPACE, PORT};
 
 /// One endpoint of an Envoy cluster, as the sidecar's Envoy holds it (`/clusters`).
 #[derive(Debug, Clone)]
@@ -55,24 +56,13 @@ pub fn outbound_cluster(app: &str) -> String {
     format!("outbound|{PORT}||{app}.{NAMESPACE}.svc.cluster.local")
 }
 
-fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
-    let response = http_get(addr, path, &[])?;
-    ensure!(
-        response.status == 200,
-        "{addr}{path}: status {}: {}",
-        response.status,
-        response.text()
-    );
-    response.json()
-}
-
 impl MultiMesh {
     pub fn mcpc_json(&self, path: &str) -> anyhow::Result<Value> {
-        get_json(self.admin_addr, path)
+        http_get_json(self.admin_addr, path)
     }
 
     pub fn relay_json(&self, cluster: &str, path: &str) -> anyhow::Result<Value> {
-        get_json(self.relay(cluster).admin_addr, path)
+        http_get_json(self.relay(cluster).admin_addr, path)
     }
 
     /// The MCPC's `/debug/clusters` records (a list; or the `clusters` of an object).
@@ -98,76 +88,29 @@ impl MultiMesh {
     /// The proxies connected to a relay (its `/debug/syncz`), by workload; an error if one
     /// is connected twice.
     pub fn relay_proxies(&self, cluster: &str) -> anyhow::Result<BTreeMap<String, Value>> {
-        let syncz = self.relay_json(cluster, "/debug/syncz")?;
-        let proxies = syncz["proxies"]
-            .as_array()
-            .with_context(|| format!("relay {cluster}: syncz.proxies is not an array: {syncz}"))?;
-        let mut out = BTreeMap::new();
-        for p in proxies {
-            let workload = p["workload"].as_str().unwrap_or_default().to_owned();
-            ensure!(
-                out.insert(workload.clone(), p.clone()).is_none(),
-                "{workload} is connected twice to relay {cluster}: {syncz}"
-            );
-        }
-        Ok(out)
+        proxies_by_workload(
+            &self.relay_json(cluster, "/debug/syncz")?,
+            &format!("relay {cluster}"),
+        )
     }
 
     /// Every started sidecar of `cluster` connected once to its relay, in its mode,
     /// synced, with CDS and LDS sent and everything sent ACKed; a sidecar of an
     /// [`super::WorkloadDef::mtls`] workload also as its identity, holding ACKed secrets
-    /// (see [`super::check_proxy_secrets`]).
+    /// (see [`check_proxy_secrets`]).
     pub fn check_relay_converged(&self, cluster: &str) -> anyhow::Result<()> {
-        let proxies = self.relay_proxies(cluster)?;
-        let sidecars: Vec<_> = self
-            .sidecars
-            .iter()
-            .filter(|s| s.def.cluster.name == cluster)
-            .collect();
-        ensure!(
-            proxies.len() == sidecars.len(),
-            "relay {cluster}: {} proxies connected, expected {}: {:?}",
-            proxies.len(),
-            sidecars.len(),
-            proxies.keys()
-        );
-        for sidecar in sidecars {
-            let w = &sidecar.def;
-            let id = w.workload_id();
-            let proxy = proxies
-                .get(&id)
-                .ok_or_else(|| anyhow!("{id} is not connected to relay {cluster}"))?;
-            ensure!(
-                proxy["mode"] == w.mode(),
-                "{id} uses {} instead of {}",
-                proxy["mode"],
-                w.mode()
-            );
-            ensure!(proxy["synced"] == true, "{id} not synced: {proxy}");
-            let types = proxy["types"]
-                .as_object()
-                .context("types is not an object")?;
-            for kind in ["cds", "lds"] {
-                ensure!(
-                    types
-                        .get(kind)
-                        .is_some_and(|t| !t["sent_version"].is_null()),
-                    "{id}: nothing sent for {kind} yet: {proxy}"
-                );
-            }
-            for (kind, t) in types {
-                ensure!(
-                    t["acked_version"] == t["sent_version"],
-                    "{id}: {kind} sent {} but acked {}: {proxy}",
-                    t["sent_version"],
-                    t["acked_version"]
-                );
-            }
-            if w.mtls {
-                super::check_proxy_secrets(proxy, w).with_context(|| format!("relay {cluster}"))?;
-            }
-        }
-        Ok(())
+        self.check_synced(
+            &format!("relay {cluster}"),
+            &self.relay_proxies(cluster)?,
+            &["cds", "lds"],
+            |w| w.cluster.name == cluster,
+            |proxy, w| {
+                if w.mtls {
+                    check_proxy_secrets(proxy, w).with_context(|| format!("relay {cluster}"))?;
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Both relays converged, and every started client's Envoy holds an endpoint for
@@ -350,20 +293,6 @@ impl MultiMesh {
         Ok(cluster["outlier_detection"].clone())
     }
 
-    /// A counter or gauge from a sidecar's Envoy `/stats` (0 when absent).
-    pub fn envoy_stat(&self, sidecar: &str, stat: &str) -> anyhow::Result<u64> {
-        let stats = envoy_admin_get(
-            self.sidecar(sidecar).admin,
-            &format!("/stats?filter=^{stat}$"),
-        )?
-        .text();
-        Ok(stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{stat}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0))
-    }
-
     /// Waits until the Envoys of every started sidecar of `cluster` report their ADS
     /// stream `connected` (1) or not (0).
     pub fn wait_control_plane_state(
@@ -375,15 +304,64 @@ impl MultiMesh {
         self.wait(
             &format!("sidecars of {cluster} with control_plane.connected_state {connected}"),
             timeout,
+            |m| m.check_control_plane_state(connected, |w| w.cluster.name == cluster),
+        )
+    }
+
+    /// What every relay sent its proxies (see [`Self::relay_sent`]), in [`CLUSTERS`] order.
+    pub fn relays_sent(&self) -> anyhow::Result<Vec<SentState>> {
+        CLUSTERS.iter().map(|d| self.relay_sent(d.name)).collect()
+    }
+
+    /// Asserts that no relay pushed anything to its sidecars since `before` (what
+    /// [`Self::relays_sent`] said then) across `what`, which changed nothing: the same
+    /// versions, and not even a transient change (pushes are counted per sidecar stream).
+    #[track_caller]
+    pub fn assert_no_downstream_pushes(&self, before: Vec<SentState>, what: &str) {
+        let churn: Vec<String> = CLUSTERS
+            .iter()
+            .zip(before)
+            .flat_map(|(def, before)| {
+                let after = self.relay_sent(def.name).expect("relay syncz");
+                sent_changes(&before, &after)
+                    .into_iter()
+                    .map(move |c| format!("relay {}: {c}", def.name))
+            })
+            .collect();
+        eprintln!(
+            "downstream pushes across {what}: {}",
+            if churn.is_empty() {
+                "none".to_owned()
+            } else {
+                churn.join("; ")
+            }
+        );
+        assert!(
+            churn.is_empty(),
+            "the relays pushed to their sidecars across {what}, which changed nothing:\n{}",
+            churn.join("\n")
+        );
+    }
+
+    /// Waits until the relay of deferred workload `name` prefetched its class: config
+    /// for it is ready before its sidecar connects.
+    pub fn wait_prefetched(&mut self, name: &str) -> anyhow::Result<()> {
+        let w = self.def(name);
+        let cluster = w.cluster.name;
+        self.wait(
+            &format!("relay {cluster} prefetched {name}"),
+            CONVERGE_TIMEOUT,
             |m| {
-                for s in m.sidecars.iter().filter(|s| s.def.cluster.name == cluster) {
-                    let state = m.envoy_stat(s.def.name, "control_plane.connected_state")?;
-                    ensure!(
-                        state == connected,
-                        "{}: control_plane.connected_state is {state}",
-                        s.def.name
-                    );
-                }
+                let status = m.relay_status(cluster)?;
+                ensure!(
+                    status["classes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["workload"] == w.workload_id().as_str()
+                            && c["resources"].as_u64() > Some(0)),
+                    "no class with resources for {name}: {status}"
+                );
                 Ok(())
             },
         )

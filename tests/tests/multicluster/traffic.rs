@@ -1,66 +1,32 @@
 //! Requests through the sidecars: which workload answered, waiting for routing, a
-//! failover observed request by request, and continuous traffic while something changes
-//! underneath (one thread per target, every failure recorded with the phase it happened in).
+//! failover observed request by request, and where continuous traffic ([`Traffic`]) goes.
+//!
+//! [`Traffic`]: crate::common::Traffic
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, ensure};
-use trellis_tests::{eventually, http_request, HttpResponse};
+use anyhow::ensure;
 
-use super::{MultiMesh, CONVERGE_TIMEOUT, POLL, REQUEST_TIMEOUT};
-
-/// Pause between two requests of one sender: tens of requests per second, enough to hit
-/// every moment of a change without starving the processes under test on 2 cores.
-const PACE: Duration = Duration::from_millis(10);
-/// Hard bounds on one traffic thread, whatever the test does.
-const MAX_DURATION: Duration = Duration::from_secs(600);
-const MAX_REQUESTS: u64 = 1_000_000;
-/// Failures kept verbatim per target (all are counted).
-const KEPT_FAILURES: usize = 50;
-
-/// One request through a sidecar's outbound listener to service `app` (Host: app).
-pub fn call(outbound: SocketAddr, app: &str) -> anyhow::Result<HttpResponse> {
-    http_request(outbound, "GET", "/", &[("host", app)], &[], REQUEST_TIMEOUT)
-}
-
-/// The workload whose echo app answered (200 from app `app`).
-pub fn answered_by(response: &HttpResponse, app: &str) -> anyhow::Result<String> {
-    ensure!(
-        response.status == 200,
-        "status {} (expected 200): {}",
-        response.status,
-        response.text().chars().take(300).collect::<String>()
-    );
-    let workload = response.header("x-echo-workload");
-    ensure!(
-        workload == Some(app),
-        "answered by app {workload:?}, expected {app:?}"
-    );
-    response
-        .header("x-echo-version")
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("no x-echo-version in the answer"))
-}
+use super::{check_xfcc, MultiMesh, CONVERGE_TIMEOUT};
+use crate::common::{
+    call, served_version, Probe, SidecarMesh, Traffic, TrafficReport, KEPT_FAILURES, PACE,
+};
 
 /// One request to `app` through `outbound`: the workload that answered.
 pub fn request(outbound: SocketAddr, app: &str) -> anyhow::Result<String> {
-    answered_by(&call(outbound, app)?, app)
+    served_version(&call(outbound, app, "GET", "/", &[])?, app)
 }
 
 /// One request to `app` through `outbound`: the workload that answered; with
 /// `caller` also that the app saw that SPIFFE id in `x-forwarded-client-cert`, i.e. the
 /// hop between the sidecars was mutual TLS with the caller's certificate.
 pub fn request_as(outbound: SocketAddr, app: &str, caller: Option<&str>) -> anyhow::Result<String> {
-    let response = call(outbound, app)?;
-    let workload = answered_by(&response, app)?;
+    let response = call(outbound, app, "GET", "/", &[])?;
+    let workload = served_version(&response, app)?;
     if let Some(id) = caller {
-        super::check_xfcc(&response, id)
-            .map_err(|e| e.context(format!("answered by {workload}")))?;
+        check_xfcc(&response, id).map_err(|e| e.context(format!("answered by {workload}")))?;
     }
     Ok(workload)
 }
@@ -179,6 +145,40 @@ impl MultiMesh {
         );
     }
 
+    /// Begins an MCPC outage under `traffic`: SIGKILLs the MCPC, waits until the relays
+    /// noticed, and lets `requests` requests through while it is down.
+    #[track_caller]
+    pub fn begin_mcpc_outage(&mut self, traffic: &Traffic, requests: u64) {
+        traffic.set_phase("MCPC SIGKILLed");
+        self.kill_server().expect("kill the MCPC");
+        traffic.set_phase("MCPC down");
+        traffic.wait_for_more(requests);
+    }
+
+    /// Ends an MCPC outage under `traffic`: restarts the MCPC, waits until the relays
+    /// reconnected and the mesh converged, lets `requests` more requests through and stops
+    /// the traffic. Asserts that no request failed (`what` names the outage) and that the
+    /// relays, which served everything from their caches meanwhile, pushed nothing to
+    /// their sidecars across the restart.
+    #[track_caller]
+    pub fn end_mcpc_outage(
+        &mut self,
+        traffic: Traffic,
+        requests: u64,
+        what: &str,
+    ) -> TrafficReport {
+        let before = self.relays_sent().expect("relay syncz");
+        traffic.set_phase("MCPC restarting");
+        self.restart_server()
+            .expect("the relays reconnect to the restarted MCPC");
+        traffic.set_phase("MCPC back");
+        traffic.wait_for_more(requests);
+        let report = traffic.finish();
+        report.assert_no_failures(what);
+        self.assert_no_downstream_pushes(before, "an MCPC restart");
+        report
+    }
+
     /// A [`Target`] for continuous traffic from `client` to service `app`.
     pub fn target(&self, client: &str, app: &'static str) -> Target {
         Target {
@@ -200,191 +200,12 @@ pub struct Target {
     pub caller: Option<String>,
 }
 
-/// What one thread saw.
-#[derive(Debug, Default, Clone)]
-pub struct TargetReport {
-    pub ok: u64,
-    pub failed: u64,
-    pub answered: BTreeMap<String, u64>,
-    pub failures: Vec<String>,
-}
-
-/// What every thread saw, by target.
-#[derive(Debug, Default)]
-pub struct TrafficReport {
-    pub targets: BTreeMap<String, TargetReport>,
-}
-
-impl TrafficReport {
-    pub fn ok(&self) -> u64 {
-        self.targets.values().map(|t| t.ok).sum()
+impl Probe for Target {
+    fn label(&self) -> String {
+        self.label.clone()
     }
 
-    pub fn failed(&self) -> u64 {
-        self.targets.values().map(|t| t.failed).sum()
-    }
-
-    /// One part per target, e.g. `client-a -> ratings: 1234 ok, 0 failed, {"ratings-b": 1234}`.
-    pub fn summary(&self) -> String {
-        self.targets
-            .iter()
-            .map(|(label, t)| {
-                format!(
-                    "{label}: {} ok, {} failed, answered by {:?}",
-                    t.ok, t.failed, t.answered
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-
-    /// Asserts that every target got requests through and none failed; prints the counts.
-    #[track_caller]
-    pub fn assert_no_failures(&self, what: &str) {
-        eprintln!(
-            "{what}: {} requests, {} failed ({})",
-            self.ok() + self.failed(),
-            self.failed(),
-            self.summary()
-        );
-        let failures: Vec<&str> = self
-            .targets
-            .values()
-            .flat_map(|t| t.failures.iter().map(String::as_str))
-            .take(20)
-            .collect();
-        assert!(
-            self.failed() == 0,
-            "{what}: {} of {} requests failed ({}); first failures:\n{}",
-            self.failed(),
-            self.ok() + self.failed(),
-            self.summary(),
-            failures.join("\n")
-        );
-        for (label, t) in &self.targets {
-            assert!(t.ok > 0, "{what}: no request {label} got through");
-        }
-    }
-
-    /// Asserts that every request of target `label` that got an answer got it from
-    /// `workload`.
-    #[track_caller]
-    pub fn assert_answered_only_by(&self, label: &str, workload: &str) {
-        let t = self
-            .targets
-            .get(label)
-            .unwrap_or_else(|| panic!("no traffic {label}"));
-        assert!(
-            t.answered.keys().all(|w| w == workload),
-            "{label}: every request must be answered by {workload}, got {:?}",
-            t.answered
-        );
-    }
-}
-
-/// Running traffic threads. Dropping it (e.g. when an assertion fails elsewhere) stops
-/// them, so no thread keeps hammering a mesh that is being torn down.
-pub struct Traffic {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    phase: Arc<Mutex<String>>,
-    handles: Vec<(String, JoinHandle<TargetReport>)>,
-}
-
-impl Traffic {
-    pub fn start(targets: &[Target]) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let phase = Arc::new(Mutex::new("start".to_owned()));
-        let started = Instant::now();
-        let handles = targets
-            .iter()
-            .map(|target| {
-                let (stop, done, phase, target) =
-                    (stop.clone(), done.clone(), phase.clone(), target.clone());
-                let label = target.label.clone();
-                let handle = std::thread::spawn(move || {
-                    let mut report = TargetReport::default();
-                    let deadline = started + MAX_DURATION;
-                    while !stop.load(Ordering::Relaxed)
-                        && Instant::now() < deadline
-                        && report.ok + report.failed < MAX_REQUESTS
-                    {
-                        match request_as(target.outbound, target.app, target.caller.as_deref()) {
-                            Ok(workload) => {
-                                report.ok += 1;
-                                *report.answered.entry(workload).or_insert(0) += 1;
-                            }
-                            Err(err) => {
-                                report.failed += 1;
-                                if report.failures.len() < KEPT_FAILURES {
-                                    report.failures.push(format!(
-                                        "{} request {} at +{:.1?} during {}: {err:#}",
-                                        target.label,
-                                        report.ok + report.failed,
-                                        started.elapsed(),
-                                        phase.lock().map(|p| p.clone()).unwrap_or_default()
-                                    ));
-                                }
-                            }
-                        }
-                        done.fetch_add(1, Ordering::Relaxed);
-                        std::thread::sleep(PACE);
-                    }
-                    report
-                });
-                (label, handle)
-            })
-            .collect();
-        Traffic {
-            stop,
-            done,
-            phase,
-            handles,
-        }
-    }
-
-    /// Names what the test is doing now; failures are stamped with it.
-    pub fn set_phase(&self, phase: &str) {
-        eprintln!("traffic phase: {phase} ({} requests so far)", self.done());
-        if let Ok(mut p) = self.phase.lock() {
-            *p = phase.to_owned();
-        }
-    }
-
-    /// Requests completed so far (successful or not), over all threads.
-    pub fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
-    }
-
-    /// Waits until `n` more requests completed.
-    #[track_caller]
-    pub fn wait_for_more(&self, n: u64) {
-        let target = self.done() + n;
-        eventually(Duration::from_secs(120), POLL, || {
-            let done = self.done();
-            if done >= target {
-                Ok(())
-            } else {
-                Err(format!("{done} of {target} requests done"))
-            }
-        });
-    }
-
-    /// Stops every thread and collects what they saw.
-    pub fn finish(mut self) -> TrafficReport {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut report = TrafficReport::default();
-        for (label, handle) in self.handles.drain(..) {
-            let target = handle.join().expect("traffic thread panicked");
-            report.targets.insert(label, target);
-        }
-        report
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+    fn request(&self) -> anyhow::Result<String> {
+        request_as(self.outbound, self.app, self.caller.as_deref())
     }
 }

@@ -1,61 +1,20 @@
-//! Requests through the sidecars and what their answers must show: the app that
-//! answered, the caller's identity, a status (or no HTTP response at all).
+//! What answers through the sidecars must show (the app that answered, the caller's
+//! identity, a status or no HTTP response at all), and where continuous traffic goes.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use anyhow::ensure;
-use serde_json::Value;
-use trellis_tests::{http_request, HttpResponse};
+use trellis_tests::HttpResponse;
 
-use super::{IN_A_ROW, POLICY_TIMEOUT, REQUEST_TIMEOUT};
-use crate::common::POLL;
-
-/// One request through a sidecar's outbound listener to service `app` (Host: app).
-pub fn call(
-    outbound: SocketAddr,
-    app: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> anyhow::Result<HttpResponse> {
-    let mut all: Vec<(&str, &str)> = vec![("host", app)];
-    all.extend_from_slice(headers);
-    http_request(outbound, method, path, &all, &[], REQUEST_TIMEOUT)
-}
-
-/// The `URI=` elements of the `x-forwarded-client-cert` header the echo app received
-/// (several elements are `,`-separated, fields `;`-separated).
-pub fn xfcc_uris(body: &Value) -> Vec<String> {
-    body["headers"]["x-forwarded-client-cert"]
-        .as_str()
-        .unwrap_or_default()
-        .split([',', ';'])
-        .filter_map(|field| field.trim().strip_prefix("URI="))
-        .map(|uri| uri.trim_matches('"').to_owned())
-        .collect()
-}
-
-/// The response came from app `app` (200).
-pub fn check_app(response: &HttpResponse, app: &str) -> anyhow::Result<()> {
-    ensure!(
-        response.status == 200,
-        "status {} (expected 200): {}",
-        response.status,
-        response.text().chars().take(300).collect::<String>()
-    );
-    let workload = response.header("x-echo-workload");
-    ensure!(
-        workload == Some(app),
-        "answered by {workload:?}, expected {app:?}"
-    );
-    Ok(())
-}
+use super::{IN_A_ROW, POLICY_TIMEOUT};
+use crate::common::{call, served_version, xfcc_uris, Probe, POLL};
 
 /// The response came from app `app` (200) and the app saw the caller's identity
 /// `client_id` in `x-forwarded-client-cert`: the hop between the sidecars was mutual TLS.
-pub fn check_mtls(response: &HttpResponse, app: &str, client_id: &str) -> anyhow::Result<()> {
-    check_app(response, app)?;
+/// Returns the workload that answered.
+pub fn check_mtls(response: &HttpResponse, app: &str, client_id: &str) -> anyhow::Result<String> {
+    let workload = served_version(response, app)?;
     let body = response.json()?;
     let uris = xfcc_uris(&body);
     ensure!(
@@ -63,7 +22,44 @@ pub fn check_mtls(response: &HttpResponse, app: &str, client_id: &str) -> anyhow
         "the app did not see {client_id} in x-forwarded-client-cert (URIs {uris:?}); headers: {}",
         body["headers"]
     );
-    Ok(())
+    Ok(workload)
+}
+
+/// Where one traffic thread sends: through `client`'s outbound listener to service `app`;
+/// the app must see `client_id` in `x-forwarded-client-cert`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub client: String,
+    pub outbound: SocketAddr,
+    pub app: &'static str,
+    pub client_id: String,
+    /// A TCP port (tcp_proxy, a new upstream connection per request): the app answers,
+    /// but no `x-forwarded-client-cert` can be added.
+    pub tcp: bool,
+}
+
+impl Probe for Target {
+    fn label(&self) -> String {
+        if self.tcp {
+            format!(
+                "{} -> {} (tcp {})",
+                self.client,
+                self.app,
+                self.outbound.port()
+            )
+        } else {
+            format!("{} -> {}", self.client, self.app)
+        }
+    }
+
+    fn request(&self) -> anyhow::Result<String> {
+        let response = call(self.outbound, self.app, "GET", "/", &[])?;
+        if self.tcp {
+            served_version(&response, self.app)
+        } else {
+            check_mtls(&response, self.app, &self.client_id)
+        }
+    }
 }
 
 /// `status` of one request, or the transport error.

@@ -3,10 +3,10 @@
 //! they get their workload certificate and the trust bundle over SDS), echo apps behind
 //! them, and helpers to check mutual TLS, authorization and certificate state.
 //!
-//! Every workload is labelled `security.istio.io/tlsMode: istio`: its inbound listeners
-//! speak mutual TLS (as PeerAuthentication says) and other sidecars call them with mutual
-//! TLS. Topology (explicit interception, per-test block `127.0.X.0/24`, see
-//! [`LoopbackNet`]), laid out as in `common`:
+//! Every workload is labelled `security.istio.io/tlsMode: istio` (see
+//! [`WorkloadDef::mtls`]): its inbound listeners speak mutual TLS (as PeerAuthentication
+//! says) and other sidecars call them with mutual TLS. Topology (addresses as in
+//! `common`):
 //!
 //! ```text
 //! test --HTTP Host: reviews--> client sidecar (outbound 127.0.X.N+100:9080)
@@ -27,170 +27,35 @@
 #![allow(dead_code)]
 
 mod checks;
-mod config;
 pub mod jwt;
 mod state;
-mod traffic;
 
-pub use checks::*;
-pub use config::*;
-pub use traffic::*;
+// Each test binary uses some of these; the others would be unused imports there.
+#[allow(unused_imports)]
+pub use self::{checks::*, state::*};
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{anyhow, ensure, Context as _};
-use serde_json::Value;
+use anyhow::Context as _;
 use trellis_tests::{
-    cargo_bin, envoy_admin_get, free_port, http_get, run_to_completion, start_echo,
-    start_envoy_with, test_dir, wait_envoy_live, ChildGuard, EnvoyOptions, LoopbackNet,
+    free_port, start_echo, test_dir, wait_envoy_live, ChildGuard, HttpResponse, LoopbackNet,
     ENVOY_START_TIMEOUT,
 };
 
-use crate::common::{mesh_yaml, CONVERGE_TIMEOUT, NAMESPACE, POLL, PORT};
+use crate::common::{
+    bootstrap_command, mesh_yaml, run_bootstrap, services_yaml, sidecar_mesh_fields,
+    start_xds_server, workload_token, workloads_yaml, Serve, Sidecar, SidecarMesh, WorkloadDef,
+    CONVERGE_TIMEOUT, MESH_FILE, NAMESPACE, PORT, SERVICES_FILE, WORKLOADS_FILE,
+};
 
-pub const TRUST_DOMAIN: &str = "cluster.local";
-/// The label that marks a workload as an mTLS-capable sidecar (as Istio's injector sets it).
-pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 /// Bound on a policy edit taking effect in traffic (reload, push, listener update).
 pub const POLICY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Per-request deadline of checks and traffic loops: requests take milliseconds, a request
-/// still open after this counts as failed.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// How the sidecars' Envoys drain connections when a listener changes, as Istio's agent
-/// runs them: with Envoy's default (`gradual` over 600 s) a connection opened before a
-/// policy change may go on serving requests under the old policy for minutes; with
-/// `immediate`, every such connection is closed after its next response.
-const SIDECAR_DRAIN_ARGS: [&str; 4] = ["--drain-strategy", "immediate", "--drain-time-s", "45"];
 /// Requests in a row that must show a policy change before a test checks the steady
-/// state: connections opened before the change serve at most one more request each.
+/// state: connections opened before the change serve at most one more request each
+/// (the sidecars drain immediately, see [`SidecarMesh::envoy_options`]).
 pub const IN_A_ROW: usize = 5;
-/// Bound on the short-lived CLI commands (token, bootstrap).
-const CLI_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on the server's start (initial load, CA, three listeners).
-const SERVER_START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// One WorkloadEntry of a test mesh and how its sidecar is run.
-#[derive(Debug, Clone, Copy)]
-pub struct WorkloadDef {
-    pub name: &'static str,
-    /// Label `app`; workloads with an app are selected by a ServiceEntry of that name.
-    pub app: &'static str,
-    pub service_account: &'static str,
-    /// Host part base: inbound `.N`, app `.N+50`, outbound `.N+100`.
-    pub host: u8,
-    /// Whether an echo app runs behind the sidecar (a client only sends).
-    pub has_app: bool,
-    /// A TCP port of the service besides HTTP [`PORT`] (its own echo app listens there):
-    /// the client sidecar's TCP proxy opens a new mTLS connection for every connection
-    /// it accepts, so traffic there makes a TLS handshake per request.
-    pub tcp_port: Option<u16>,
-    /// Delta xDS instead of state of the world.
-    pub delta: bool,
-    /// Started with the mesh; `false`: the test starts it later ([`SecureMesh::start_sidecar`]).
-    pub start: bool,
-}
-
-impl WorkloadDef {
-    /// A workload that only sends (service account = name).
-    pub const fn client(name: &'static str, host: u8) -> Self {
-        WorkloadDef {
-            name,
-            app: name,
-            service_account: name,
-            host,
-            has_app: false,
-            tcp_port: None,
-            delta: false,
-            start: true,
-        }
-    }
-
-    /// A workload serving service `app` with an echo app (service account = app).
-    pub const fn service(name: &'static str, app: &'static str, host: u8) -> Self {
-        WorkloadDef {
-            name,
-            app,
-            service_account: app,
-            host,
-            has_app: true,
-            tcp_port: None,
-            delta: false,
-            start: true,
-        }
-    }
-
-    pub const fn with_tcp_port(mut self, port: u16) -> Self {
-        self.tcp_port = Some(port);
-        self
-    }
-
-    pub const fn delta(mut self) -> Self {
-        self.delta = true;
-        self
-    }
-
-    pub const fn deferred(mut self) -> Self {
-        self.start = false;
-        self
-    }
-
-    pub const fn with_service_account(mut self, sa: &'static str) -> Self {
-        self.service_account = sa;
-        self
-    }
-
-    /// `name.namespace`, as `/debug/syncz` names the workload.
-    pub fn workload_id(&self) -> String {
-        format!("{}.{NAMESPACE}", self.name)
-    }
-
-    /// The SPIFFE id of its certificate.
-    pub fn spiffe_id(&self) -> String {
-        format!("spiffe://{}", self.principal())
-    }
-
-    /// As AuthorizationPolicy `principals` name it.
-    pub fn principal(&self) -> String {
-        format!("{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{}", self.service_account)
-    }
-
-    pub fn mode(&self) -> &'static str {
-        if self.delta {
-            "delta"
-        } else {
-            "sotw"
-        }
-    }
-}
-
-/// The addresses of one workload inside a test's loopback block.
-#[derive(Debug, Clone, Copy)]
-pub struct Addrs {
-    pub inbound: IpAddr,
-    pub app: IpAddr,
-    pub outbound: IpAddr,
-}
-
-pub(crate) fn addrs(net: &LoopbackNet, w: &WorkloadDef) -> Addrs {
-    Addrs {
-        inbound: net.ip(w.host),
-        app: net.ip(w.host + 50),
-        outbound: net.ip(w.host + 100),
-    }
-}
-
-/// A running sidecar.
-#[derive(Debug)]
-pub struct Sidecar {
-    pub def: WorkloadDef,
-    pub addrs: Addrs,
-    pub admin: SocketAddr,
-    pub envoy: ChildGuard,
-}
 
 /// What a test mesh consists of.
 #[derive(Debug, Clone, Default)]
@@ -235,16 +100,11 @@ impl SecureMesh {
         std::fs::create_dir(&config_dir)?;
         std::fs::create_dir(dir.path().join("tokens"))?;
         let ca_dir = dir.path().join("ca");
+        let workloads: Vec<WorkloadDef> = options.workloads.iter().map(|w| w.mtls()).collect();
         let mut files = vec![
-            ("mesh.yaml".to_owned(), mesh_yaml()),
-            (
-                "services.yaml".to_owned(),
-                services_yaml(&options.workloads),
-            ),
-            (
-                "workloads.yaml".to_owned(),
-                workloads_yaml(&net, &options.workloads),
-            ),
+            (MESH_FILE.to_owned(), mesh_yaml()),
+            (SERVICES_FILE.to_owned(), services_yaml(&workloads)),
+            (WORKLOADS_FILE.to_owned(), workloads_yaml(&net, &workloads)),
         ];
         files.extend(options.files.iter().cloned());
         for (file, text) in &files {
@@ -264,7 +124,7 @@ impl SecureMesh {
             sidecars: Vec::new(),
             echos: Vec::new(),
             server: None,
-            workloads: options.workloads.clone(),
+            workloads,
             envoy_bin: envoy_bin.to_path_buf(),
             xds_addr,
             admin_addr,
@@ -274,195 +134,51 @@ impl SecureMesh {
             net,
             dir,
         };
-        mesh.start_server(&options.server_args)?;
-        for w in options.workloads.iter().filter(|w| w.has_app) {
-            let a = addrs(&mesh.net, w);
+        let serve = Serve {
+            config_dir: &mesh.config_dir,
+            xds_addr,
+            admin_addr,
+            secure: Some((secure_addr, &mesh.ca_dir)),
+            extra_args: &options.server_args,
+        };
+        mesh.server = Some(start_xds_server("xds-server", mesh.dir.path(), serve)?);
+        for w in mesh.workloads.iter().filter(|w| w.has_app) {
+            let app = w.addrs(&mesh.net).app;
             // The echo reports the workload name as its version: which instance answered.
             mesh.echos.push(start_echo(
                 mesh.dir.path(),
-                SocketAddr::new(a.app, PORT),
+                SocketAddr::new(app, PORT),
                 w.app,
                 w.name,
             )?);
             if let Some(port) = w.tcp_port {
                 mesh.echos.push(start_echo(
                     mesh.dir.path(),
-                    SocketAddr::new(a.app, port),
+                    SocketAddr::new(app, port),
                     w.app,
                     &format!("{}-tcp", w.name),
                 )?);
             }
         }
-        for w in options.workloads.iter().filter(|w| w.start) {
+        let to_start: Vec<WorkloadDef> =
+            mesh.workloads.iter().filter(|w| w.start).copied().collect();
+        for w in &to_start {
             mesh.spawn_sidecar(w)?;
         }
         for sidecar in &mut mesh.sidecars {
             wait_envoy_live(&mut sidecar.envoy, sidecar.admin, ENVOY_START_TIMEOUT)?;
         }
         mesh.wait_converged(CONVERGE_TIMEOUT)?;
-        let clients: Vec<WorkloadDef> = mesh
-            .sidecars
-            .iter()
-            .map(|s| s.def)
-            .filter(|w| !w.has_app)
-            .collect();
-        for client in clients {
+        for client in to_start.iter().filter(|w| !w.has_app) {
             mesh.wait_mtls_routing(client.name)?;
         }
         Ok(mesh)
     }
 
-    fn start_server(&mut self, extra_args: &[String]) -> anyhow::Result<()> {
-        let mut command = Command::new(cargo_bin("xds-server"));
-        command
-            .arg("serve")
-            .arg("--config-dir")
-            .arg(&self.config_dir)
-            .arg("--xds-addr")
-            .arg(self.xds_addr.to_string())
-            .arg("--admin-addr")
-            .arg(self.admin_addr.to_string())
-            .arg("--secure-addr")
-            .arg(self.secure_addr.to_string())
-            .arg("--ca-dir")
-            .arg(&self.ca_dir)
-            .args(extra_args)
-            .env("RUST_LOG", "info");
-        let mut server = ChildGuard::spawn("xds-server", command, self.dir.path())?;
-        let admin = self.admin_addr;
-        let bundle = self.trust_bundle_path();
-        server.wait_until(SERVER_START_TIMEOUT, Duration::from_millis(50), || {
-            let response = http_get(admin, "/healthz/ready", &[])?;
-            ensure!(
-                response.status == 200,
-                "/healthz/ready: {}",
-                response.status
-            );
-            ensure!(bundle.is_file(), "no trust bundle at {}", bundle.display());
-            anyhow::Ok(())
-        })?;
-        self.server = Some(server);
-        Ok(())
-    }
-
-    /// Where the server writes the PEM roots that bootstraps trust.
-    pub fn trust_bundle_path(&self) -> PathBuf {
-        self.ca_dir.join("trust-bundle.pem")
-    }
-
-    /// `xds-server token create` for a workload's identity, written to a file.
-    fn token_file(&self, w: &WorkloadDef) -> anyhow::Result<PathBuf> {
-        let mut command = Command::new(cargo_bin("xds-server"));
-        command
-            .arg("token")
-            .arg("create")
-            .arg("--identity")
-            .arg(format!("{NAMESPACE}/{}", w.service_account))
-            .arg("--config-dir")
-            .arg(&self.config_dir)
-            .arg("--ca-dir")
-            .arg(&self.ca_dir)
-            .arg("--ttl")
-            .arg("1h");
-        let output = run_to_completion(command, CLI_TIMEOUT)?;
-        ensure!(
-            output.status.success(),
-            "xds-server token create for {} failed ({}): {}",
-            w.name,
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let token = String::from_utf8(output.stdout).context("token is not UTF-8")?;
-        let token = token.trim();
-        ensure!(
-            !token.is_empty() && !token.contains(char::is_whitespace),
-            "xds-server token create printed no single token: {token:?}"
-        );
-        let path = self
-            .dir
-            .path()
-            .join("tokens")
-            .join(format!("{}.token", w.name));
-        std::fs::write(&path, token)?;
-        Ok(path)
-    }
-
-    /// `xds-server bootstrap` for a workload's sidecar on the secure port, with a token.
-    fn bootstrap(&self, w: &WorkloadDef, admin_port: u16) -> anyhow::Result<String> {
-        let token_file = self.token_file(w)?;
-        let mut command = Command::new(cargo_bin("xds-server"));
-        command
-            .arg("bootstrap")
-            .arg("--workload")
-            .arg(w.workload_id())
-            .arg("--config-dir")
-            .arg(&self.config_dir)
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--secure-addr")
-            .arg(self.secure_addr.to_string())
-            .arg("--ca-dir")
-            .arg(&self.ca_dir)
-            .arg("--admin-port")
-            .arg(admin_port.to_string());
-        if w.delta {
-            command.arg("--delta");
-        }
-        let output = run_to_completion(command, CLI_TIMEOUT)?;
-        ensure!(
-            output.status.success(),
-            "xds-server bootstrap for {} failed ({}): {}",
-            w.name,
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let yaml = String::from_utf8(output.stdout).context("bootstrap is not UTF-8")?;
-        ensure!(
-            yaml.contains(&self.secure_addr.port().to_string()),
-            "bootstrap for {} does not point at the secure port {}:\n{yaml}",
-            w.name,
-            self.secure_addr
-        );
-        Ok(yaml)
-    }
-
-    fn spawn_sidecar(&mut self, w: &WorkloadDef) -> anyhow::Result<()> {
-        ensure!(
-            self.sidecars.iter().all(|s| s.def.name != w.name),
-            "{} already has a sidecar",
-            w.name
-        );
-        let a = addrs(&self.net, w);
-        let admin = SocketAddr::new(a.outbound, free_port(a.outbound)?);
-        let bootstrap = self.bootstrap(w, admin.port())?;
-        let options = EnvoyOptions {
-            extra_args: SIDECAR_DRAIN_ARGS.iter().map(|a| a.to_string()).collect(),
-            ..EnvoyOptions::default()
-        };
-        let envoy = start_envoy_with(
-            &self.envoy_bin,
-            self.dir.path(),
-            &format!("envoy-{}", w.name),
-            &bootstrap,
-            &options,
-        )?;
-        self.sidecars.push(Sidecar {
-            def: *w,
-            addrs: a,
-            admin,
-            envoy,
-        });
-        Ok(())
-    }
-
     /// Starts the sidecar of a workload defined with [`WorkloadDef::deferred`] and waits
     /// until it is live, synced with secrets, and (for a client) reaches every service.
     pub fn start_sidecar(&mut self, name: &str) -> anyhow::Result<()> {
-        let w = *self
-            .workloads
-            .iter()
-            .find(|w| w.name == name)
-            .ok_or_else(|| anyhow!("no workload {name}"))?;
+        let w = self.def(name);
         self.spawn_sidecar(&w)?;
         let sidecar = self.sidecars.last_mut().context("sidecar just pushed")?;
         wait_envoy_live(&mut sidecar.envoy, sidecar.admin, ENVOY_START_TIMEOUT)?;
@@ -473,42 +189,9 @@ impl SecureMesh {
         Ok(())
     }
 
-    pub fn sidecar(&self, name: &str) -> &Sidecar {
-        self.sidecars
-            .iter()
-            .find(|s| s.def.name == name)
-            .unwrap_or_else(|| panic!("no sidecar {name}"))
-    }
-
-    pub fn def(&self, name: &str) -> WorkloadDef {
-        *self
-            .workloads
-            .iter()
-            .find(|w| w.name == name)
-            .unwrap_or_else(|| panic!("no workload {name}"))
-    }
-
-    /// Where the app of a workload sends mesh traffic: its sidecar's outbound listener.
-    pub fn outbound(&self, name: &str) -> SocketAddr {
-        SocketAddr::new(self.sidecar(name).addrs.outbound, PORT)
-    }
-
     /// A workload's inbound listener (what other sidecars connect to).
     pub fn inbound(&self, name: &str) -> SocketAddr {
         SocketAddr::new(self.sidecar(name).addrs.inbound, PORT)
-    }
-
-    /// The apps (services) of the mesh.
-    pub fn services(&self) -> Vec<&'static str> {
-        let mut apps: Vec<&'static str> = self
-            .workloads
-            .iter()
-            .filter(|w| w.has_app)
-            .map(|w| w.app)
-            .collect();
-        apps.sort_unstable();
-        apps.dedup();
-        apps
     }
 
     /// A [`Target`] for continuous HTTP traffic from `client` to service `app`.
@@ -524,10 +207,9 @@ impl SecureMesh {
 
     /// The TCP port of service `app`.
     pub fn tcp_port(&self, app: &str) -> u16 {
-        self.workloads
+        self.workloads_of(app)
             .iter()
-            .find(|w| w.has_app && w.app == app)
-            .and_then(|w| w.tcp_port)
+            .find_map(|w| w.tcp_port)
             .unwrap_or_else(|| panic!("service {app} has no TCP port"))
     }
 
@@ -556,14 +238,51 @@ impl SecureMesh {
             .unwrap_or_else(|e| panic!("renaming {}: {e}", tmp.display()));
     }
 
-    fn admin_json(&self, path: &str) -> anyhow::Result<Value> {
-        let response = http_get(self.admin_addr, path, &[])?;
-        ensure!(
-            response.status == 200,
-            "{path}: status {}: {}",
-            response.status,
-            response.text()
-        );
-        response.json()
+    /// [`wait_statuses`] for a policy change, naming the server's config errors if it
+    /// does not take effect.
+    #[track_caller]
+    pub fn wait_statuses(
+        &self,
+        what: &str,
+        expected: Result<u16, ()>,
+        send: impl FnMut() -> anyhow::Result<HttpResponse>,
+    ) {
+        wait_statuses(what, expected, send, || self.config_errors());
     }
+}
+
+impl SidecarMesh for SecureMesh {
+    type Cluster = ();
+
+    sidecar_mesh_fields!();
+
+    /// `xds-server bootstrap` on the secure port, with a token for the workload's identity.
+    fn bootstrap(&self, w: &WorkloadDef, admin_port: u16) -> anyhow::Result<String> {
+        let tokens = self.dir.path().join("tokens");
+        let token_file = workload_token(w, &self.config_dir, &self.ca_dir, &tokens)?;
+        let mut command = bootstrap_command(w, &self.config_dir, admin_port);
+        command
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--secure-addr")
+            .arg(self.secure_addr.to_string())
+            .arg("--ca-dir")
+            .arg(&self.ca_dir);
+        run_bootstrap(command, w, self.secure_addr.port())
+    }
+}
+
+/// PeerAuthentication for the whole namespace.
+pub fn peer_authentication_yaml(mode: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: {NAMESPACE}
+spec:
+  mtls:
+    mode: {mode}
+"
+    )
 }

@@ -1,21 +1,34 @@
-//! What the server's admin API and the sidecars' Envoy admin say: sync state, certificates,
-//! TLS handshake and stat counters.
+//! What the server's admin API and the sidecars' Envoy admin say: sync state, certificates
+//! as the server has them on record and as the data plane holds them.
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Context as _};
+use serde_json::Value;
+use trellis_tests::{envoy_certs, http_get_json};
+
+use super::SecureMesh;
+use crate::common::{
+    check_proxy_secrets, proxies_by_workload, Probe, SidecarMesh, CONVERGE_TIMEOUT, POLL,
+};
+
+/// The server, as convergence errors name it.
+const SERVER: &str = "the xds-server";
 
 impl SecureMesh {
     pub fn syncz(&self) -> anyhow::Result<Value> {
-        self.admin_json("/debug/syncz")
+        http_get_json(self.admin_addr, "/debug/syncz")
     }
 
     /// `/debug/ca`.
     pub fn ca(&self) -> anyhow::Result<Value> {
-        self.admin_json("/debug/ca")
+        http_get_json(self.admin_addr, "/debug/ca")
     }
 
     /// `/debug/configz` errors, for failure messages.
     pub fn config_errors(&self) -> String {
-        self.admin_json("/debug/configz")
+        http_get_json(self.admin_addr, "/debug/configz")
             .map(|c| c["errors"].to_string())
             .unwrap_or_else(|e| format!("{e:#}"))
     }
@@ -23,81 +36,28 @@ impl SecureMesh {
     /// The `/debug/syncz` entries of the connected proxies, by workload (`name.namespace`);
     /// an error if one is connected twice.
     pub fn proxies(&self) -> anyhow::Result<BTreeMap<String, Value>> {
-        let syncz = self.syncz()?;
-        let proxies = syncz["proxies"]
-            .as_array()
-            .context("syncz.proxies is not an array")?;
-        let mut out = BTreeMap::new();
-        for p in proxies {
-            let workload = p["workload"].as_str().unwrap_or_default().to_owned();
-            ensure!(
-                out.insert(workload.clone(), p.clone()).is_none(),
-                "{workload} is connected twice: {syncz}"
-            );
-        }
-        Ok(out)
+        proxies_by_workload(&self.syncz()?, SERVER)
     }
 
     /// Every started sidecar connected once, in its mode, as its identity, synced, and
-    /// holding secrets it ACKed.
+    /// holding secrets it ACKed, from a root the server has on record.
     pub fn check_converged(&self) -> anyhow::Result<()> {
-        let proxies = self.proxies()?;
-        ensure!(
-            proxies.len() == self.sidecars.len(),
-            "{} proxies connected, expected {}: {:?}",
-            proxies.len(),
-            self.sidecars.len(),
-            proxies.keys()
-        );
-        for sidecar in &self.sidecars {
-            let w = &sidecar.def;
-            let id = w.workload_id();
-            let proxy = proxies
-                .get(&id)
-                .ok_or_else(|| anyhow!("{id} is not connected: {:?}", proxies.keys()))?;
-            ensure!(
-                proxy["mode"] == w.mode(),
-                "{id} uses {} instead of {}",
-                proxy["mode"],
-                w.mode()
-            );
-            ensure!(
-                proxy["identity"] == w.spiffe_id().as_str(),
-                "{id}: identity {} instead of {}: {proxy}",
-                proxy["identity"],
-                w.spiffe_id()
-            );
-            ensure!(proxy["synced"] == true, "{id} not synced: {proxy}");
-            let types = proxy["types"]
-                .as_object()
-                .context("types is not an object")?;
-            for kind in ["cds", "lds"] {
+        self.check_synced(
+            SERVER,
+            &self.proxies()?,
+            &["cds", "lds"],
+            |_| true,
+            |proxy, w| {
+                let id = w.workload_id();
+                check_proxy_secrets(proxy, &id, &w.spiffe_id())?;
+                let secrets = &proxy["secrets"];
                 ensure!(
-                    types
-                        .get(kind)
-                        .is_some_and(|t| !t["sent_version"].is_null()),
-                    "{id}: nothing sent for {kind} yet: {proxy}"
+                    secrets["cert_root"].is_string(),
+                    "{id}: no certificate root recorded: {secrets}"
                 );
-            }
-            for (kind, t) in types {
-                ensure!(
-                    t["acked_version"] == t["sent_version"],
-                    "{id}: {kind} sent {} but acked {}: {proxy}",
-                    t["sent_version"],
-                    t["acked_version"]
-                );
-            }
-            let secrets = &proxy["secrets"];
-            ensure!(
-                !secrets["epoch_sent"].is_null() && secrets["epoch_acked"] == secrets["epoch_sent"],
-                "{id}: secrets not sent or not ACKed: {secrets}"
-            );
-            ensure!(
-                secrets["cert_serial"].is_string() && secrets["cert_root"].is_string(),
-                "{id}: no certificate recorded: {secrets}"
-            );
-        }
-        Ok(())
+                Ok(())
+            },
+        )
     }
 
     /// Polls [`Self::check_converged`]; fails fast if the server exits meanwhile.
@@ -108,16 +68,12 @@ impl SecureMesh {
         result
     }
 
-    /// Waits until `client` reaches every service over mutual TLS (see [`check_mtls`]),
-    /// and its TCP port if it has one.
+    /// Waits until `client` reaches every service over mutual TLS (see
+    /// [`super::check_mtls`]), and its TCP port if it has one.
     pub fn wait_mtls_routing(&self, client: &str) -> anyhow::Result<()> {
         for app in self.services() {
             let mut targets = vec![self.target(client, app)];
-            if self
-                .workloads
-                .iter()
-                .any(|w| w.app == app && w.tcp_port.is_some())
-            {
+            if self.workloads_of(app).iter().any(|w| w.tcp_port.is_some()) {
                 targets.push(self.tcp_target(client, app));
             }
             for target in targets {
@@ -150,75 +106,14 @@ impl SecureMesh {
     }
 
     /// The serial numbers of the workload certificate(s) a sidecar's Envoy uses right
-    /// now (Envoy's `/certs`, `cert_chain` entries): what the data plane really holds.
+    /// now: what the data plane really holds.
     pub fn envoy_cert_serials(&self, name: &str) -> anyhow::Result<BTreeSet<String>> {
-        let certs = envoy_admin_get(self.sidecar(name).admin, "/certs")?.json()?;
-        let mut serials = BTreeSet::new();
-        for context in certs["certificates"].as_array().into_iter().flatten() {
-            for cert in context["cert_chain"].as_array().into_iter().flatten() {
-                if let Some(serial) = cert["serial_number"].as_str() {
-                    serials.insert(serial.to_owned());
-                }
-            }
-        }
+        let certs = envoy_certs(self.sidecar(name).admin)?;
         ensure!(
-            !serials.is_empty(),
-            "{name}'s Envoy holds no workload certificate: {certs}"
+            !certs.chain.is_empty(),
+            "{name}'s Envoy holds no workload certificate: {certs:?}"
         );
-        Ok(serials)
-    }
-
-    /// A counter from a sidecar's Envoy `/stats` (0 when absent).
-    pub fn envoy_stat(&self, name: &str, stat: &str) -> anyhow::Result<u64> {
-        let stats = envoy_admin_get(
-            self.sidecar(name).admin,
-            &format!(
-                "/stats?filter={}",
-                url_encode(&format!("^{}$", regex_escape(stat)))
-            ),
-        )?
-        .text();
-        Ok(stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{stat}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0))
-    }
-
-    /// The sum of the counters of a sidecar's Envoy whose names match `regex` (Envoy's
-    /// `/stats?filter=`), e.g. every cluster's `ssl.handshake` towards one service.
-    pub fn envoy_stat_sum(&self, name: &str, regex: &str) -> anyhow::Result<u64> {
-        let stats = envoy_admin_get(
-            self.sidecar(name).admin,
-            &format!("/stats?filter={}", url_encode(regex)),
-        )?
-        .text();
-        Ok(stats
-            .lines()
-            .filter_map(|l| l.rsplit_once(": "))
-            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
-            .sum())
-    }
-
-    /// TLS handshakes `client`'s sidecar made with the cluster of service `app`'s `port`.
-    pub fn tls_handshakes(&self, client: &str, port: u16, app: &str) -> anyhow::Result<u64> {
-        self.envoy_stat_sum(
-            client,
-            &format!("^cluster\\.outbound\\|{port}\\|\\|{app}\\..*\\.ssl\\.handshake$"),
-        )
-    }
-
-    /// Every sidecar's Envoy is still the one started (none crashed).
-    #[track_caller]
-    pub fn assert_sidecars_running(&mut self) {
-        for sidecar in &mut self.sidecars {
-            assert!(
-                sidecar.envoy.is_running(),
-                "envoy of {} exited:\n{}",
-                sidecar.def.name,
-                sidecar.envoy.log_tail(30)
-            );
-        }
+        Ok(certs.chain.into_iter().map(|c| c.serial).collect())
     }
 }
 
@@ -229,26 +124,4 @@ pub struct CertState {
     pub not_after: Option<u64>,
     pub root: Option<String>,
     pub epoch_acked: Option<u64>,
-}
-
-/// Percent-encodes everything but unreserved characters (RFC 3986), for a query value.
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-fn regex_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let special = "\\.+*?()|[]{}^$".contains(c);
-            special.then_some('\\').into_iter().chain([c])
-        })
-        .collect()
 }
