@@ -9,7 +9,11 @@
 //!   with certificates from the relays: the callee sees the caller's SPIFFE id;
 //! - the MCPC killed: not one failed request, and a new sidecar whose service account
 //!   already has a certificate at its relay gets config and certificate from the relay
-//!   alone and serves mutual TLS traffic both ways.
+//!   alone and serves mutual TLS traffic both ways;
+//! - a root rotation of the MCPC's CA under continuous cross-cluster mTLS traffic: not
+//!   one failed request; every sidecar behind the relays ends with a certificate from the
+//!   new root, the relays' trust files hold only the new root, and a sidecar started
+//!   afterwards connects to its relay and serves.
 //!
 //! Keep test dirs with `TRELLIS_KEEP_TEST_DIRS=1` to read every process's log.
 
@@ -18,7 +22,9 @@ mod multicluster;
 
 use common::{SidecarMesh, Traffic, PORT};
 use multicluster::{MultiMesh, WorkloadDef, CLUSTERS, CLUSTER_A, CLUSTER_B};
-use trellis_tests::require_envoy;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use trellis_tests::{cargo_bin, require_envoy, run_to_completion};
 
 /// The service account of client-a, and of details-a (started during the outage).
 const FRONTEND: &str = "frontend";
@@ -206,6 +212,111 @@ fn mcpc_down_new_sidecar_gets_config_and_certificate_from_its_relay() {
     report.assert_answered_only_by("client-a -> ratings", "ratings-b");
     report.assert_answered_only_by("client-a -> reviews", "reviews-a");
     assert_own_certificates(&mesh);
+    mesh.assert_all_answered_by("details-a", "ratings", "ratings-b", N);
+    mesh.assert_all_answered_by("client-a", "details", "details-a", N);
+    mesh.assert_sidecars_running();
+}
+
+/// Bound on `xds-server ca rotate-root` (each phase waits for every relay's report).
+const ROTATION_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[test]
+fn root_rotation_across_member_clusters_with_zero_failed_requests() {
+    let Some(mut mesh) = start(
+        "e2e-mc-mtls-rotation",
+        vec![CLIENT_A, REVIEWS_A, RATINGS_B, DETAILS_A],
+    ) else {
+        return;
+    };
+    let ca = mesh.mcpc_json("/debug/ca").expect("/debug/ca");
+    let old_root = ca["roots"][0]["fingerprint"].as_str().unwrap().to_owned();
+    let before: Vec<(String, String)> = assert_own_certificates(&mesh);
+
+    let targets = [
+        mesh.target("client-a", "ratings"),
+        mesh.target("client-a", "reviews"),
+    ];
+    let traffic = Traffic::start(&targets);
+    traffic.wait_for_more(REQUESTS_PER_PHASE);
+    traffic.set_phase("xds-server ca rotate-root");
+    let mut command = Command::new(cargo_bin("xds-server"));
+    command
+        .arg("ca")
+        .arg("rotate-root")
+        .arg("--admin-addr")
+        .arg(mesh.admin_addr.to_string())
+        .arg("--timeout")
+        .arg(format!("{}s", ROTATION_TIMEOUT.as_secs()));
+    let started = Instant::now();
+    let output = run_to_completion(command, ROTATION_TIMEOUT + Duration::from_secs(30))
+        .expect("xds-server ca rotate-root");
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!(
+        "rotate-root ({took:.1?}, {}):\n{stdout}{stderr}",
+        output.status
+    );
+    assert!(
+        output.status.success(),
+        "xds-server ca rotate-root failed ({}):\n{stdout}{stderr}\n/debug/ca: {}",
+        output.status,
+        mesh.mcpc_json("/debug/ca")
+            .map(|c| c.to_string())
+            .unwrap_or_else(|e| format!("{e:#}"))
+    );
+    traffic.set_phase("after the rotation");
+    traffic.wait_for_more(REQUESTS_PER_PHASE);
+    let report = traffic.finish();
+    report.assert_no_failures("cross-cluster mTLS traffic through a root rotation");
+    report.assert_answered_only_by("client-a -> ratings", "ratings-b");
+
+    // One new root; nothing pending, no relay left behind.
+    let ca = mesh.mcpc_json("/debug/ca").expect("/debug/ca");
+    let roots = ca["roots"].as_array().expect("roots");
+    assert_eq!(roots.len(), 1, "{ca}");
+    let new_root = roots[0]["fingerprint"].as_str().unwrap().to_owned();
+    assert_ne!(new_root, old_root, "{ca}");
+    assert!(ca["rotation"].is_null(), "{ca}");
+    assert_eq!(ca["relays_away"], serde_json::json!([]), "{ca}");
+    // Every sidecar behind a relay: a new certificate, from the new root, in its Envoy.
+    let after = assert_own_certificates(&mesh);
+    for ((name, old), (_, new)) in before.iter().zip(&after) {
+        assert_ne!(old, new, "{name}'s certificate was not issued again");
+    }
+    let mcpc_bundle = std::fs::read_to_string(mesh.trust_bundle_path()).expect("MCPC bundle");
+    for def in CLUSTERS {
+        for w in mesh.sidecars.iter().filter(|s| s.def.cluster == def) {
+            let proxies = mesh.relay_proxies(def.name).expect("relay syncz");
+            let proxy = &proxies[&w.def.workload_id()];
+            assert_eq!(
+                proxy["secrets"]["cert_root"],
+                new_root.as_str(),
+                "{}'s certificate is not from the new root: {proxy}",
+                w.def.name
+            );
+        }
+        let relay = mesh.relay_status(def.name).expect("/debug/relay");
+        assert_eq!(
+            relay["trust_epoch"], ca["epoch"],
+            "relay {}: {relay}",
+            def.name
+        );
+        let path = mesh.relay(def.name).state_dir.join("trust-bundle.pem");
+        let bundle = std::fs::read_to_string(&path).expect("relay bundle");
+        assert_eq!(
+            bundle.trim(),
+            mcpc_bundle.trim(),
+            "relay {}'s trust files are not the new bundle",
+            def.name
+        );
+    }
+    // A sidecar started now trusts only the new root: it reaches its relay (serving
+    // with a certificate from the new root) and serves mTLS both ways.
+    mesh.start_sidecar("details-a")
+        .expect("a sidecar started after the rotation");
+    mesh.check_envoy_cert("details-a")
+        .unwrap_or_else(|e| panic!("{e:#}"));
     mesh.assert_all_answered_by("details-a", "ratings", "ratings-b", N);
     mesh.assert_all_answered_by("client-a", "details", "details-a", N);
     mesh.assert_sidecars_running();

@@ -147,7 +147,8 @@ async fn ca_status(State(s): State<AdminState>) -> Response {
         .all()
         .iter()
         .filter(|p| p.secrets().epoch_sent.is_some())
-        .count();
+        .count()
+        + s.relay_proxies.as_ref().map_or(0, |r| r.with_secrets());
     Json(json!({
         "trust_domain": ca.trust_domain(),
         "epoch": trust.epoch,

@@ -163,6 +163,16 @@ impl RelayProxies {
         (pending, away)
     }
 
+    /// How many take part in a rotation: connected relays and their sidecars holding
+    /// secrets (what [`Self::pending`] counts from).
+    pub fn with_secrets(&self) -> usize {
+        let m = self.by_cluster.lock().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .filter(|r| r.connected)
+            .map(|r| 1 + r.epochs.iter().filter(|e| e.2.is_some()).count())
+            .sum()
+    }
+
     pub fn get(&self, cluster: &str) -> Option<Reported> {
         self.by_cluster
             .lock()
