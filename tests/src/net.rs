@@ -11,9 +11,28 @@ pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 ///
 /// Another process may take it before the caller binds, so prefer letting the process
 /// under test bind port 0 itself when it can report the port back.
+///
+/// Within this process a port is handed out once: the kernel may give a released port
+/// out again at once, and a test asking for two ports in a row (xDS, admin) must not get
+/// the same one twice.
 pub fn free_port(ip: IpAddr) -> std::io::Result<u16> {
-    let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
-    Ok(listener.local_addr()?.port())
+    static HANDED_OUT: std::sync::Mutex<Vec<(IpAddr, u16)>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    // Holding every candidate until the end keeps the kernel from offering it again.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
+        let port = listener.local_addr()?.port();
+        if !handed_out.contains(&(ip, port)) {
+            handed_out.push((ip, port));
+            return Ok(port);
+        }
+        held.push(listener);
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no port on {ip} that this process has not handed out already"),
+    ))
 }
 
 /// `ip:<free port>`; see [`free_port`].
