@@ -205,6 +205,18 @@ async fn hold(
     (tx, stream)
 }
 
+/// A bootstrap token for service account `sa` of namespace default, signed by `ca`.
+fn workload_token(ca: &cert_authority::Authority, sa: &str) -> String {
+    ca.tokens()
+        .create(
+            &cert_authority::SpiffeId::new("cluster.local", "default", sa),
+            TokenKind::Workload,
+            Duration::from_secs(600),
+            Default::default(),
+        )
+        .unwrap()
+}
+
 async fn until(what: &str, ok: impl Fn() -> bool) {
     for _ in 0..500 {
         if ok() {
@@ -425,16 +437,7 @@ async fn sidecars_get_their_own_certificate_through_the_relay_also_offline() {
     let relay = m.relay(Some(m.join_token("b")), "relay-b").await.unwrap();
     let secure = relay.secure_addr.unwrap();
     let ca = m.server.authority.clone().unwrap();
-    let token = |sa: &str| {
-        ca.tokens()
-            .create(
-                &cert_authority::SpiffeId::new("cluster.local", "default", sa),
-                TokenKind::Workload,
-                Duration::from_secs(600),
-                Default::default(),
-            )
-            .unwrap()
-    };
+    let token = |sa: &str| workload_token(&ca, sa);
     // The certificate is signed upstream for the identity the sidecar's token proves.
     let resp = relay_sds(secure, &token("bookinfo-ratings"), "sidecar-r1")
         .await
@@ -478,15 +481,8 @@ async fn sidecars_get_their_own_certificate_through_the_relay_also_offline() {
         dir: other.path().to_path_buf(),
         ..CaOptions::default()
     })
-    .unwrap()
-    .tokens()
-    .create(
-        &cert_authority::SpiffeId::new("cluster.local", "default", "bookinfo-ratings"),
-        TokenKind::Workload,
-        Duration::from_secs(600),
-        Default::default(),
-    )
     .unwrap();
+    let foreign = workload_token(&foreign, "bookinfo-ratings");
     let err = relay_sds(secure, &foreign, "sidecar-x").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
 
@@ -549,15 +545,7 @@ async fn a_root_rotation_reaches_sidecars_behind_a_relay_and_waits_for_them() {
     let relay = m.relay(Some(m.join_token("b")), "relay-b").await.unwrap();
     let ca = m.server.authority.clone().unwrap();
     let relays = m.server.relay_proxies.clone().unwrap();
-    let token = ca
-        .tokens()
-        .create(
-            &cert_authority::SpiffeId::new("cluster.local", "default", "bookinfo-ratings"),
-            TokenKind::Workload,
-            Duration::from_secs(600),
-            Default::default(),
-        )
-        .unwrap();
+    let token = workload_token(&ca, "bookinfo-ratings");
     let (tx, mut stream) = relay_sds_stream(relay.secure_addr.unwrap(), &token, "sidecar-r1")
         .await
         .unwrap();
@@ -682,15 +670,7 @@ async fn a_relay_restarted_while_the_control_plane_is_away_serves_from_its_state
     let mut m = mesh().await;
     let relay = m.relay(Some(m.join_token("b")), "relay-b").await.unwrap();
     let ca = m.server.authority.clone().unwrap();
-    let token = ca
-        .tokens()
-        .create(
-            &cert_authority::SpiffeId::new("cluster.local", "default", "bookinfo-ratings"),
-            TokenKind::Workload,
-            Duration::from_secs(600),
-            Default::default(),
-        )
-        .unwrap();
+    let token = workload_token(&ca, "bookinfo-ratings");
     let before = cds(relay.xds_addr, "sidecar-1").await;
     let sds = relay_sds(relay.secure_addr.unwrap(), &token, "sidecar-r1")
         .await

@@ -22,9 +22,7 @@ mod multicluster;
 
 use common::{SidecarMesh, Traffic, PORT};
 use multicluster::{MultiMesh, WorkloadDef, CLUSTERS, CLUSTER_A, CLUSTER_B};
-use std::process::Command;
-use std::time::{Duration, Instant};
-use trellis_tests::{cargo_bin, require_envoy, run_to_completion};
+use trellis_tests::require_envoy;
 
 /// The service account of client-a, and of details-a (started during the outage).
 const FRONTEND: &str = "frontend";
@@ -217,9 +215,6 @@ fn mcpc_down_new_sidecar_gets_config_and_certificate_from_its_relay() {
     mesh.assert_sidecars_running();
 }
 
-/// Bound on `xds-server ca rotate-root` (each phase waits for every relay's report).
-const ROTATION_TIMEOUT: Duration = Duration::from_secs(180);
-
 #[test]
 fn root_rotation_across_member_clusters_with_zero_failed_requests() {
     let Some(mut mesh) = start(
@@ -239,32 +234,7 @@ fn root_rotation_across_member_clusters_with_zero_failed_requests() {
     let traffic = Traffic::start(&targets);
     traffic.wait_for_more(REQUESTS_PER_PHASE);
     traffic.set_phase("xds-server ca rotate-root");
-    let mut command = Command::new(cargo_bin("xds-server"));
-    command
-        .arg("ca")
-        .arg("rotate-root")
-        .arg("--admin-addr")
-        .arg(mesh.admin_addr.to_string())
-        .arg("--timeout")
-        .arg(format!("{}s", ROTATION_TIMEOUT.as_secs()));
-    let started = Instant::now();
-    let output = run_to_completion(command, ROTATION_TIMEOUT + Duration::from_secs(30))
-        .expect("xds-server ca rotate-root");
-    let took = started.elapsed();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!(
-        "rotate-root ({took:.1?}, {}):\n{stdout}{stderr}",
-        output.status
-    );
-    assert!(
-        output.status.success(),
-        "xds-server ca rotate-root failed ({}):\n{stdout}{stderr}\n/debug/ca: {}",
-        output.status,
-        mesh.mcpc_json("/debug/ca")
-            .map(|c| c.to_string())
-            .unwrap_or_else(|e| format!("{e:#}"))
-    );
+    common::rotate_root(mesh.admin_addr).unwrap_or_else(|e| panic!("{e:#}"));
     traffic.set_phase("after the rotation");
     traffic.wait_for_more(REQUESTS_PER_PHASE);
     let report = traffic.finish();

@@ -15,7 +15,6 @@ mod security;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -25,7 +24,7 @@ use security::jwt::{claims, jwks, now, JwtKey};
 use security::{
     assert_statuses, check_mtls, peer_authentication_yaml, MeshOptions, SecureMesh, Target,
 };
-use trellis_tests::{cargo_bin, http_get, http_request, require_envoy, run_to_completion};
+use trellis_tests::{http_get, http_request, require_envoy};
 
 const CLIENT: WorkloadDef = WorkloadDef::client("client", 10);
 const CLIENT_B: WorkloadDef = WorkloadDef::client("client-b", 11);
@@ -556,9 +555,6 @@ fn xds_ttl_secs(ttl: &str) -> u64 {
 
 // ---------------------------------------------------------------------------------------
 
-/// Bound on `xds-server ca rotate-root` (it waits for every proxy's ACK in each phase).
-const ROTATION_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// The single root of `/debug/ca`, asserting there is exactly one and no rotation runs.
 #[track_caller]
 fn single_root(ca: &serde_json::Value) -> String {
@@ -597,35 +593,10 @@ fn zero_failed_requests_through_root_rotation() {
     let traffic = Traffic::start(&targets);
     traffic.wait_for_more(50);
     traffic.set_phase("xds-server ca rotate-root");
-    let mut command = Command::new(cargo_bin("xds-server"));
-    command
-        .arg("ca")
-        .arg("rotate-root")
-        .arg("--admin-addr")
-        .arg(mesh.admin_addr.to_string())
-        .arg("--timeout")
-        .arg(format!("{}s", ROTATION_TIMEOUT.as_secs()));
-    let rotation_started = Instant::now();
-    let output = run_to_completion(command, ROTATION_TIMEOUT + Duration::from_secs(30))
-        .expect("xds-server ca rotate-root");
-    let rotation_took = rotation_started.elapsed();
+    common::rotate_root(mesh.admin_addr).unwrap_or_else(|e| panic!("{e:#}"));
     traffic.set_phase("after the rotation");
     traffic.wait_for_more(100);
     let report = traffic.finish();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    eprintln!(
-        "rotate-root ({:.1?}, {}):\n{stdout}{stderr}",
-        rotation_took, output.status
-    );
-    assert!(
-        output.status.success(),
-        "xds-server ca rotate-root failed ({}):\n{stdout}{stderr}\n/debug/ca: {}",
-        output.status,
-        mesh.ca()
-            .map(|c| c.to_string())
-            .unwrap_or_else(|e| format!("{e:#}"))
-    );
     report.assert_no_failures("mTLS traffic through root rotation");
     assert_handshake_per_tcp_request(&mesh, &targets, &handshakes_before, &report);
 

@@ -33,6 +33,43 @@ pub fn run_cli(command: Command, what: &str) -> anyhow::Result<String> {
     String::from_utf8(output.stdout).with_context(|| format!("{what} printed no UTF-8"))
 }
 
+/// Bound on `xds-server ca rotate-root` (each phase waits for every proxy's ACK, and
+/// for relays' reports of the sidecars behind them).
+pub const ROTATION_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Runs `xds-server ca rotate-root` against the admin API at `admin` to completion and
+/// prints what it said and how long it took; an error if it failed, with `/debug/ca`.
+pub fn rotate_root(admin: SocketAddr) -> anyhow::Result<Duration> {
+    let mut command = Command::new(cargo_bin("xds-server"));
+    command
+        .arg("ca")
+        .arg("rotate-root")
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .arg("--timeout")
+        .arg(format!("{}s", ROTATION_TIMEOUT.as_secs()));
+    let started = Instant::now();
+    let output = run_to_completion(command, ROTATION_TIMEOUT + Duration::from_secs(30))
+        .context("xds-server ca rotate-root")?;
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!(
+        "rotate-root ({took:.1?}, {}):\n{stdout}{stderr}",
+        output.status
+    );
+    if !output.status.success() {
+        let ca = http_get(admin, "/debug/ca", &[])
+            .map(|r| r.text())
+            .unwrap_or_else(|e| format!("{e:#}"));
+        bail!(
+            "xds-server ca rotate-root failed ({}):\n{stdout}{stderr}\n/debug/ca: {ca}",
+            output.status
+        );
+    }
+    Ok(took)
+}
+
 /// [`run_cli`] for a command that prints one token: the token.
 pub fn run_cli_token(command: Command, what: &str) -> anyhow::Result<String> {
     let stdout = run_cli(command, what)?;
