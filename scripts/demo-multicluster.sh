@@ -8,7 +8,8 @@
 #   Then: the member clusters, each relay's upstream streams vs its sidecars, a call from
 #   cluster a to a service only in cluster b (mTLS: who answered, who the callee saw),
 #   local preference, failover when a's endpoint leaves a's registry, and the MCPC killed
-#   under traffic: failed requests counted, a new sidecar served by its relay, relays reconnecting.
+#   under traffic: failed requests counted, a new sidecar served by its relay, relays reconnecting;
+#   and a root rotation of the MCPC's CA under traffic, followed by both relays and their sidecars.
 # Everything it starts is stopped on exit or Ctrl-C.
 #   scripts/demo.sh --multicluster           run the demo and exit
 #   scripts/demo.sh --multicluster --stay    keep the mesh running afterwards until Ctrl-C
@@ -541,6 +542,39 @@ for phase in ("MCPC up", "MCPC down", "MCPC restarted, relays reconnecting", "re
 total_failed = sum(k.get("failed", 0) for k in traffic.counts.values())
 print(f"  answered by: " + "; ".join(f"{h}: {dict(a)}" for h, a in sorted(traffic.answers.items())))
 print(f"  {total_failed} failed requests in all")
+for f in traffic.failures:
+    print(f"    failed: {f}")
+
+print("\n==> root rotation of the MCPC's CA under traffic (xds-server ca rotate-root): the relays follow it")
+ca_before = get_json(mcpc_admin, "/debug/ca")
+old_root = ca_before["roots"][0]["fingerprint"]
+serials_before = {p["workload"]: (p.get("secrets") or {}).get("cert_serial") for c in ("a", "b") for p in relay_proxies(c)}
+traffic = Traffic("productpage-a", ["reviews", "ratings"])
+traffic.set_phase("rotation")
+traffic.more(50)
+t_rot = time.time()
+rot = subprocess.run([f"{bin_dir}/xds-server", "ca", "rotate-root", "--admin-addr", mcpc_admin, "--timeout", "120s"],
+                     capture_output=True, text=True, timeout=180)
+took = time.time() - t_rot
+for line in (rot.stdout + rot.stderr).strip().splitlines():
+    print(f"  | {line}")
+if rot.returncode != 0:
+    sys.exit(f"rotate-root failed ({rot.returncode})")
+traffic.more(50)
+traffic.finish()
+ca = get_json(mcpc_admin, "/debug/ca")
+new_root = ca["roots"][0]["fingerprint"]
+k = traffic.counts["rotation"]
+print(f"  {took:.1f} s: root {old_root[:12]} replaced by {new_root[:12]}, trust epoch {ca_before['epoch']} -> {ca['epoch']};"
+      f" each phase waited for both relays and the sidecars behind them")
+for c in ("a", "b"):
+    st = relay(c)
+    ps = relay_proxies(c)
+    new = sum(1 for p in ps if (p.get("secrets") or {}).get("cert_root") == new_root)
+    reissued = sum(1 for p in ps if (p.get("secrets") or {}).get("cert_serial") != serials_before.get(p["workload"]))
+    print(f"  relay {c}: at trust epoch {st['trust_epoch']}; {new}/{len(ps)} sidecars on a certificate from the new root"
+          f" ({reissued} re-issued)")
+print(f"  productpage-a -> reviews, ratings during the rotation: {k.get('ok', 0)} ok, {k.get('failed', 0)} failed")
 for f in traffic.failures:
     print(f"    failed: {f}")
 
