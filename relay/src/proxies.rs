@@ -8,6 +8,7 @@
 
 use crate::upstream::backoff;
 use crate::RelayError;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,13 +51,14 @@ pub fn summarize(registry: &ProxyRegistry, relay_trust_epoch: u64) -> ProxyList 
     }
 }
 
-/// The part of a list a root rotation waits on.
-fn trust_of(list: &ProxyList) -> impl Iterator<Item = (Option<u64>, Option<u64>)> + '_ {
-    std::iter::once((Some(list.relay_trust_epoch), None)).chain(
-        list.proxies
-            .iter()
-            .map(|p| (p.trust_epoch_sent, p.trust_epoch_acked)),
-    )
+/// Per sidecar, the trust epochs (sent, ACKed) a list reports.
+type Epochs = HashMap<String, (Option<u64>, Option<u64>)>;
+
+fn epochs(list: &ProxyList) -> Epochs {
+    list.proxies
+        .iter()
+        .map(|p| (p.id.clone(), (p.trust_epoch_sent, p.trust_epoch_acked)))
+        .collect()
 }
 
 /// What the report loop reads.
@@ -71,6 +73,20 @@ pub struct Source {
 impl Source {
     fn summarize(&self) -> ProxyList {
         summarize(&self.registry, self.trust_epoch.load(Ordering::SeqCst))
+    }
+
+    /// Whether the relay or a sidecar of `last` moved to another trust epoch since:
+    /// what a root rotation waits on, so it goes out at once. Sidecars that came or went
+    /// wait for the next regular report (a storm of them must not cost the control plane
+    /// a full list every second).
+    fn trust_changed_since(&self, last: &ProxyList, last_epochs: &Epochs) -> bool {
+        self.trust_epoch.load(Ordering::SeqCst) != last.relay_trust_epoch
+            || self.registry.all().iter().any(|p| {
+                let s = p.secrets();
+                last_epochs
+                    .get(&p.node.id)
+                    .is_some_and(|e| *e != (s.epoch_sent, s.epoch_acked))
+            })
     }
 }
 
@@ -92,6 +108,7 @@ async fn report_once(
 ) -> Result<(), RelayError> {
     let (tx, rx) = mpsc::channel::<ProxyList>(2);
     let mut last = source.summarize();
+    let mut last_epochs = epochs(&last);
     tx.send(last.clone())
         .await
         .map_err(|_| RelayError::Closed)?;
@@ -104,15 +121,18 @@ async fn report_once(
                 _ = tokio::time::sleep(TRUST_EVERY) => {}
                 () = source.trust_moved.notified() => {}
             }
+            if !(sent_at.elapsed() >= EVERY || source.trust_changed_since(&last, &last_epochs)) {
+                continue;
+            }
             let now = source.summarize();
-            let trust_moved = !trust_of(&now).eq(trust_of(&last));
-            if now != last && (trust_moved || sent_at.elapsed() >= EVERY) {
+            if now != last {
                 if tx.send(now.clone()).await.is_err() {
                     return;
                 }
+                last_epochs = epochs(&now);
                 last = now;
-                sent_at = tokio::time::Instant::now();
             }
+            sent_at = tokio::time::Instant::now();
             *attempt = 0;
         }
     };
