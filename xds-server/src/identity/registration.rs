@@ -99,7 +99,7 @@ pub fn restore(ca_dir: &std::path::Path, controller: &Controller) {
 /// What each member cluster's relay last reported about its sidecars, for the admin API.
 #[derive(Debug, Default)]
 pub struct RelayProxies {
-    by_cluster: std::sync::Mutex<std::collections::BTreeMap<String, Reported>>,
+    by_cluster: std::sync::Mutex<std::collections::BTreeMap<String, Stored>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -110,20 +110,24 @@ pub struct Reported {
     /// The trust epoch the relay itself is at (its own certificate and trust files).
     pub trust_epoch: u64,
     pub proxies: Vec<serde_json::Value>,
-    /// Per sidecar: id, identity, trust epoch sent, trust epoch ACKed.
-    #[serde(skip)]
-    epochs: Vec<(String, String, Option<u64>, Option<u64>)>,
+}
+
+/// A relay's last report as received: turned into JSON only when someone asks (a relay
+/// of 10,000 sidecars reports every few seconds; the admin API is asked rarely).
+#[derive(Debug)]
+struct Stored {
+    connected: bool,
+    reported_at_ms: u64,
+    list: ProxyList,
 }
 
 impl RelayProxies {
-    fn update(&self, cluster: &str, f: impl FnOnce(&mut Reported)) {
+    fn update(&self, cluster: &str, f: impl FnOnce(&mut Stored)) {
         let mut m = self.by_cluster.lock().unwrap_or_else(|e| e.into_inner());
-        let r = m.entry(cluster.to_string()).or_insert_with(|| Reported {
+        let r = m.entry(cluster.to_string()).or_insert_with(|| Stored {
             connected: true,
             reported_at_ms: 0,
-            trust_epoch: 0,
-            proxies: Vec::new(),
-            epochs: Vec::new(),
+            list: ProxyList::default(),
         });
         f(r);
     }
@@ -141,21 +145,22 @@ impl RelayProxies {
                 away.push(cluster.clone());
                 continue;
             }
-            if r.trust_epoch < epoch {
+            if r.list.relay_trust_epoch < epoch {
                 pending.push(super::rotation::Pending {
                     node: format!("relay of cluster {cluster}"),
                     identity: None,
                     epoch_sent: None,
-                    epoch_acked: Some(r.trust_epoch),
+                    epoch_acked: Some(r.list.relay_trust_epoch),
                 });
             }
-            for (id, identity, sent, acked) in &r.epochs {
+            for p in &r.list.proxies {
+                let (sent, acked) = (p.trust_epoch_sent, p.trust_epoch_acked);
                 if sent.is_some() && acked.is_none_or(|a| a < epoch) {
                     pending.push(super::rotation::Pending {
-                        node: format!("{cluster}/{id}"),
-                        identity: (!identity.is_empty()).then(|| identity.clone()),
-                        epoch_sent: *sent,
-                        epoch_acked: *acked,
+                        node: format!("{cluster}/{}", p.id),
+                        identity: (!p.identity.is_empty()).then(|| p.identity.clone()),
+                        epoch_sent: sent,
+                        epoch_acked: acked,
                     });
                 }
             }
@@ -169,16 +174,25 @@ impl RelayProxies {
         let m = self.by_cluster.lock().unwrap_or_else(|e| e.into_inner());
         m.values()
             .filter(|r| r.connected)
-            .map(|r| 1 + r.epochs.iter().filter(|e| e.2.is_some()).count())
+            .map(|r| {
+                1 + r
+                    .list
+                    .proxies
+                    .iter()
+                    .filter(|p| p.trust_epoch_sent.is_some())
+                    .count()
+            })
             .sum()
     }
 
     pub fn get(&self, cluster: &str) -> Option<Reported> {
-        self.by_cluster
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(cluster)
-            .cloned()
+        let m = self.by_cluster.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(cluster).map(|r| Reported {
+            connected: r.connected,
+            reported_at_ms: r.reported_at_ms,
+            trust_epoch: r.list.relay_trust_epoch,
+            proxies: r.list.proxies.iter().map(summary_json).collect(),
+        })
     }
 }
 
@@ -288,20 +302,7 @@ impl Registration for RegistrationService {
                 Ok(Some(list)) => self.proxies.update(&cluster, |r| {
                     r.connected = true;
                     r.reported_at_ms = now_ms();
-                    r.trust_epoch = list.relay_trust_epoch;
-                    r.proxies = list.proxies.iter().map(summary_json).collect();
-                    r.epochs = list
-                        .proxies
-                        .iter()
-                        .map(|p| {
-                            (
-                                p.id.clone(),
-                                p.identity.clone(),
-                                p.trust_epoch_sent,
-                                p.trust_epoch_acked,
-                            )
-                        })
-                        .collect();
+                    r.list = list;
                 }),
                 Ok(None) => break,
                 Err(e) => {
