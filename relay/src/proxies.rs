@@ -75,17 +75,20 @@ impl Source {
         summarize(&self.registry, self.trust_epoch.load(Ordering::SeqCst))
     }
 
-    /// Whether the relay or a sidecar of `last` moved to another trust epoch since:
-    /// what a root rotation waits on, so it goes out at once. Sidecars that came or went
-    /// wait for the next regular report (a storm of them must not cost the control plane
-    /// a full list every second).
+    /// Whether the relay or a sidecar of `last` moved to another trust epoch since, or a
+    /// sidecar came that holds secrets of an older epoch than the relay's: what a root
+    /// rotation waits on, so it goes out at once. Other sidecars that came or went wait for
+    /// the next regular report (a storm of them must not cost the control plane a full
+    /// list every second).
     fn trust_changed_since(&self, last: &ProxyList, last_epochs: &Epochs) -> bool {
-        self.trust_epoch.load(Ordering::SeqCst) != last.relay_trust_epoch
+        let relay = self.trust_epoch.load(Ordering::SeqCst);
+        relay != last.relay_trust_epoch
             || self.registry.all().iter().any(|p| {
                 let s = p.secrets();
-                last_epochs
-                    .get(&p.node.id)
-                    .is_some_and(|e| *e != (s.epoch_sent, s.epoch_acked))
+                match last_epochs.get(&p.node.id) {
+                    Some(e) => *e != (s.epoch_sent, s.epoch_acked),
+                    None => s.epoch_sent.is_some_and(|e| e < relay),
+                }
             })
     }
 }
