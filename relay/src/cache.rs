@@ -101,6 +101,24 @@ pub struct RelayState {
     cluster: String,
     /// Service account of each workload of the registry folder.
     accounts: Arc<HashMap<String, String>>,
+    limit: Arc<ClassLimit>,
+}
+
+/// Classes with an upstream stream, and how many there may be: each costs an upstream
+/// stream, the control plane's work for it, and its cached config, and any proxy on the
+/// plaintext port can name a new one.
+#[derive(Debug)]
+pub struct ClassLimit {
+    pub max: usize,
+    pub open: Mutex<BTreeSet<ClassKey>>,
+}
+
+impl ClassLimit {
+    /// Whether `key` has, or may get, a stream.
+    pub fn admits(&self, key: &ClassKey) -> bool {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.contains(key) || open.len() < self.max
+    }
 }
 
 impl ConfigSource for RelayState {
@@ -120,6 +138,22 @@ impl ConfigSource for RelayState {
             let _ = self.wants.send(key);
         }
         view
+    }
+
+    fn admission_error(&self, node: &NodeInfo) -> Option<tonic::Status> {
+        let key = ClassKey::of(node);
+        if self.views.contains_key(&key) || self.limit.admits(&key) {
+            return None;
+        }
+        Some(tonic::Status::resource_exhausted(format!(
+            "the relay of cluster {} serves at most {} proxy classes (relay --max-classes) and \
+             all are in use; workload {:?} of namespace {:?} would be one more (classes no \
+             sidecar uses are dropped after --idle-class-after)",
+            self.cluster,
+            self.limit.max,
+            key.workload.as_deref().unwrap_or("(outbound-only)"),
+            key.namespace
+        )))
     }
 
     fn claim_error(&self, node: &NodeInfo, caller: Option<&Caller>) -> Option<String> {
@@ -152,6 +186,7 @@ pub struct RelayCache {
     generation: Mutex<u64>,
     tx: watch::Sender<Arc<dyn ConfigSource>>,
     wants: mpsc::UnboundedSender<ClassKey>,
+    pub limit: Arc<ClassLimit>,
     /// Classes kept even with no sidecar connected: the registry folder's workloads.
     pinned: Mutex<BTreeSet<ClassKey>>,
 }
@@ -165,8 +200,15 @@ pub struct Update<'a> {
 
 impl RelayCache {
     /// The cache and the receiver of classes downstream proxies asked for.
-    pub fn new(cluster: &str) -> (Arc<RelayCache>, mpsc::UnboundedReceiver<ClassKey>) {
+    pub fn new(
+        cluster: &str,
+        max_classes: usize,
+    ) -> (Arc<RelayCache>, mpsc::UnboundedReceiver<ClassKey>) {
         let (wants, wanted) = mpsc::unbounded_channel();
+        let limit = Arc::new(ClassLimit {
+            max: max_classes,
+            open: Mutex::default(),
+        });
         let state: Arc<dyn ConfigSource> = Arc::new(RelayState {
             generation: 0,
             created: Instant::now(),
@@ -174,6 +216,7 @@ impl RelayCache {
             wants: wants.clone(),
             cluster: cluster.to_string(),
             accounts: Arc::default(),
+            limit: limit.clone(),
         });
         let (tx, _) = watch::channel(state);
         let cache = Arc::new(RelayCache {
@@ -183,6 +226,7 @@ impl RelayCache {
             generation: Mutex::new(0),
             tx,
             wants,
+            limit,
             pinned: Mutex::default(),
         });
         (cache, wanted)
@@ -328,6 +372,7 @@ impl RelayCache {
             wants: self.wants.clone(),
             cluster: self.cluster.clone(),
             accounts: self.accounts.lock().map(|a| a.clone()).unwrap_or_default(),
+            limit: self.limit.clone(),
         }));
     }
 
@@ -392,7 +437,7 @@ mod tests {
 
     #[test]
     fn a_class_is_served_once_every_type_arrived_and_only_changes_publish() {
-        let (cache, mut wanted) = RelayCache::new("b");
+        let (cache, mut wanted) = RelayCache::new("b", 100);
         let mut rx = cache.subscribe();
         // Nothing yet: the stream waits, and the class is requested upstream.
         assert!(rx.borrow().view_for(&node()).is_none());

@@ -82,6 +82,9 @@ pub struct RelayOptions {
     /// A proxy class no sidecar has used for this long (and not a workload of the
     /// registry folder) has its upstream stream closed and its cache dropped.
     pub idle_class_after: Duration,
+    /// At most this many proxy classes (upstream streams, cached configs); a sidecar of
+    /// one more is refused with RESOURCE_EXHAUSTED.
+    pub max_classes: usize,
 }
 
 pub struct Relay {
@@ -153,7 +156,7 @@ impl Relay {
         let applied = Arc::new(AtomicU64::new(0));
         let moved = Arc::new(tokio::sync::Notify::new());
         let identity = Arc::new(RwLock::new(identity));
-        let (cache, wanted) = RelayCache::new(&opts.cluster);
+        let (cache, wanted) = RelayCache::new(&opts.cluster, opts.max_classes);
         cache.restore(persist::load(&opts.state_dir));
         let stats = Arc::new(UpstreamStats::default());
         let metrics = Arc::new(Metrics::default());

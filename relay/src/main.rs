@@ -57,6 +57,10 @@ enum Command {
         /// cache dropped; the registry folder's workloads are always kept.
         #[arg(long, env = "TRELLIS_RELAY_IDLE_CLASS_AFTER", default_value = "10m", value_parser = duration)]
         idle_class_after: Duration,
+        /// At most this many proxy classes (each an upstream stream and a cached config):
+        /// a sidecar of one more is refused with RESOURCE_EXHAUSTED, naming the limit.
+        #[arg(long, env = "TRELLIS_RELAY_MAX_CLASSES", default_value_t = 10_000)]
+        max_classes: usize,
         /// The cluster's WorkloadEntries (YAML), watched and reported upstream.
         #[arg(long, env = "TRELLIS_REGISTRY_DIR")]
         registry_dir: Option<PathBuf>,
@@ -82,6 +86,7 @@ async fn run(cli: Cli) -> Result<()> {
         registry_dir,
         state_dir,
         idle_class_after,
+        max_classes,
     } = cli.command;
     let trust_bundle_pem = std::fs::read_to_string(&trust_bundle)
         .with_context(|| format!("cannot read the trust bundle {}", trust_bundle.display()))?;
@@ -115,6 +120,7 @@ async fn run(cli: Cli) -> Result<()> {
         },
         admin: bind(admin_addr, "the admin API")?,
         idle_class_after,
+        max_classes,
     })
     .await?;
     info!(xds = %relay.xds_addr, admin = %relay.admin_addr, "relay serving");

@@ -114,6 +114,11 @@ pub async fn run(
                     *seen = Instant::now();
                     continue;
                 }
+                if open.len() >= cache.limit.max {
+                    warn!(cluster = %up.cluster, workload = ?key.workload, namespace = %key.namespace, max = cache.limit.max, "proxy class limit reached: no upstream stream for this class");
+                    continue;
+                }
+                cache.limit.open.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone());
                 info!(cluster = %up.cluster, workload = ?key.workload, namespace = %key.namespace, "opening an upstream stream for a new proxy class");
                 let handle = tasks.spawn(class_loop(
                     cache.clone(),
@@ -136,6 +141,7 @@ pub async fn run(
                     if let Some((handle, _)) = open.remove(&key) {
                         handle.abort();
                     }
+                    cache.limit.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                     cache.forget(&key);
                     info!(cluster = %up.cluster, workload = ?key.workload, namespace = %key.namespace, idle_s = up.idle_after.as_secs(), "no sidecar of this class for a while: upstream stream closed, cache dropped");
                 }

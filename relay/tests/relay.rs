@@ -95,15 +95,16 @@ impl Mesh {
     }
 
     async fn relay(&self, token: Option<String>, state: &str) -> Result<Relay, relay::RelayError> {
-        self.relay_idle(token, state, Duration::from_secs(600))
+        self.relay_with(token, state, Duration::from_secs(600), 100)
             .await
     }
 
-    async fn relay_idle(
+    async fn relay_with(
         &self,
         token: Option<String>,
         state: &str,
         idle_class_after: Duration,
+        max_classes: usize,
     ) -> Result<Relay, relay::RelayError> {
         Relay::start(RelayOptions {
             cluster: "b".into(),
@@ -123,6 +124,7 @@ impl Mesh {
             secure_listen: Some(bind().await),
             admin: bind().await,
             idle_class_after,
+            max_classes,
         })
         .await
     }
@@ -144,6 +146,14 @@ fn node(id: &str) -> Node {
 
 /// First CDS response for `node_id` from the ADS server at `addr`.
 async fn cds(addr: std::net::SocketAddr, node_id: &str) -> DiscoveryResponse {
+    try_cds(addr, node_id).await.unwrap()
+}
+
+/// [`cds`], or the status the stream was refused with.
+async fn try_cds(
+    addr: std::net::SocketAddr,
+    node_id: &str,
+) -> Result<DiscoveryResponse, tonic::Status> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -161,12 +171,11 @@ async fn cds(addr: std::net::SocketAddr, node_id: &str) -> DiscoveryResponse {
     tokio::time::timeout(WAIT, async move {
         let mut stream = client
             .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
+            .await?
             .into_inner();
-        let first = stream.message().await.unwrap().unwrap();
+        let first = stream.message().await?;
         drop(tx);
-        first
+        first.ok_or_else(|| tonic::Status::unknown("stream ended"))
     })
     .await
     .expect("no CDS response within 10 s")
@@ -641,7 +650,12 @@ async fn a_root_rotation_reaches_sidecars_behind_a_relay_and_waits_for_them() {
 async fn a_class_no_sidecar_uses_any_more_is_retired_and_comes_back_when_needed() {
     let m = mesh().await;
     let relay = m
-        .relay_idle(Some(m.join_token("b")), "relay-b", Duration::from_secs(2))
+        .relay_with(
+            Some(m.join_token("b")),
+            "relay-b",
+            Duration::from_secs(2),
+            100,
+        )
         .await
         .unwrap();
     let streams = || relay.upstream.streams.load(Ordering::Relaxed);
@@ -719,4 +733,39 @@ async fn a_relay_restarted_while_the_control_plane_is_away_serves_from_its_state
         0o600,
         "a kept key is private"
     );
+}
+
+#[tokio::test]
+async fn a_relay_refuses_a_proxy_class_beyond_its_limit_with_the_reason() {
+    let m = mesh().await;
+    let relay = m
+        .relay_with(
+            Some(m.join_token("b")),
+            "relay-b",
+            Duration::from_secs(600),
+            2,
+        )
+        .await
+        .unwrap();
+    // ratings-b (the registry's workload) and namespace default's outbound-only proxies:
+    // two classes, the limit.
+    let ok = cds(relay.xds_addr, "sidecar-1").await;
+    assert!(!ok.resources.is_empty());
+    until("both classes' streams", || {
+        relay.upstream.streams.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    let other = "sidecar~127.0.9.9~other.default~default.svc.cluster.local";
+    let err = try_cds(relay.xds_addr, other).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("at most 2 proxy classes"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("other.default"), "{}", err.message());
+    assert_eq!(relay.upstream.streams.load(Ordering::Relaxed), 2);
+    // Classes it has are still served.
+    let again = cds(relay.xds_addr, "sidecar-2").await;
+    assert_eq!(again.version_info, ok.version_info);
 }

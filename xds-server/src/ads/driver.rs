@@ -91,6 +91,12 @@ pub(crate) async fn run<P: Protocol>(
         let _ = tx.send(Err(Status::permission_denied(msg))).await;
         return;
     }
+    if let Some(status) = snap.admission_error(&node) {
+        warn!(node = %node.id, error = %status.message(), "proxy refused");
+        shared.metrics.refused(status.code());
+        let _ = tx.send(Err(status)).await;
+        return;
+    }
     let registration = shared.registry.register(node.clone(), P::MODE);
     let status = registration.status.clone();
     let _gauge = ConnectedGauge::new(shared.metrics.clone(), P::MODE);

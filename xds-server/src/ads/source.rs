@@ -20,6 +20,11 @@ pub trait ConfigSource: Send + Sync + std::fmt::Debug {
     fn view_for(&self, node: &NodeInfo) -> Option<Arc<ProxyView>>;
     /// Why `caller` (`None`: not authenticated) may not be `node`, if it may not.
     fn claim_error(&self, node: &NodeInfo, caller: Option<&Caller>) -> Option<String>;
+    /// Why a new stream for `node` cannot be taken now (a bounded source that is full),
+    /// if it cannot; asked once, when the stream starts.
+    fn admission_error(&self, _node: &NodeInfo) -> Option<tonic::Status> {
+        None
+    }
 }
 
 impl ConfigSource for Snapshot {
