@@ -51,18 +51,8 @@ pub enum ClusterError {
 /// Checks that `name` is a DNS label (RFC 1123), as Kubernetes names are: it becomes part
 /// of a service account name and of locality strings.
 pub fn check_cluster_name(name: &str) -> Result<(), ClusterError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ClusterError::InvalidName(name.to_string()))
-    }
+    crate::config::validate::dns_label(name)
+        .map_err(|_| ClusterError::InvalidName(name.to_string()))
 }
 
 /// Networks, regions and zones follow Kubernetes label values (`topology.kubernetes.io/zone`
