@@ -12,11 +12,8 @@ use xds_server::cache::TypeKind;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_wildcard_cds_and_ack() {
     let mesh = Mesh::start().await;
-    let first = DeltaDiscoveryRequest {
-        node: node(REVIEWS_V1),
-        ..delta_request(CDS, &[])
-    };
-    let mut ads = open_delta(mesh.server.xds_addr, first).await.unwrap();
+    let first = delta_first_request(REVIEWS_V1, CDS, &[]);
+    let mut ads = mesh.delta(first).await;
     let r = ads.recv().await;
     assert_eq!(r.type_url, CDS);
     assert!(!r.nonce.is_empty(), "{r:?}");
@@ -39,11 +36,8 @@ async fn delta_wildcard_cds_and_ack() {
 async fn delta_eds_unsubscribe() {
     let mesh = Mesh::start().await;
     let (details, ratings) = (outbound("details"), outbound("ratings"));
-    let first = DeltaDiscoveryRequest {
-        node: node("proxy-delta-eds"),
-        ..delta_request(EDS, &[&details, &ratings])
-    };
-    let mut ads = open_delta(mesh.server.xds_addr, first).await.unwrap();
+    let first = delta_first_request("proxy-delta-eds", EDS, &[&details, &ratings]);
+    let mut ads = mesh.delta(first).await;
     let r1 = ads.recv().await;
     assert_eq!(
         delta_versions(&r1).keys().cloned().collect::<BTreeSet<_>>(),
@@ -96,13 +90,9 @@ async fn delta_eds_unsubscribe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_reconnect_with_initial_versions() {
     let mesh = Mesh::start().await;
-    let addr = mesh.server.xds_addr;
     let id = "proxy-delta-rc";
-    let first = DeltaDiscoveryRequest {
-        node: node(id),
-        ..delta_request(CDS, &[])
-    };
-    let mut ads = open_delta(addr, first).await.unwrap();
+    let first = delta_first_request(id, CDS, &[]);
+    let mut ads = mesh.delta(first).await;
     let r = ads.recv().await;
     let held = delta_versions(&r);
     assert_eq!(
@@ -122,11 +112,10 @@ async fn delta_reconnect_with_initial_versions() {
     let initial: HashMap<String, String> =
         held.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let first = DeltaDiscoveryRequest {
-        node: node(id),
         initial_resource_versions: initial.clone(),
-        ..delta_request(CDS, &[])
+        ..delta_first_request(id, CDS, &[])
     };
-    let mut ads = open_delta(addr, first).await.unwrap();
+    let mut ads = mesh.delta(first).await;
     let r = ads.recv().await;
     assert_eq!(r.type_url, CDS);
     assert!(
@@ -144,11 +133,10 @@ async fn delta_reconnect_with_initial_versions() {
     initial.insert(details.clone(), "0000000000000000".into());
     initial.insert(gone.clone(), "0123456789abcdef".into());
     let first = DeltaDiscoveryRequest {
-        node: node(id),
         initial_resource_versions: initial,
-        ..delta_request(CDS, &[])
+        ..delta_first_request(id, CDS, &[])
     };
-    let mut ads = open_delta(addr, first).await.unwrap();
+    let mut ads = mesh.delta(first).await;
     // The removal may come in a CDS response of its own (cluster removals go last).
     let (mut sent, mut removed) = (BTreeMap::new(), Vec::new());
     for _ in 0..2 {
@@ -207,11 +195,8 @@ async fn delta_reconnect_with_initial_versions() {
 async fn delta_unknown_name_is_reported_removed() {
     let mesh = Mesh::start().await;
     let (details, nope, nada) = (outbound("details"), outbound("nope"), outbound("nada"));
-    let first = DeltaDiscoveryRequest {
-        node: node("proxy-delta-404"),
-        ..delta_request(EDS, &[&details, &nope])
-    };
-    let mut ads = open_delta(mesh.server.xds_addr, first).await.unwrap();
+    let first = delta_first_request("proxy-delta-404", EDS, &[&details, &nope]);
+    let mut ads = mesh.delta(first).await;
     let r = ads.recv().await;
     assert_eq!(
         delta_versions(&r).keys().cloned().collect::<Vec<_>>(),
@@ -238,11 +223,8 @@ async fn delta_unknown_name_is_reported_removed() {
 async fn delta_resubscribe_to_an_unchanged_resource_sends_it_again() {
     let mesh = Mesh::start().await;
     let (details, ratings) = (outbound("details"), outbound("ratings"));
-    let first = DeltaDiscoveryRequest {
-        node: node("proxy-delta-resub"),
-        ..delta_request(EDS, &[&details, &ratings])
-    };
-    let mut ads = open_delta(mesh.server.xds_addr, first).await.unwrap();
+    let first = delta_first_request("proxy-delta-resub", EDS, &[&details, &ratings]);
+    let mut ads = mesh.delta(first).await;
     let r1 = ads.recv().await;
     let v1 = delta_versions(&r1);
     ads.send(delta_ack(&r1)).await;
@@ -267,11 +249,8 @@ async fn delta_resubscribe_to_an_unchanged_resource_sends_it_again() {
 async fn delta_an_updated_cluster_gets_its_unchanged_endpoints_again() {
     let mesh = Mesh::start().await;
     let ratings = outbound("ratings");
-    let first = DeltaDiscoveryRequest {
-        node: node("proxy-delta-cds-update"),
-        ..delta_request(CDS, &[])
-    };
-    let mut ads = open_delta(mesh.server.xds_addr, first).await.unwrap();
+    let first = delta_first_request("proxy-delta-cds-update", CDS, &[]);
+    let mut ads = mesh.delta(first).await;
     let cds = ads.recv().await;
     ads.send(delta_ack(&cds)).await;
     let names: Vec<String> = delta_versions(&cds).into_keys().collect();
@@ -283,15 +262,7 @@ async fn delta_an_updated_cluster_gets_its_unchanged_endpoints_again() {
     ads.send(delta_ack(&eds)).await;
     ads.expect_silence().await;
 
-    let dr = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: ratings, namespace: default}
-spec:
-  host: ratings
-  trafficPolicy:
-    loadBalancer: {simple: LEAST_REQUEST}
-";
-    mesh.apply("ratings-dr.yaml", dr).await;
+    mesh.apply("ratings-dr.yaml", RATINGS_LEAST_REQUEST).await;
     let cds2 = ads.recv().await;
     assert_eq!(cds2.type_url, CDS);
     assert!(delta_versions(&cds2).contains_key(&ratings), "{cds2:?}");

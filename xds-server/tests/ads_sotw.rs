@@ -5,9 +5,7 @@
 mod common;
 
 use common::*;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use prost::Message;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tonic::Code;
@@ -16,9 +14,7 @@ use xds_server::cache::TypeKind;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sotw_wildcard_cds_and_ack() {
     let mesh = Mesh::start().await;
-    let mut ads = open_sotw(mesh.server.xds_addr, first_request(REVIEWS_V1, CDS, &[]))
-        .await
-        .unwrap();
+    let mut ads = mesh.sotw(first_request(REVIEWS_V1, CDS, &[])).await;
     let resp = ads.recv().await;
     assert_eq!(resp.type_url, CDS);
     assert!(
@@ -58,7 +54,7 @@ async fn sotw_eds_follows_resource_names() {
         outbound("reviews"),
     );
     let first = first_request("proxy-eds", EDS, &[&details, &ratings]);
-    let mut ads = open_sotw(mesh.server.xds_addr, first).await.unwrap();
+    let mut ads = mesh.sotw(first).await;
     let r1 = ads.recv().await;
     assert_eq!(r1.type_url, EDS);
     assert_eq!(names(&r1), set(&[&details, &ratings]));
@@ -97,9 +93,7 @@ async fn sotw_eds_follows_resource_names() {
 async fn sotw_nack_is_recorded_and_not_retried() {
     let mesh = Mesh::start().await;
     let id = "proxy-nack";
-    let mut ads = open_sotw(mesh.server.xds_addr, first_request(id, RDS, &["9080"]))
-        .await
-        .unwrap();
+    let mut ads = mesh.sotw(first_request(id, RDS, &["9080"])).await;
     let r1 = ads.recv().await;
     assert_eq!((r1.type_url.as_str(), names(&r1)), (RDS, set(&["9080"])));
     assert_eq!(route_timeouts(&r1), BTreeSet::from([0, 5]));
@@ -133,9 +127,7 @@ async fn sotw_nack_is_recorded_and_not_retried() {
 async fn sotw_stale_nonce_is_ignored() {
     let mesh = Mesh::start().await;
     let id = "proxy-stale";
-    let mut ads = open_sotw(mesh.server.xds_addr, first_request(id, RDS, &["9080"]))
-        .await
-        .unwrap();
+    let mut ads = mesh.sotw(first_request(id, RDS, &["9080"])).await;
     let r1 = ads.recv().await;
     ads.send(ack(&r1, &["9080"])).await;
     mesh.wait_status(id, TypeKind::Route, |s| s.acks == 1).await;
@@ -260,12 +252,9 @@ async fn sotw_reconnect_gets_same_versions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sotw_reconnect_with_leftover_nonce_honors_resource_names() {
     let mesh = Mesh::start().await;
-    let addr = mesh.server.xds_addr;
     let (details, ratings) = (outbound("details"), outbound("ratings"));
     let id = "proxy-renonce";
-    let mut ads = open_sotw(addr, first_request(id, EDS, &[&details]))
-        .await
-        .unwrap();
+    let mut ads = mesh.sotw(first_request(id, EDS, &[&details])).await;
     let r1 = ads.recv().await;
     ads.send(ack(&r1, &[&details])).await;
     drop(ads);
@@ -276,7 +265,7 @@ async fn sotw_reconnect_with_leftover_nonce_honors_resource_names() {
         node: node(id),
         ..ack(&r1, &[&details, &ratings])
     };
-    let mut ads = open_sotw(addr, again).await.unwrap();
+    let mut ads = mesh.sotw(again).await;
     let r2 = ads.recv().await;
     assert_eq!(r2.type_url, EDS);
     assert_eq!(
@@ -297,32 +286,19 @@ async fn first_request_without_node_is_rejected() {
         assert!(e.message().contains(what), "unclear message: {e:?}");
     };
 
-    let e = match open_sotw(addr, request(CDS, &[])).await {
-        Ok(mut ads) => ads
-            .try_recv()
-            .await
-            .expect_err("served a stream without node"),
-        Err(e) => e,
-    };
+    let opened = open_sotw(addr, request(CDS, &[])).await;
+    let e = stream_error(opened, "served a stream without node").await;
     check(e, "must carry node");
 
     let no_id = DiscoveryRequest {
         node: node(""),
         ..request(CDS, &[])
     };
-    let e = match open_sotw(addr, no_id).await {
-        Ok(mut ads) => ads.try_recv().await.expect_err("served a node without id"),
-        Err(e) => e,
-    };
+    let e = stream_error(open_sotw(addr, no_id).await, "served a node without id").await;
     check(e, "node.id");
 
-    let e = match open_delta(addr, delta_request(CDS, &[])).await {
-        Ok(mut ads) => ads
-            .try_recv()
-            .await
-            .expect_err("served a delta stream without node"),
-        Err(e) => e,
-    };
+    let opened = open_delta(addr, delta_request(CDS, &[])).await;
+    let e = stream_error(opened, "served a delta stream without node").await;
     check(e, "must carry node");
     assert!(mesh.server.registry.all().is_empty());
 }
@@ -381,14 +357,9 @@ async fn sotw_removal_is_make_before_break() {
         "CDS removal must follow RDS: {order:?}"
     );
     assert_eq!(names(&seen[last]), &outbound_clusters() - &set(&[&ratings]));
-    let routed_hosts: Vec<String> = seen[rds]
-        .resources
-        .iter()
-        .flat_map(|a| {
-            RouteConfiguration::decode(a.value.as_slice())
-                .unwrap()
-                .virtual_hosts
-        })
+    let routed_hosts: Vec<String> = route_configs(&seen[rds])
+        .into_iter()
+        .flat_map(|rc| rc.virtual_hosts)
         .map(|vh| vh.name)
         .collect();
     assert!(

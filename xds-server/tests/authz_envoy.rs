@@ -5,15 +5,17 @@
 //! `CI=true`.
 #![allow(clippy::unwrap_used)]
 
-use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+mod translated;
+
+use serde_json::Value;
+use std::path::PathBuf;
+use translated::{ads_bootstrap, open_store};
 use xds_server::cache::{Snapshot, TypeKind};
-use xds_server::config::store::ConfigStore;
 use xds_server::dump::resource_json;
 use xds_server::translate::ProxyScope;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/authz")
+    translated::fixture("authz")
 }
 
 /// A static bootstrap holding a workload's inbound listeners and inbound clusters, with
@@ -29,42 +31,16 @@ fn bootstrap(snap: &Snapshot, workload: &str) -> Value {
         .map(|l| resource_json(l)["resource"].clone())
         .collect();
     assert!(!listeners.is_empty(), "{workload} has no inbound listener");
-    let mut clusters: Vec<Value> = view
+    let clusters: Vec<Value> = view
         .iter(TypeKind::Cluster)
         .filter(|c| c.name.starts_with("inbound|"))
         .map(|c| resource_json(c)["resource"].clone())
         .collect();
-    clusters.push(json!({
-        "name": "xds-grpc",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "xds-grpc",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": "127.0.0.1", "port_value": 15010}
-            }}}]}]
-        }
-    }));
-    json!({
-        "node": {
-            "id": format!("sidecar~{}~{workload}~{}.svc.cluster.local", w.address, w.namespace),
-            "cluster": "authz-validate"
-        },
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]
-            }
-        }
-    })
+    let node = format!(
+        "sidecar~{}~{workload}~{}.svc.cluster.local",
+        w.address, w.namespace
+    );
+    ads_bootstrap(&node, "authz-validate", listeners, clusters)
 }
 
 #[test]
@@ -87,9 +63,7 @@ fn envoy_accepts_every_generated_inbound_listener() {
         let text = text.replace("/etc/trellis/jwks/files.json", jwks.to_str().unwrap());
         std::fs::write(config.join(e.file_name()), text).unwrap();
     }
-    let (store, outcome) = ConfigStore::open(&config).unwrap();
-    assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
-    let snap = Snapshot::build(1, store.mesh());
+    let snap = Snapshot::build(1, open_store(&config).mesh());
     let workloads: Vec<String> = snap.mesh.workloads.keys().cloned().collect();
     assert!(workloads.len() >= 10, "{workloads:?}");
     let mut failures = Vec::new();

@@ -4,48 +4,18 @@
 //! `UPDATE_GOLDEN=1` and review the diff.
 #![allow(clippy::unwrap_used)]
 
+mod translated;
+
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use translated::{check_golden, copy_config, edit_and_reload, editable_copy, snapshot_of};
 use xds_server::cache::{Snapshot, TypeKind};
-use xds_server::config::store::ConfigStore;
 use xds_server::dump::resource_json;
 use xds_server::translate::ProxyScope;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-fn check(name: &str, value: &Value) {
-    let dir = root().join("tests/golden/authz");
-    let path = dir.join(format!("{name}.json"));
-    let rendered = serde_json::to_string_pretty(value).unwrap() + "\n";
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(&path, &rendered).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
-            path.display()
-        )
-    });
-    if expected != rendered {
-        let got = path.with_extension("json.actual");
-        std::fs::write(&got, &rendered).unwrap();
-        panic!(
-            "generated config differs from {} (actual in {}; rerun with UPDATE_GOLDEN=1 if intended)",
-            path.display(),
-            got.display()
-        );
-    }
-}
-
-fn snapshot(dir: &Path) -> Snapshot {
-    let (store, outcome) = ConfigStore::open(dir).unwrap();
-    assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
-    Snapshot::build(1, store.mesh())
+fn fixture() -> PathBuf {
+    translated::fixture("authz")
 }
 
 /// The network filters of a chain, or the HTTP filters of its connection manager.
@@ -101,24 +71,31 @@ const SCENARIOS: &[&str] = &[
 
 #[test]
 fn authorization_and_jwt_filters_per_scenario() {
-    let snap = snapshot(&root().join("tests/fixtures/authz"));
+    let snap = snapshot_of(&fixture());
     for name in SCENARIOS {
-        check(name, &inbound_filters(&snap, &format!("{name}.default")));
+        check_golden(
+            &format!("authz/{name}"),
+            &inbound_filters(&snap, &format!("{name}.default")),
+        );
     }
 }
 
-#[test]
-fn filter_order_is_jwt_deny_allow_router() {
-    let snap = snapshot(&root().join("tests/fixtures/authz"));
-    let filters = inbound_filters(&snap, "jwt-claims.default");
-    let names: Vec<&str> = filters["127.0.5.9_9080"]["httpFilters"]
+/// The names of a list of filters, in order.
+fn names(filters: &Value) -> Vec<&str> {
+    filters
         .as_array()
         .unwrap()
         .iter()
         .map(|f| f["name"].as_str().unwrap())
-        .collect();
+        .collect()
+}
+
+#[test]
+fn filter_order_is_jwt_deny_allow_router() {
+    let snap = snapshot_of(&fixture());
+    let filters = inbound_filters(&snap, "jwt-claims.default");
     assert_eq!(
-        names,
+        names(&filters["127.0.5.9_9080"]["httpFilters"]),
         [
             "envoy.filters.http.jwt_authn",
             "envoy.filters.http.rbac",
@@ -134,14 +111,8 @@ fn filter_order_is_jwt_deny_allow_router() {
     assert_eq!(actions, [&json!("DENY"), &Value::Null]);
     // A TCP port: network RBAC (DENY, ALLOW) before tcp_proxy.
     let tcp = inbound_filters(&snap, "tcp.default");
-    let names: Vec<&str> = tcp["127.0.5.20_5432"]["filters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        names,
+        names(&tcp["127.0.5.20_5432"]["filters"]),
         [
             "envoy.filters.network.rbac",
             "envoy.filters.network.rbac",
@@ -152,15 +123,6 @@ fn filter_order_is_jwt_deny_allow_router() {
 
 fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
-}
-
-fn copy_fixture(to: &Path) {
-    for e in std::fs::read_dir(root().join("tests/fixtures/authz"))
-        .unwrap()
-        .flatten()
-    {
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 const ROOT_POLICIES: &str = r#"apiVersion: trellis.dev/v1alpha1
@@ -207,9 +169,9 @@ fn policy_names(snap: &Snapshot, workload: &str) -> Vec<String> {
 #[test]
 fn root_namespace_policies_apply_across_namespaces() {
     let dir = tempfile::tempdir().unwrap();
-    copy_fixture(dir.path());
+    copy_config(&fixture(), dir.path());
     write(dir.path(), "root.yaml", ROOT_POLICIES);
-    let snap = snapshot(dir.path());
+    let snap = snapshot_of(dir.path());
     assert_eq!(
         policy_names(&snap, "open.default"),
         ["ns[mesh-root]-policy[mesh-deny]-rule[0]"]
@@ -226,17 +188,14 @@ fn root_namespace_policies_apply_across_namespaces() {
 
 #[test]
 fn a_policy_change_rebuilds_only_listeners() {
-    let dir = tempfile::tempdir().unwrap();
-    copy_fixture(dir.path());
-    let (mut store, _) = ConfigStore::open(dir.path()).unwrap();
+    let (dir, mut store) = editable_copy(&fixture());
     let a = Snapshot::build(1, store.mesh());
     let scope = ProxyScope::Workload("deny-path.default".into());
     let va = a.view(&scope);
 
-    let path = dir.path().join("policies.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("\"*.php\"", "\"*.asp\"")).unwrap();
-    assert!(store.reload().unwrap().changed);
+    edit_and_reload(&mut store, dir.path(), "policies.yaml", |t| {
+        t.replace("\"*.php\"", "\"*.asp\"")
+    });
     let b = Snapshot::build_from(2, store.mesh(), Some(&a));
     let vb = b.view(&scope);
     assert_ne!(

@@ -48,22 +48,11 @@ async fn rotation_waits_for_every_proxy_and_resumes_after_a_restart() {
     drop(proxy);
     let dir = s._dir.path().to_path_buf();
     s.server.stop();
-    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    let server = Server::start_with(
-        dir.join("config"),
-        bind().await.unwrap(),
-        bind().await.unwrap(),
-        Some(SecureOptions {
-            listener: bind().await.unwrap(),
-            ca: CaOptions {
-                dir: dir.join("ca"),
-                ..CaOptions::default()
-            },
-            workload_ttl: None,
-        }),
-    )
-    .await
-    .unwrap();
+    let ca = CaOptions {
+        dir: dir.join("ca"),
+        ..CaOptions::default()
+    };
+    let server = start_server(dir.join("config"), ca, None).await;
     s.ca = server.authority.clone().unwrap();
     s.server = server;
     assert_eq!(phase(&s.ca), Some(cert_authority::Phase::AddNewRoot));
@@ -125,45 +114,14 @@ async fn a_plugged_ca_signs_and_a_new_intermediate_is_picked_up() {
     .unwrap();
     write_cacerts(&cacerts, &root, "Operator Intermediate A");
 
-    let config = dir.path().join("config");
-    std::fs::create_dir(&config).unwrap();
-    for (file, text) in [
-        ("mesh.yaml", include_str!("fixtures/protocol/mesh.yaml")),
-        (
-            "services.yaml",
-            include_str!("fixtures/protocol/services.yaml"),
-        ),
-        (
-            "workloads.yaml",
-            include_str!("fixtures/protocol/workloads.yaml"),
-        ),
-    ] {
-        std::fs::write(config.join(file), text).unwrap();
-    }
-    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    let server = Server::start_with(
-        config,
-        bind().await.unwrap(),
-        bind().await.unwrap(),
-        Some(SecureOptions {
-            listener: bind().await.unwrap(),
-            ca: CaOptions {
-                dir: dir.path().join("state"),
-                plugged: Some(cacerts.clone()),
-                ..CaOptions::default()
-            },
-            workload_ttl: None,
-        }),
-    )
-    .await
-    .unwrap();
-    let ca = server.authority.clone().unwrap();
-    assert_eq!(ca.current().bundle_pem.trim(), root.pem().trim());
-    let s = Secure {
-        _dir: dir,
-        server,
-        ca,
+    let config = write_config(dir.path(), WORKLOADS);
+    let ca = CaOptions {
+        dir: dir.path().join("state"),
+        plugged: Some(cacerts.clone()),
+        ..CaOptions::default()
     };
+    let s = Secure::new(dir, start_server(config, ca, None).await);
+    assert_eq!(s.ca.current().bundle_pem.trim(), root.pem().trim());
     let token = s.token("bookinfo-reviews");
     let chain = default_chain(&s, &token).await;
     assert_eq!(issuer_cn(&chain), "Operator Intermediate A");

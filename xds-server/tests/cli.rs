@@ -12,6 +12,28 @@ fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
+/// Stdout of a run that must succeed.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("xds-server runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `xds-server ARGS` on the examples mesh with its CA in `ca`.
+fn with_examples_and_ca(ca: &Path, args: &[&str]) -> Command {
+    let mut cmd = xds_server();
+    cmd.args(args)
+        .arg("--config-dir")
+        .arg(examples())
+        .arg("--ca-dir")
+        .arg(ca);
+    cmd
+}
+
 fn run_fails(cmd: &mut Command) -> String {
     let out = cmd.output().expect("xds-server runs");
     assert!(
@@ -73,21 +95,19 @@ fn port_in_use() {
 
 #[test]
 fn bootstrap_names_the_workload_and_mode() {
-    let out = xds_server()
-        .args([
-            "bootstrap",
-            "--workload",
-            "reviews-v2.default",
-            "--delta",
-            "--admin-port",
-            "15999",
-            "--config-dir",
-        ])
-        .arg(examples())
-        .output()
-        .expect("runs");
-    assert!(out.status.success());
-    let yaml = String::from_utf8(out.stdout).expect("utf-8");
+    let yaml = run_ok(
+        xds_server()
+            .args([
+                "bootstrap",
+                "--workload",
+                "reviews-v2.default",
+                "--delta",
+                "--admin-port",
+                "15999",
+                "--config-dir",
+            ])
+            .arg(examples()),
+    );
     assert!(
         yaml.contains("id: sidecar~127.0.1.4~reviews-v2.default~default.svc.cluster.local"),
         "{yaml}"
@@ -100,51 +120,28 @@ fn bootstrap_names_the_workload_and_mode() {
 fn token_and_secure_bootstrap() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca");
-    let out = xds_server()
-        .args([
-            "token",
-            "create",
-            "--identity",
-            "default/bookinfo-reviews",
-            "--config-dir",
-        ])
-        .arg(examples())
-        .arg("--ca-dir")
-        .arg(&ca)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).expect("utf-8");
+    let token = run_ok(&mut with_examples_and_ca(
+        &ca,
+        &["token", "create", "--identity", "default/bookinfo-reviews"],
+    ));
     assert_eq!(token.trim().split('.').count(), 3, "{token}");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &token).expect("write");
 
-    let out = xds_server()
-        .args([
-            "bootstrap",
-            "--workload",
-            "reviews-v1.default",
-            "--secure-addr",
-            "127.0.0.1:25012",
-        ])
+    let yaml = run_ok(
+        with_examples_and_ca(
+            &ca,
+            &[
+                "bootstrap",
+                "--workload",
+                "reviews-v1.default",
+                "--secure-addr",
+                "127.0.0.1:25012",
+            ],
+        )
         .arg("--token-file")
-        .arg(&token_file)
-        .arg("--ca-dir")
-        .arg(&ca)
-        .arg("--config-dir")
-        .arg(examples())
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        .arg(&token_file),
     );
-    let yaml = String::from_utf8(out.stdout).expect("utf-8");
     assert!(
         yaml.contains(&format!("value: Bearer {}", token.trim())),
         "{yaml}"
@@ -186,8 +183,9 @@ fn token_and_secure_bootstrap() {
 fn cluster_join_token() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca");
-    let out = xds_server()
-        .args([
+    let token = run_ok(&mut with_examples_and_ca(
+        &ca,
+        &[
             "cluster",
             "join-token",
             "--cluster",
@@ -196,19 +194,8 @@ fn cluster_join_token() {
             "us-east",
             "--ttl",
             "30m",
-            "--config-dir",
-        ])
-        .arg(examples())
-        .arg("--ca-dir")
-        .arg(&ca)
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).expect("utf-8");
+        ],
+    ));
     assert_eq!(
         token.lines().count(),
         1,

@@ -23,8 +23,8 @@
 mod common;
 
 use common::{
-    ack, endpoints, first_request, names, open_sotw, outbound, request, sotw_subscribe_all, CDS,
-    EDS, MESH, ROUTING, SERVICES, WORKLOADS,
+    ack, endpoints, first_request, names, outbound, request, sotw_subscribe_all, start_server,
+    type_status, write_and_reload, CDS, CONFIG_FILES, EDS, RATINGS_LEAST_REQUEST,
 };
 use envoy_types::pb::envoy::config::cluster::v3::{cluster::LbPolicy, Cluster};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
@@ -43,16 +43,6 @@ use xds_server::cache::TypeKind;
 use xds_server::server::Server;
 
 const RATINGS: &str = "outbound|9080||ratings.default.svc.cluster.local";
-
-/// The edit under test: ratings' cluster changes, its endpoints do not.
-const RATINGS_DR: &str = "apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: ratings, namespace: default}
-spec:
-  host: ratings
-  trafficPolicy:
-    loadBalancer: {simple: LEAST_REQUEST}
-";
 
 fn lb_policy_of(resp: &DiscoveryResponse, name: &str) -> LbPolicy {
     resp.resources
@@ -77,7 +67,7 @@ async fn sotw_an_updated_cluster_gets_its_unchanged_endpoints_again() {
     let subscribed: Vec<String> = names(&before[EDS]).into_iter().collect();
     let subscribed: Vec<&str> = subscribed.iter().map(String::as_str).collect();
 
-    mesh.apply("ratings-dr.yaml", RATINGS_DR).await;
+    mesh.apply("ratings-dr.yaml", RATINGS_LEAST_REQUEST).await;
     let cds = ads.recv().await;
     assert_eq!(cds.type_url, CDS);
     assert_ne!(cds.version_info, before[CDS].version_info);
@@ -106,7 +96,7 @@ async fn sotw_endpoints_not_resent_for_a_cluster_not_subscribed() {
     let mesh = common::Mesh::start().await;
     let details = outbound("details");
     let first = first_request("proxy-sotw-cds-other", CDS, &[]);
-    let mut ads = open_sotw(mesh.server.xds_addr, first).await.unwrap();
+    let mut ads = mesh.sotw(first).await;
     let cds = ads.recv().await;
     assert_eq!(cds.type_url, CDS);
     ads.send(ack(&cds, &[])).await;
@@ -116,7 +106,7 @@ async fn sotw_endpoints_not_resent_for_a_cluster_not_subscribed() {
     ads.send(ack(&eds, &[&details])).await;
     ads.expect_silence().await;
 
-    mesh.apply("ratings-dr.yaml", RATINGS_DR).await;
+    mesh.apply("ratings-dr.yaml", RATINGS_LEAST_REQUEST).await;
     let cds2 = ads.recv().await;
     assert_eq!(cds2.type_url, CDS);
     assert_eq!(lb_policy_of(&cds2, RATINGS), LbPolicy::LeastRequest);
@@ -160,12 +150,7 @@ impl Harness {
         std::fs::create_dir(&config_dir).unwrap();
         // 127.0.1.N (workload), .2.N (app), .3.N (outbound) -> 127.0.X.1N, .2N, .3N.
         let x = net.octet();
-        for (file, text) in [
-            ("mesh.yaml", MESH),
-            ("services.yaml", SERVICES),
-            ("workloads.yaml", WORKLOADS),
-            ("routing.yaml", ROUTING),
-        ] {
+        for (file, text) in CONFIG_FILES {
             let text = ["1", "2", "3"].iter().fold(text.to_string(), |t, b| {
                 t.replace(&format!("127.0.{b}."), &format!("127.0.{x}.{b}"))
             });
@@ -176,11 +161,7 @@ impl Harness {
             .enable_all()
             .build()
             .unwrap();
-        let server = rt.block_on(async {
-            let xds = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            Server::start(config_dir.clone(), xds, admin).await.unwrap()
-        });
+        let server = rt.block_on(start_server(config_dir.clone()));
         let admin = free_addr(LOCALHOST).unwrap();
         // productpage-v1 calls the others: it gets every outbound cluster.
         let node = format!("sidecar~127.0.{x}.11~productpage-v1.default~default.svc.cluster.local");
@@ -215,27 +196,12 @@ impl Harness {
 
     /// Writes a config file and reloads synchronously; the mesh must change.
     fn apply(&self, file: &str, text: &str) {
-        // Read first: the file watcher may reload before this does.
-        let before = self.server.controller.snapshot().generation;
-        let tmp = self.config_dir.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, self.config_dir.join(file)).unwrap();
-        self.server.controller.reload();
-        let after = self.server.controller.snapshot().generation;
-        assert!(
-            after > before,
-            "{file}: the edit did not change the mesh (errors: {:?})",
-            self.server.controller.status().errors
-        );
+        write_and_reload(&self.server.controller, &self.config_dir, file, text);
     }
 
     /// What the server recorded for the sidecar's stream.
     fn type_status(&self, kind: TypeKind) -> TypeStatus {
-        self.server
-            .registry
-            .find(&self.node)
-            .and_then(|p| p.type_status(kind))
-            .unwrap_or_default()
+        type_status(&self.server, &self.node, kind)
     }
 
     /// Envoy's counters and gauges (`/stats`, text form: `name: value`).
@@ -332,7 +298,7 @@ fn updated_cluster_becomes_active_without_a_fetch_timeout(mode: Mode) {
     let modified_before = Harness::stat(&before, "cluster_manager.cluster_modified");
 
     let started = Instant::now();
-    h.apply("ratings-dr.yaml", RATINGS_DR);
+    h.apply("ratings-dr.yaml", RATINGS_LEAST_REQUEST);
     // Envoy took the updated cluster, and it left warming (in time or by the timeout).
     let after = h.wait_for("the updated cluster active", |h| {
         // Stats second: at least as new as the dump.

@@ -24,11 +24,13 @@ fn claims_a() -> [(&'static str, &'static str); 4] {
 
 /// Joins cluster `a`: the chain (leaf first, root last) and the relay's key.
 async fn join_a(s: &Secure) -> (Vec<String>, String) {
-    let token = s.join_token("a", &claims_a(), HOUR);
+    join_with(s, &s.join_token("a", &claims_a(), HOUR)).await
+}
+
+/// Joins as relay `a` with `token`.
+async fn join_with(s: &Secure, token: &str) -> (Vec<String>, String) {
     let (csr, key) = csr_for_id(&relay_id("a"));
-    let chain = create_certificate(s.channel(None).await, Some(&token), &csr)
-        .await
-        .unwrap();
+    let chain = s.create_certificate(Some(token), &csr).await.unwrap();
     (chain, key)
 }
 
@@ -41,10 +43,7 @@ fn client_chain(chain: &[String]) -> String {
 async fn a_join_token_gets_the_relay_certificate_once_and_records_the_cluster() {
     let s = start(None).await;
     let token = s.join_token("a", &claims_a(), HOUR);
-    let (csr, _key) = csr_for_id(&relay_id("a"));
-    let chain = create_certificate(s.channel(None).await, Some(&token), &csr)
-        .await
-        .unwrap();
+    let (chain, _key) = join_with(&s, &token).await;
     assert_eq!(leaf_uri_sans(&chain[0]), vec![relay_id("a").uri()]);
     assert_eq!(
         chain.last().unwrap().trim(),
@@ -72,26 +71,15 @@ async fn a_join_token_gets_the_relay_certificate_once_and_records_the_cluster() 
 
     // Second use, even with a fresh key: refused, saying when it was used.
     let (csr, _) = csr_for_id(&relay_id("a"));
-    let err = create_certificate(s.channel(None).await, Some(&token), &csr)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(
-        err.message().contains("join token already used"),
-        "{}",
-        err.message()
-    );
+    let err = s.create_certificate(Some(&token), &csr).await.unwrap_err();
+    assert_refused(&err, Code::Unauthenticated, "join token already used");
     assert!(
         err.message().contains("redeemed at 20"),
         "{}",
         err.message()
     );
 
-    let metrics = s.server.metrics.render();
-    assert!(
-        metrics.contains(r#"trellis_ca_certificates_issued_total{how="join"} 1"#),
-        "{metrics}"
-    );
+    s.assert_metric(r#"trellis_ca_certificates_issued_total{how="join"} 1"#);
 }
 
 #[tokio::test]
@@ -99,9 +87,7 @@ async fn the_network_defaults_to_the_cluster_name() {
     let s = start(None).await;
     let token = s.join_token("b", &[("cluster", "b")], HOUR);
     let (csr, _) = csr_for_id(&relay_id("b"));
-    create_certificate(s.channel(None).await, Some(&token), &csr)
-        .await
-        .unwrap();
+    s.create_certificate(Some(&token), &csr).await.unwrap();
     let b = s.server.clusters.as_ref().unwrap().get("b").unwrap();
     assert_eq!((b.network.as_str(), b.region, b.zone), ("b", None, None));
 }
@@ -129,12 +115,7 @@ async fn a_join_token_signs_only_its_relay_identity_and_a_refusal_does_not_use_i
     let err = create_certificate(ch.clone(), Some(&token), &csr)
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(
-        err.message().contains(&id("bookinfo-reviews").uri()),
-        "{}",
-        err.message()
-    );
+    assert_refused(&err, Code::PermissionDenied, &id("bookinfo-reviews").uri());
     // Not a CSR at all.
     let err = create_certificate(ch.clone(), Some(&token), "garbage")
         .await
@@ -167,35 +148,21 @@ async fn expired_and_foreign_join_tokens_are_refused() {
     let (csr, _) = csr_for_id(&relay_id("a"));
     // A zero lifetime: expired the second it was made.
     let expired = s.join_token("a", &claims_a(), Duration::ZERO);
-    let err = create_certificate(s.channel(None).await, Some(&expired), &csr)
+    let err = s
+        .create_certificate(Some(&expired), &csr)
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(err.message().contains("expired"), "{}", err.message());
+    assert_refused(&err, Code::Unauthenticated, "expired");
 
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = Authority::open(CaOptions {
-        dir: other_dir.path().to_path_buf(),
-        ..CaOptions::default()
-    })
-    .unwrap();
-    let foreign = other
-        .tokens()
-        .create(
-            &relay_id("a"),
-            TokenKind::Join,
-            HOUR,
-            [("cluster".to_string(), "a".to_string())].into(),
-        )
-        .unwrap();
-    let err = create_certificate(s.channel(None).await, Some(&foreign), &csr)
+    let foreign = foreign_token(&relay_id("a"), TokenKind::Join, HOUR, &[("cluster", "a")]);
+    let err = s
+        .create_certificate(Some(&foreign), &csr)
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(
-        err.message().contains("not issued by this control plane"),
-        "{}",
-        err.message()
+    assert_refused(
+        &err,
+        Code::Unauthenticated,
+        "not issued by this control plane",
     );
     assert!(s.server.clusters.as_ref().unwrap().all().is_empty());
 }
@@ -206,19 +173,10 @@ async fn a_join_token_whose_claims_do_not_match_its_subject_is_refused() {
     // Subject relay-a, claim cluster b: not something the CLI makes.
     let token = s.join_token("a", &[("cluster", "b")], HOUR);
     let (csr, _) = csr_for_id(&relay_id("a"));
-    let err = create_certificate(s.channel(None).await, Some(&token), &csr)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(
-        err.message().contains("join token refused"),
-        "{}",
-        err.message()
-    );
+    let err = s.create_certificate(Some(&token), &csr).await.unwrap_err();
+    assert_refused(&err, Code::Unauthenticated, "join token refused");
     let token = s.join_token("a", &[], HOUR);
-    let err = create_certificate(s.channel(None).await, Some(&token), &csr)
-        .await
-        .unwrap_err();
+    let err = s.create_certificate(Some(&token), &csr).await.unwrap_err();
     assert!(
         err.message().contains("\"cluster\" claim"),
         "{}",
@@ -253,30 +211,17 @@ async fn concurrent_uses_of_one_join_token_let_exactly_one_through() {
 async fn a_join_token_is_refused_on_ads_streams() {
     let s = start(None).await;
     let token = s.join_token("a", &claims_a(), HOUR);
-    let err = sds(
-        s.channel(None).await,
-        Some(&token),
-        RELAY_A_NODE,
-        &["default"],
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(
-        err.message()
-            .contains("a join token only works for CreateCertificate"),
-        "{}",
-        err.message()
+    let err = s
+        .sds(Some(&token), RELAY_A_NODE, &["default"])
+        .await
+        .unwrap_err();
+    assert_refused(
+        &err,
+        Code::Unauthenticated,
+        "a join token only works for CreateCertificate",
     );
     // Still unused: the relay can join with it.
     join_with(&s, &token).await;
-}
-
-async fn join_with(s: &Secure, token: &str) {
-    let (csr, _) = csr_for_id(&relay_id("a"));
-    create_certificate(s.channel(None).await, Some(token), &csr)
-        .await
-        .unwrap();
 }
 
 #[tokio::test]
@@ -290,19 +235,14 @@ async fn a_joined_relay_authenticates_with_its_certificate_and_renews_it() {
     let err = sds(relay.clone(), None, RELAY_A_NODE, &["default"])
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(
-        err.message()
-            .contains("the relay of cluster a may not act for a proxy of cluster \"primary\""),
-        "{}",
-        err.message()
+    assert_refused(
+        &err,
+        Code::PermissionDenied,
+        "the relay of cluster a may not act for a proxy of cluster \"primary\"",
     );
 
     // The certificate makes a relay caller of cluster a (what the TLS layer passes on).
-    let der = CertificateDer::pem_slice_iter(chain[0].as_bytes())
-        .next()
-        .unwrap()
-        .unwrap();
+    let der = leaf_der(&chain[0]);
     let peer = PeerInfo {
         remote: None,
         identity: xds_server::identity::tls::spiffe_id_of(&der),
@@ -331,25 +271,10 @@ async fn a_joined_relay_authenticates_with_its_certificate_and_renews_it() {
 #[tokio::test]
 async fn a_workload_token_cannot_claim_a_relay_identity() {
     let s = start(None).await;
-    let token =
-        s.ca.tokens()
-            .create(
-                &relay_id("a"),
-                TokenKind::Workload,
-                HOUR,
-                Default::default(),
-            )
-            .unwrap();
+    let token = s.workload_token(&relay_id("a"), HOUR);
     let (csr, _) = csr_for_id(&relay_id("a"));
-    let err = create_certificate(s.channel(None).await, Some(&token), &csr)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(
-        err.message().contains("relay identity"),
-        "{}",
-        err.message()
-    );
+    let err = s.create_certificate(Some(&token), &csr).await.unwrap_err();
+    assert_refused(&err, Code::Unauthenticated, "relay identity");
 }
 
 #[tokio::test]

@@ -6,74 +6,31 @@
 //! (regenerate with `UPDATE_GOLDEN=1` and review the diff).
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+mod translated;
+
+use std::path::PathBuf;
 use std::sync::Arc;
+use translated::{
+    check_dump, check_golden, dump, edit_and_reload, editable_copy, open_store, resource,
+};
 use xds_server::cache::{Snapshot, TypeKind};
 use xds_server::config::parse::parse_file;
 use xds_server::config::peer_authentication::MtlsMode;
 use xds_server::config::store::ConfigStore;
 use xds_server::config::ConfigError;
-use xds_server::dump::resource_json;
 use xds_server::mesh::MeshState;
 use xds_server::translate::ProxyScope;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
 fn fixture() -> PathBuf {
-    root().join("tests/fixtures/mtls")
-}
-
-fn check(name: &str, value: &serde_json::Value) {
-    let path = root().join("tests/golden").join(format!("{name}.json"));
-    let rendered = serde_json::to_string_pretty(value).unwrap() + "\n";
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &rendered).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
-            path.display()
-        )
-    });
-    if expected != rendered {
-        let got = path.with_extension("json.actual");
-        std::fs::write(&got, &rendered).unwrap();
-        panic!(
-            "generated config differs from {} (actual in {}; rerun with UPDATE_GOLDEN=1 if intended)",
-            path.display(),
-            got.display()
-        );
-    }
-}
-
-fn store(dir: &Path) -> ConfigStore {
-    let (store, outcome) = ConfigStore::open(dir).unwrap();
-    assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
-    store
+    translated::fixture("mtls")
 }
 
 fn snapshot() -> Snapshot {
-    Snapshot::build(1, store(&fixture()).mesh())
+    Snapshot::build(1, open_store(&fixture()).mesh())
 }
 
 fn workload(id: &str) -> ProxyScope {
     ProxyScope::Workload(id.into())
-}
-
-fn dump(snap: &Snapshot, scope: &ProxyScope, kind: TypeKind) -> serde_json::Value {
-    let view = snap.view(scope);
-    serde_json::Value::Array(view.iter(kind).map(|r| resource_json(r)).collect())
-}
-
-fn resource(snap: &Snapshot, scope: &ProxyScope, kind: TypeKind, name: &str) -> serde_json::Value {
-    let view = snap.view(scope);
-    let r = view
-        .get(kind, name)
-        .unwrap_or_else(|| panic!("{scope:?} has no {kind:?} {name}"));
-    resource_json(r)["resource"].clone()
 }
 
 #[test]
@@ -81,29 +38,23 @@ fn golden_config_of_sidecars_with_identities() {
     let snap = snapshot();
     let web = workload("web-v1.shop");
     // Port-level STRICT (8080) and DISABLE (9000) under a namespace-wide PERMISSIVE.
-    check(
-        "mtls.web-v1.listeners",
-        &dump(&snap, &web, TypeKind::Listener),
-    );
+    check_dump("mtls.web-v1.listeners", &snap, &web, TypeKind::Listener);
     // Auto mTLS, DestinationRule ISTIO_MUTUAL / DISABLE (subset), MESH_EXTERNAL, inline endpoints.
-    check(
-        "mtls.web-v1.clusters",
-        &dump(&snap, &web, TypeKind::Cluster),
-    );
-    check("mtls.endpoints", &dump(&snap, &web, TypeKind::Endpoint));
+    check_dump("mtls.web-v1.clusters", &snap, &web, TypeKind::Cluster);
+    check_dump("mtls.endpoints", &snap, &web, TypeKind::Endpoint);
     // The other workloads' outbound listeners are web's; only their inbound ones differ.
     // Namespace-wide PERMISSIVE: TLS inspector, an mTLS and a plaintext chain.
-    check(
+    check_golden(
         "mtls.cart-v1.inbound",
         &inbound(&snap, &workload("cart-v1.shop")),
     );
     // Mesh-wide STRICT (gRPC port): one mTLS chain.
-    check(
+    check_golden(
         "mtls.ledger-v1.inbound",
         &inbound(&snap, &workload("ledger-v1.bank")),
     );
     // Selector DISABLE: plaintext only.
-    check(
+    check_golden(
         "mtls.audit-v1.inbound",
         &inbound(&snap, &workload("audit-v1.bank")),
     );
@@ -299,7 +250,7 @@ fn endpoint_metadata_marks_ports_that_take_mtls() {
 
 #[test]
 fn modes_resolve_workload_over_namespace_over_mesh() {
-    let mesh = store(&fixture()).mesh();
+    let mesh = open_store(&fixture()).mesh();
     let mode = |id: &str, port: u32| {
         let w = &mesh.workloads[id];
         mesh.peer_authentication.mode(&w.namespace, &w.labels, port)
@@ -404,23 +355,16 @@ fn a_selector_policy_in_the_root_namespace_is_an_error() {
 
 #[test]
 fn policy_changes_retranslate_only_what_they_touch() {
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fixture()).unwrap().flatten() {
-        if e.path().extension().is_some_and(|x| x == "yaml") {
-            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-        }
-    }
-    let (mut store, _) = ConfigStore::open(dir.path()).unwrap();
+    let (dir, mut store) = editable_copy(&fixture());
     let a = Snapshot::build(1, store.mesh());
     let web = workload("web-v1.shop");
     let ledger = "outbound|7070||ledger.bank.svc.cluster.local";
     let (va, legacy_a) = (a.view(&web), a.view(&workload("legacy-v1.shop")));
 
     // An endpoint change elsewhere keeps ledger's identity cluster (built lazily once).
-    let path = dir.path().join("workloads.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("127.0.3.6", "127.0.3.60")).unwrap();
-    assert!(store.reload().unwrap().changed);
+    edit_and_reload(&mut store, dir.path(), "workloads.yaml", |t| {
+        t.replace("127.0.3.6", "127.0.3.60")
+    });
     let b = Snapshot::build_from(2, store.mesh(), Some(&a));
     let vb = b.view(&web);
     assert!(Arc::ptr_eq(
@@ -433,14 +377,9 @@ fn policy_changes_retranslate_only_what_they_touch() {
     );
 
     // Mesh-wide PERMISSIVE instead of STRICT: ledger's listener changes, clusters do not.
-    let path = dir.path().join("security.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        text.replacen("mtls: {mode: STRICT}", "mtls: {mode: PERMISSIVE}", 1),
-    )
-    .unwrap();
-    assert!(store.reload().unwrap().changed);
+    edit_and_reload(&mut store, dir.path(), "security.yaml", |t| {
+        t.replacen("mtls: {mode: STRICT}", "mtls: {mode: PERMISSIVE}", 1)
+    });
     let c = Snapshot::build_from(3, store.mesh(), Some(&b));
     let ledger_scope = workload("ledger-v1.bank");
     assert_ne!(

@@ -8,9 +8,11 @@
 //! `tests/golden/multicluster.*.json` (regenerate with `UPDATE_GOLDEN=1`, review the diff).
 #![allow(clippy::unwrap_used)]
 
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+mod translated;
+
+use std::path::PathBuf;
 use std::sync::Arc;
+use translated::{check_dump, copy_config, open_store, resource};
 use xds_server::cache::{Snapshot, TypeKind};
 use xds_server::config::store::{ConfigStore, RegistryError};
 use xds_server::config::ConfigError;
@@ -18,36 +20,8 @@ use xds_server::dump::resource_json;
 use xds_server::mesh::ClusterMeta;
 use xds_server::translate::ProxyScope;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
 fn fixture() -> PathBuf {
-    root().join("tests/fixtures/multicluster")
-}
-
-fn check(name: &str, value: &Value) {
-    let path = root().join("tests/golden").join(format!("{name}.json"));
-    let rendered = serde_json::to_string_pretty(value).unwrap() + "\n";
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &rendered).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
-            path.display()
-        )
-    });
-    if expected != rendered {
-        let got = path.with_extension("json.actual");
-        std::fs::write(&got, &rendered).unwrap();
-        panic!(
-            "generated config differs from {} (actual in {}; rerun with UPDATE_GOLDEN=1 if intended)",
-            path.display(),
-            got.display()
-        );
-    }
+    translated::fixture("multicluster")
 }
 
 fn meta_b() -> ClusterMeta {
@@ -70,9 +44,7 @@ fn registry_b() -> Vec<(String, String)> {
 }
 
 fn primary() -> ConfigStore {
-    let (store, outcome) = ConfigStore::open(fixture().join("primary")).unwrap();
-    assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
-    store
+    open_store(&fixture().join("primary"))
 }
 
 /// The primary folder plus cluster b's registry.
@@ -87,18 +59,9 @@ fn two_clusters() -> ConfigStore {
     store
 }
 
-fn dump(snap: &Snapshot, scope: &ProxyScope, kind: TypeKind) -> Value {
-    let view = snap.view(scope);
-    Value::Array(view.iter(kind).map(|r| resource_json(r)).collect())
-}
-
 /// (priority, locality "region/zone/subzone", endpoint addresses) per group of a CLA.
 fn groups(snap: &Snapshot, scope: &ProxyScope, cluster: &str) -> Vec<(u64, String, Vec<String>)> {
-    let view = snap.view(scope);
-    let r = view
-        .get(TypeKind::Endpoint, cluster)
-        .unwrap_or_else(|| panic!("{scope:?}: no EDS {cluster}"));
-    let cla = &resource_json(r)["resource"];
+    let cla = resource(snap, scope, TypeKind::Endpoint, cluster);
     cla["endpoints"]
         .as_array()
         .unwrap()
@@ -144,18 +107,14 @@ fn golden_eds_per_proxy_cluster() {
     let snap = Snapshot::build(1, two_clusters().mesh());
     let in_primary = ProxyScope::Workload("productpage-v1.default".into());
     let in_b = ProxyScope::Workload("reviews-v1.default@b".into());
-    check(
+    check_dump(
         "multicluster.primary.endpoints",
-        &dump(&snap, &in_primary, TypeKind::Endpoint),
+        &snap,
+        &in_primary,
+        TypeKind::Endpoint,
     );
-    check(
-        "multicluster.b.endpoints",
-        &dump(&snap, &in_b, TypeKind::Endpoint),
-    );
-    check(
-        "multicluster.b.listeners",
-        &dump(&snap, &in_b, TypeKind::Listener),
-    );
+    check_dump("multicluster.b.endpoints", &snap, &in_b, TypeKind::Endpoint);
+    check_dump("multicluster.b.listeners", &snap, &in_b, TypeKind::Listener);
     // Outbound clusters do not depend on the proxy's cluster.
     assert_eq!(
         snap.view(&ProxyScope::namespace("default", "primary"))
@@ -500,9 +459,7 @@ fn reports_that_cannot_be_taken_are_refused() {
 #[test]
 fn the_own_cluster_cannot_take_a_member_clusters_name() {
     let dir = tempfile::tempdir().unwrap();
-    for f in ["mesh.yaml", "services.yaml", "workloads.yaml"] {
-        std::fs::copy(fixture().join("primary").join(f), dir.path().join(f)).unwrap();
-    }
+    copy_config(&fixture().join("primary"), dir.path());
     let (mut store, _) = ConfigStore::open(dir.path()).unwrap();
     store
         .set_cluster_registry("b", meta_b(), registry_b())

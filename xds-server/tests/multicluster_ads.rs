@@ -129,7 +129,7 @@ async fn a_member_clusters_sidecar_gets_its_own_endpoints_first() {
     let reviews = outbound("reviews");
     let mut first = first_request(NODE_B, EDS, &[&reviews]);
     first.node = node_in("b");
-    let mut ads = open_sotw(mesh.server.xds_addr, first).await.unwrap();
+    let mut ads = mesh.sotw(first).await;
     let eds = ads.recv().await;
     assert_eq!(
         by_priority(&eds),

@@ -6,21 +6,21 @@
 //! endpoints too. Skips without Envoy on a developer machine, fails under `CI=true`.
 #![allow(clippy::unwrap_used)]
 
-use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+mod translated;
+
+use serde_json::Value;
+use std::path::PathBuf;
+use translated::{ads_bootstrap, inline_endpoints, open_store, resources};
 use xds_server::cache::{Snapshot, TypeKind};
-use xds_server::config::store::ConfigStore;
-use xds_server::dump::resource_json;
 use xds_server::mesh::ClusterMeta;
 use xds_server::translate::ProxyScope;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/multicluster")
+    translated::fixture("multicluster")
 }
 
 fn snapshot() -> Snapshot {
-    let (mut store, outcome) = ConfigStore::open(fixture().join("primary")).unwrap();
-    assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
+    let mut store = open_store(&fixture().join("primary"));
     let files = ["reviews.yaml", "ratings.yaml"]
         .iter()
         .map(|f| {
@@ -38,60 +38,15 @@ fn snapshot() -> Snapshot {
     Snapshot::build(1, store.mesh())
 }
 
-fn resources(snap: &Snapshot, scope: &ProxyScope, kind: TypeKind) -> Vec<Value> {
-    snap.view(scope)
-        .iter(kind)
-        .map(|r| resource_json(r)["resource"].clone())
-        .collect()
-}
-
 /// Listeners and clusters as served, plus the ADS cluster they point at (never
 /// connected to in validate mode). `inline`: EDS clusters carry their assignment.
 fn bootstrap(snap: &Snapshot, scope: &ProxyScope, node: &str, inline: bool) -> Value {
-    let endpoints = resources(snap, scope, TypeKind::Endpoint);
     let mut clusters = resources(snap, scope, TypeKind::Cluster);
     if inline {
-        for c in &mut clusters {
-            if c["type"] == "EDS" {
-                let name = c["name"].clone();
-                let cla = endpoints
-                    .iter()
-                    .find(|e| e["clusterName"] == name)
-                    .cloned()
-                    .unwrap_or_else(|| panic!("no endpoints for {name}"));
-                let map = c.as_object_mut().unwrap();
-                map.remove("edsClusterConfig");
-                map.insert("type".into(), json!("STATIC"));
-                map.insert("loadAssignment".into(), cla);
-            }
-        }
+        inline_endpoints(&mut clusters, &resources(snap, scope, TypeKind::Endpoint));
     }
-    clusters.push(json!({
-        "name": "xds-grpc",
-        "type": "STATIC",
-        "connectTimeout": "1s",
-        "typedExtensionProtocolOptions": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicitHttpConfig": {"http2ProtocolOptions": {}}
-            }
-        },
-        "loadAssignment": {"clusterName": "xds-grpc", "endpoints": [{"lbEndpoints": [
-            {"endpoint": {"address": {"socketAddress": {"address": "127.0.0.1", "portValue": 15010}}}}
-        ]}]}
-    }));
-    json!({
-        "node": {"id": node, "cluster": "multicluster-validate"},
-        "dynamicResources": {"adsConfig": {
-            "apiType": "GRPC",
-            "transportApiVersion": "V3",
-            "grpcServices": [{"envoyGrpc": {"clusterName": "xds-grpc"}}]
-        }},
-        "staticResources": {
-            "listeners": resources(snap, scope, TypeKind::Listener),
-            "clusters": clusters
-        }
-    })
+    let listeners = resources(snap, scope, TypeKind::Listener);
+    ads_bootstrap(node, "multicluster-validate", listeners, clusters)
 }
 
 #[test]

@@ -11,16 +11,19 @@
 //! (and 503 when told to). Skips without Envoy on a developer machine, fails under `CI=true`.
 #![allow(clippy::unwrap_used)]
 
+mod translated;
+
 use serde_json::{json, Value};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use translated::{inline_assignment, open_store};
 use trellis_tests::{
-    envoy_admin_get, free_port, http_get, start_envoy, wait_envoy_live, LoopbackNet,
+    envoy_admin_get, free_port, http_get, start_envoy, wait_envoy_live, ChildGuard, LoopbackNet,
     ENVOY_START_TIMEOUT,
 };
 use xds_server::cache::{Snapshot, TypeKind};
-use xds_server::config::store::ConfigStore;
 use xds_server::dump::resource_json;
 use xds_server::mesh::ClusterMeta;
 use xds_server::translate::ProxyScope;
@@ -69,8 +72,7 @@ fn snapshot(primary: SocketAddr, local: SocketAddr, gone: Option<SocketAddr>) ->
         workload("reviews-v1", primary.ip(), primary.port()),
     )
     .unwrap();
-    let (mut store, outcome) = ConfigStore::open(dir.path()).unwrap();
-    assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
+    let mut store = open_store(dir.path());
     let mut files = vec![(
         "reviews.yaml".to_string(),
         workload("reviews-v1", local.ip(), local.port()),
@@ -105,10 +107,7 @@ fn bootstrap(snap: &Snapshot, admin: SocketAddr, listen: SocketAddr) -> String {
         priorities.contains(&&json!(1)),
         "b's proxy ranks primary's endpoint 1: {cla}"
     );
-    let map = cluster.as_object_mut().unwrap();
-    map.remove("edsClusterConfig");
-    map.insert("type".into(), json!("STATIC"));
-    map.insert("loadAssignment".into(), cla);
+    inline_assignment(&mut cluster, cla);
     let hcm = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "statPrefix": "failover",
@@ -135,6 +134,21 @@ fn bootstrap(snap: &Snapshot, admin: SocketAddr, listen: SocketAddr) -> String {
         }
     });
     serde_json::to_string_pretty(&b).unwrap()
+}
+
+/// A live Envoy serving [`bootstrap`] of `snap`.
+fn envoy_for(
+    envoy_bin: &Path,
+    dir: &Path,
+    name: &str,
+    snap: &Snapshot,
+    admin: SocketAddr,
+    listen: SocketAddr,
+) -> ChildGuard {
+    let yaml = bootstrap(snap, admin, listen);
+    let mut envoy = start_envoy(envoy_bin, dir, name, &yaml).unwrap();
+    wait_envoy_live(&mut envoy, admin, ENVOY_START_TIMEOUT).unwrap();
+    envoy
 }
 
 /// Bodies (or status codes) of `n` requests.
@@ -198,14 +212,7 @@ fn envoy_fails_over_to_the_other_cluster_when_the_local_endpoint_fails() {
 
     // b's endpoint answers: every request stays in b.
     let snap = snapshot(primary, local, None);
-    let mut envoy = start_envoy(
-        &envoy_bin,
-        dir.path(),
-        "envoy",
-        &bootstrap(&snap, admin, listen),
-    )
-    .unwrap();
-    wait_envoy_live(&mut envoy, admin, ENVOY_START_TIMEOUT).unwrap();
+    let envoy = envoy_for(&envoy_bin, dir.path(), "envoy", &snap, admin, listen);
     assert_eq!(answers(listen, 20), vec!["b"; 20]);
 
     // It fails: after 3 consecutive 503s it is ejected and primary takes everything.
@@ -224,14 +231,7 @@ fn envoy_fails_over_to_the_other_cluster_when_the_local_endpoint_fails() {
     local_failing.store(false, Ordering::SeqCst);
     let snap = snapshot(primary, local, Some(gone));
     let (admin, listen) = (addr(102), addr(103));
-    let mut envoy = start_envoy(
-        &envoy_bin,
-        dir.path(),
-        "envoy-gone",
-        &bootstrap(&snap, admin, listen),
-    )
-    .unwrap();
-    wait_envoy_live(&mut envoy, admin, ENVOY_START_TIMEOUT).unwrap();
+    let _envoy = envoy_for(&envoy_bin, dir.path(), "envoy-gone", &snap, admin, listen);
     let refused = until_ejected(admin, listen, &ejections);
     assert!(
         refused >= 3,

@@ -8,81 +8,39 @@ use secure::*;
 #[tokio::test]
 async fn without_credentials_the_secure_port_refuses_streams() {
     let s = start(None).await;
-    let err = sds(s.channel(None).await, None, REVIEWS_V1, &["default"])
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(err.message().contains("token"), "{}", err.message());
-    let metrics = s.server.metrics.render();
-    assert!(
-        metrics.contains(r#"trellis_secure_refused_total{code="unauthenticated"} 1"#),
-        "{metrics}"
-    );
+    let err = s.sds(None, REVIEWS_V1, &["default"]).await.unwrap_err();
+    assert_refused(&err, Code::Unauthenticated, "token");
+    s.assert_metric(r#"trellis_secure_refused_total{code="unauthenticated"} 1"#);
 }
 
 #[tokio::test]
 async fn forged_and_expired_tokens_are_refused() {
     let s = start(None).await;
     // A token from another CA: well-formed, signed, but not by this control plane.
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = Authority::open(CaOptions {
-        dir: other_dir.path().to_path_buf(),
-        ..CaOptions::default()
-    })
-    .unwrap();
-    let forged = other
-        .tokens()
-        .create(
-            &id("bookinfo-reviews"),
-            TokenKind::Workload,
-            Duration::from_secs(600),
-            Default::default(),
-        )
-        .unwrap();
-    let err = sds(
-        s.channel(None).await,
-        Some(&forged),
-        REVIEWS_V1,
-        &["default"],
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(
-        err.message().contains("bearer token refused"),
-        "{}",
-        err.message()
+    let forged = foreign_token(
+        &id("bookinfo-reviews"),
+        TokenKind::Workload,
+        Duration::from_secs(600),
+        &[],
     );
+    let err = s
+        .sds(Some(&forged), REVIEWS_V1, &["default"])
+        .await
+        .unwrap_err();
+    assert_refused(&err, Code::Unauthenticated, "bearer token refused");
 
-    let short =
-        s.ca.tokens()
-            .create(
-                &id("bookinfo-reviews"),
-                TokenKind::Workload,
-                Duration::from_secs(1),
-                Default::default(),
-            )
-            .unwrap();
+    let short = s.workload_token(&id("bookinfo-reviews"), Duration::from_secs(1));
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let err = sds(
-        s.channel(None).await,
-        Some(&short),
-        REVIEWS_V1,
-        &["default"],
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(err.message().contains("expired"), "{}", err.message());
+    let err = s
+        .sds(Some(&short), REVIEWS_V1, &["default"])
+        .await
+        .unwrap_err();
+    assert_refused(&err, Code::Unauthenticated, "expired");
 
-    let err = sds(
-        s.channel(None).await,
-        Some("not.a.token"),
-        REVIEWS_V1,
-        &["default"],
-    )
-    .await
-    .unwrap_err();
+    let err = s
+        .sds(Some("not.a.token"), REVIEWS_V1, &["default"])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 }
 
@@ -91,20 +49,20 @@ async fn a_proxy_gets_its_own_secrets_and_nothing_else() {
     let s = start(None).await;
     let token = s.token("bookinfo-reviews");
     let others = id("bookinfo-ratings").uri();
-    let resp = sds(
-        s.channel(None).await,
-        Some(&token),
-        REVIEWS_V1,
-        &[
-            "default",
-            "ROOTCA",
-            &others,
-            "ratings",
-            "kubernetes://bookinfo-ratings",
-        ],
-    )
-    .await
-    .unwrap();
+    let resp = s
+        .sds(
+            Some(&token),
+            REVIEWS_V1,
+            &[
+                "default",
+                "ROOTCA",
+                &others,
+                "ratings",
+                "kubernetes://bookinfo-ratings",
+            ],
+        )
+        .await
+        .unwrap();
     let got = secrets(&resp);
     let names: BTreeSet<&str> = got.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, BTreeSet::from(["ROOTCA", "default"]));
@@ -132,41 +90,31 @@ async fn a_proxy_gets_its_own_secrets_and_nothing_else() {
 async fn claiming_another_identitys_workload_is_permission_denied() {
     let s = start(None).await;
     let token = s.token("bookinfo-ratings");
-    let err = sds(
-        s.channel(None).await,
-        Some(&token),
-        REVIEWS_V1,
-        &["default"],
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(
-        err.message()
-            .contains("may not claim workload reviews-v1.default"),
-        "{}",
-        err.message()
+    let err = s
+        .sds(Some(&token), REVIEWS_V1, &["default"])
+        .await
+        .unwrap_err();
+    assert_refused(
+        &err,
+        Code::PermissionDenied,
+        "may not claim workload reviews-v1.default",
     );
     // Another namespace entirely.
-    let err = sds(
-        s.channel(None).await,
-        Some(&token),
-        "sidecar~127.0.9.9~x.prod~prod.svc.cluster.local",
-        &["default"],
-    )
-    .await
-    .unwrap_err();
+    let err = s
+        .sds(
+            Some(&token),
+            "sidecar~127.0.9.9~x.prod~prod.svc.cluster.local",
+            &["default"],
+        )
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
 
 #[tokio::test]
 async fn the_plaintext_port_serves_no_secrets() {
     let s = start(None).await;
-    let ch = Endpoint::from_shared(format!("http://{}", s.server.xds_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = s.plaintext_channel().await;
     let resp = sds(ch, None, REVIEWS_V1, &["default", "ROOTCA"])
         .await
         .unwrap();
@@ -178,24 +126,10 @@ async fn csr_for_someone_else_is_refused_and_own_csr_is_signed() {
     let s = start(None).await;
     let token = s.token("bookinfo-reviews");
     let mut client = IstioCertificateServiceClient::new(s.channel(None).await);
-    let ask = |csr: String| {
-        let mut r = Request::new(IstioCertificateRequest {
-            csr,
-            validity_duration: 3600,
-            metadata: None,
-        });
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        r
-    };
+    let ask = |csr: String| with_bearer(certificate_request(&csr), Some(&token));
     let (csr, _) = csr_for("bookinfo-ratings");
     let err = client.create_certificate(ask(csr)).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(
-        err.message().contains(&id("bookinfo-ratings").uri()),
-        "{}",
-        err.message()
-    );
+    assert_refused(&err, Code::PermissionDenied, &id("bookinfo-ratings").uri());
 
     let (csr, key) = csr_for("bookinfo-reviews");
     let chain = client
@@ -211,15 +145,8 @@ async fn csr_for_someone_else_is_refused_and_own_csr_is_signed() {
         s.ca.current().roots[0].pem.trim()
     );
 
-    let metrics = s.server.metrics.render();
-    assert!(
-        metrics.contains(r#"trellis_ca_certificates_issued_total{how="csr"} 1"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"trellis_secure_refused_total{code="permission_denied"} 1"#),
-        "{metrics}"
-    );
+    s.assert_metric(r#"trellis_ca_certificates_issued_total{how="csr"} 1"#);
+    s.assert_metric(r#"trellis_secure_refused_total{code="permission_denied"} 1"#);
     // That certificate is a credential on its own: no token needed with it.
     let leaf_and_intermediates = chain[..chain.len() - 1].concat();
     let ch = s.channel(Some((&leaf_and_intermediates, &key))).await;
@@ -238,34 +165,18 @@ async fn bootstrap_trust_bundle_file_matches_the_ca() {
 
 #[tokio::test]
 async fn a_workload_labelled_for_mtls_must_use_the_secure_port() {
-    let labelled = include_str!("fixtures/protocol/workloads.yaml").replace(
+    let labelled = WORKLOADS.replace(
         "labels: {app: reviews, version: v1}",
         "labels: {app: reviews, version: v1, security.istio.io/tlsMode: istio}",
     );
     let s = start_with(None, &labelled).await;
-    let plain = Endpoint::from_shared(format!("http://{}", s.server.xds_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let plain = s.plaintext_channel().await;
     let err = sds(plain, None, REVIEWS_V1, &["default"])
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(
-        err.message().contains("connect on the secure port"),
-        "{}",
-        err.message()
-    );
+    assert_refused(&err, Code::PermissionDenied, "connect on the secure port");
     // On the secure port it gets its certificate.
     let token = s.token("bookinfo-reviews");
-    let resp = sds(
-        s.channel(None).await,
-        Some(&token),
-        REVIEWS_V1,
-        &["default"],
-    )
-    .await
-    .unwrap();
+    let resp = s.sds(Some(&token), REVIEWS_V1, &["default"]).await.unwrap();
     assert_eq!(secrets(&resp).len(), 1);
 }

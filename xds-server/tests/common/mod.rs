@@ -1,4 +1,5 @@
-//! Shared by the ADS protocol tests (`ads_sotw.rs`, `ads_delta.rs`): an in-process server
+//! Shared by the ADS protocol tests (`ads_sotw.rs`, `ads_delta.rs`, and the scripted
+//! parts of `cluster_update.rs` and `multicluster_ads.rs`): an in-process server
 //! on a temp config dir (copies of the examples mesh in `fixtures/protocol/`) and a
 //! scripted ADS client that speaks SotW or Delta the way Envoy does. Config changes are
 //! written to the dir and applied with a synchronous `Controller::reload`, so nothing
@@ -23,6 +24,7 @@ use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -31,6 +33,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 use xds_server::ads::status::TypeStatus;
 use xds_server::cache::TypeKind;
+use xds_server::controller::Controller;
 use xds_server::server::Server;
 
 pub const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -50,6 +53,25 @@ pub const MESH: &str = include_str!("../fixtures/protocol/mesh.yaml");
 pub const SERVICES: &str = include_str!("../fixtures/protocol/services.yaml");
 pub const WORKLOADS: &str = include_str!("../fixtures/protocol/workloads.yaml");
 pub const ROUTING: &str = include_str!("../fixtures/protocol/routing.yaml");
+
+/// The config folder of the protocol mesh: file name and text.
+pub const CONFIG_FILES: [(&str, &str); 4] = [
+    ("mesh.yaml", MESH),
+    ("services.yaml", SERVICES),
+    ("workloads.yaml", WORKLOADS),
+    ("routing.yaml", ROUTING),
+];
+
+/// An edit that updates ratings' cluster (its load balancer) but not its endpoints: Envoy
+/// rebuilds such a cluster and waits for its assignment again.
+pub const RATINGS_LEAST_REQUEST: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: default}
+spec:
+  host: ratings
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+";
 
 pub fn outbound(svc: &str) -> String {
     format!("outbound|9080||{svc}.default.svc.cluster.local")
@@ -102,46 +124,37 @@ pub struct Mesh {
 impl Mesh {
     pub async fn start() -> Mesh {
         let dir = tempfile::tempdir().unwrap();
-        for (file, text) in [
-            ("mesh.yaml", MESH),
-            ("services.yaml", SERVICES),
-            ("workloads.yaml", WORKLOADS),
-            ("routing.yaml", ROUTING),
-        ] {
+        for (file, text) in CONFIG_FILES {
             std::fs::write(dir.path().join(file), text).unwrap();
         }
-        let xds = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = Server::start(dir.path().to_path_buf(), xds, admin)
-            .await
-            .unwrap();
+        let server = start_server(dir.path().to_path_buf()).await;
         Mesh { dir, server }
     }
 
     /// Replaces a config file (atomically) and reloads; the change must take effect.
     pub async fn apply(&self, file: &str, text: &str) {
-        let tmp = self.dir.path().join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, self.dir.path().join(file)).unwrap();
-        let before = self.server.controller.snapshot().generation;
-        let c = self.server.controller.clone();
-        tokio::task::spawn_blocking(move || c.reload())
-            .await
-            .unwrap();
-        let after = self.server.controller.snapshot().generation;
-        assert!(
-            after > before,
-            "{file}: the edit did not change the mesh (errors: {:?})",
-            self.server.controller.status().errors
-        );
+        let controller = self.server.controller.clone();
+        let dir = self.dir.path().to_path_buf();
+        let (file, text) = (file.to_string(), text.to_string());
+        let reload = move || write_and_reload(&controller, &dir, &file, &text);
+        // A reload blocks; re-raising its panic keeps the assertion's own message.
+        if let Err(e) = tokio::task::spawn_blocking(reload).await {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    /// A SotW stream to this server; it must open.
+    pub async fn sotw(&self, first: DiscoveryRequest) -> SotwStream {
+        open_sotw(self.server.xds_addr, first).await.unwrap()
+    }
+
+    /// A Delta stream to this server; it must open.
+    pub async fn delta(&self, first: DeltaDiscoveryRequest) -> DeltaStream {
+        open_delta(self.server.xds_addr, first).await.unwrap()
     }
 
     pub fn status(&self, node: &str, kind: TypeKind) -> TypeStatus {
-        self.server
-            .registry
-            .find(node)
-            .and_then(|p| p.type_status(kind))
-            .unwrap_or_default()
+        type_status(&self.server, node, kind)
     }
 
     /// Polls the registry until `ok` holds for (node, kind); bounded by [`WAIT`].
@@ -161,6 +174,38 @@ impl Mesh {
         }
         panic!("{node} {kind:?}: status never reached the expected state; last: {last:?}");
     }
+}
+
+/// A server on `config_dir`, with xDS and admin on free loopback ports.
+pub async fn start_server(config_dir: PathBuf) -> Server {
+    let xds = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Server::start(config_dir, xds, admin).await.unwrap()
+}
+
+/// Replaces `file` in `dir` (atomically) and reloads synchronously; the mesh must change.
+pub fn write_and_reload(controller: &Controller, dir: &Path, file: &str, text: &str) {
+    // Read first: the file watcher may reload before this does.
+    let before = controller.snapshot().generation;
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(file)).unwrap();
+    controller.reload();
+    let after = controller.snapshot().generation;
+    assert!(
+        after > before,
+        "{file}: the edit did not change the mesh (errors: {:?})",
+        controller.status().errors
+    );
+}
+
+/// What `server` recorded for `node`'s stream of `kind` (default before its first request).
+pub fn type_status(server: &Server, node: &str, kind: TypeKind) -> TypeStatus {
+    server
+        .registry
+        .find(node)
+        .and_then(|p| p.type_status(kind))
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -215,6 +260,18 @@ impl<Req, Resp: Message + Default + Debug> Ads<Req, Resp> {
         if let Ok(m) = timeout(QUIET, self.rx.message()).await {
             panic!("expected no response, got {m:?}");
         }
+    }
+}
+
+/// The status a stream fails with, at open or instead of its first response; `served`
+/// says what went wrong if it answers.
+pub async fn stream_error<Req, Resp: Message + Default + Debug>(
+    opened: Result<Ads<Req, Resp>, tonic::Status>,
+    served: &str,
+) -> tonic::Status {
+    match opened {
+        Ok(mut ads) => ads.try_recv().await.expect_err(served),
+        Err(e) => e,
     }
 }
 
@@ -305,6 +362,13 @@ pub fn delta_request(type_url: &str, subscribe: &[&str]) -> DeltaDiscoveryReques
     }
 }
 
+pub fn delta_first_request(id: &str, type_url: &str, subscribe: &[&str]) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: node(id),
+        ..delta_request(type_url, subscribe)
+    }
+}
+
 pub fn delta_ack(resp: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
         response_nonce: resp.nonce.clone(),
@@ -376,15 +440,18 @@ pub fn endpoints(resources: impl IntoIterator<Item = Any>) -> BTreeMap<String, B
         .collect()
 }
 
-/// Timeouts (seconds) of every route of a RouteConfiguration response.
-pub fn route_timeouts(resp: &DiscoveryResponse) -> BTreeSet<i64> {
+pub fn route_configs(resp: &DiscoveryResponse) -> Vec<RouteConfiguration> {
     resp.resources
         .iter()
-        .flat_map(|a| {
-            RouteConfiguration::decode(a.value.as_slice())
-                .unwrap()
-                .virtual_hosts
-        })
+        .map(|a| RouteConfiguration::decode(a.value.as_slice()).unwrap())
+        .collect()
+}
+
+/// Timeouts (seconds) of every route of a RouteConfiguration response.
+pub fn route_timeouts(resp: &DiscoveryResponse) -> BTreeSet<i64> {
+    route_configs(resp)
+        .into_iter()
+        .flat_map(|rc| rc.virtual_hosts)
         .flat_map(|vh| vh.routes)
         .filter_map(|r| match r.action {
             Some(Action::Route(a)) => a.timeout.map(|t| t.seconds),

@@ -17,7 +17,7 @@ pub use rustls_pki_types::pem::PemObject;
 pub use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 pub use std::collections::BTreeSet;
 pub use std::net::SocketAddr;
-pub use std::path::Path;
+pub use std::path::{Path, PathBuf};
 pub use std::sync::Arc;
 pub use std::time::Duration;
 pub use tokio::sync::mpsc;
@@ -31,6 +31,7 @@ pub use xds_server::server::{SecureOptions, Server};
 pub const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 pub const REVIEWS_V1: &str = "sidecar~127.0.1.3~reviews-v1.default~default.svc.cluster.local";
 pub const WAIT: Duration = Duration::from_secs(10);
+pub const WORKLOADS: &str = include_str!("../fixtures/protocol/workloads.yaml");
 
 pub struct Secure {
     pub _dir: tempfile::TempDir,
@@ -43,16 +44,23 @@ pub fn id(sa: &str) -> SpiffeId {
 }
 
 pub async fn start(workload_ttl: Option<Duration>) -> Secure {
-    start_with(
-        workload_ttl,
-        include_str!("../fixtures/protocol/workloads.yaml"),
-    )
-    .await
+    start_with(workload_ttl, WORKLOADS).await
 }
 
 pub async fn start_with(workload_ttl: Option<Duration>, workloads: &str) -> Secure {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config");
+    let config = write_config(dir.path(), workloads);
+    let ca = CaOptions {
+        dir: dir.path().join("ca"),
+        ..CaOptions::default()
+    };
+    let server = start_server(config, ca, workload_ttl).await;
+    Secure::new(dir, server)
+}
+
+/// `dir/config` with the protocol mesh's mesh and services and the given workloads.
+pub fn write_config(dir: &Path, workloads: &str) -> PathBuf {
+    let config = dir.join("config");
     std::fs::create_dir(&config).unwrap();
     for (file, text) in [
         ("mesh.yaml", include_str!("../fixtures/protocol/mesh.yaml")),
@@ -64,59 +72,84 @@ pub async fn start_with(workload_ttl: Option<Duration>, workloads: &str) -> Secu
     ] {
         std::fs::write(config.join(file), text).unwrap();
     }
+    config
+}
+
+/// A server with the secure port and a CA of `ca`, every port free on loopback.
+pub async fn start_server(
+    config: PathBuf,
+    ca: CaOptions,
+    workload_ttl: Option<Duration>,
+) -> Server {
     let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
     let secure = SecureOptions {
         listener: bind().await.unwrap(),
-        ca: CaOptions {
-            dir: dir.path().join("ca"),
-            ..CaOptions::default()
-        },
+        ca,
         workload_ttl,
     };
-    let server = Server::start_with(
+    Server::start_with(
         config,
         bind().await.unwrap(),
         bind().await.unwrap(),
         Some(secure),
     )
     .await
+    .unwrap()
+}
+
+/// A token of `ca` for `identity`, with extra `claims`.
+pub fn mint(
+    ca: &Authority,
+    identity: &SpiffeId,
+    kind: TokenKind,
+    ttl: Duration,
+    claims: &[(&str, &str)],
+) -> String {
+    let claims = claims
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    ca.tokens().create(identity, kind, ttl, claims).unwrap()
+}
+
+/// A well-formed, signed token from a CA that is not the server's.
+pub fn foreign_token(
+    identity: &SpiffeId,
+    kind: TokenKind,
+    ttl: Duration,
+    claims: &[(&str, &str)],
+) -> String {
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Authority::open(CaOptions {
+        dir: other_dir.path().to_path_buf(),
+        ..CaOptions::default()
+    })
     .unwrap();
-    let ca = server.authority.clone().unwrap();
-    Secure {
-        _dir: dir,
-        server,
-        ca,
-    }
+    mint(&other, identity, kind, ttl, claims)
 }
 
 impl Secure {
+    pub fn new(dir: tempfile::TempDir, server: Server) -> Secure {
+        let ca = server.authority.clone().unwrap();
+        Secure {
+            _dir: dir,
+            server,
+            ca,
+        }
+    }
+
     pub fn token(&self, sa: &str) -> String {
-        self.ca
-            .tokens()
-            .create(
-                &id(sa),
-                TokenKind::Workload,
-                Duration::from_secs(600),
-                Default::default(),
-            )
-            .unwrap()
+        self.workload_token(&id(sa), Duration::from_secs(600))
+    }
+
+    pub fn workload_token(&self, identity: &SpiffeId, ttl: Duration) -> String {
+        mint(&self.ca, identity, TokenKind::Workload, ttl, &[])
     }
 
     /// A join token for member cluster `cluster` with extra `claims` (the CLI always sets
     /// `cluster` and `network`; tests may leave them out).
     pub fn join_token(&self, cluster: &str, claims: &[(&str, &str)], ttl: Duration) -> String {
-        self.ca
-            .tokens()
-            .create(
-                &relay_id(cluster),
-                TokenKind::Join,
-                ttl,
-                claims
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-            .unwrap()
+        mint(&self.ca, &relay_id(cluster), TokenKind::Join, ttl, claims)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -126,6 +159,47 @@ impl Secure {
     pub async fn channel(&self, client: Option<(&str, &str)>) -> Channel {
         tls_channel(self.addr(), &self.ca.current().bundle_pem, client).await
     }
+
+    /// The server's metrics include `line` (`name{labels} value`).
+    pub fn assert_metric(&self, line: &str) {
+        let metrics = self.server.metrics.render();
+        assert!(metrics.contains(line), "{metrics}");
+    }
+
+    /// A channel to the plaintext xDS port.
+    pub async fn plaintext_channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.server.xds_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// [`sds`] on the secure port without a client certificate.
+    pub async fn sds(
+        &self,
+        token: Option<&str>,
+        node_id: &str,
+        names: &[&str],
+    ) -> Result<DiscoveryResponse, tonic::Status> {
+        sds(self.channel(None).await, token, node_id, names).await
+    }
+
+    /// [`create_certificate`] on the secure port without a client certificate.
+    pub async fn create_certificate(
+        &self,
+        token: Option<&str>,
+        csr: &str,
+    ) -> Result<Vec<String>, tonic::Status> {
+        create_certificate(self.channel(None).await, token, csr).await
+    }
+}
+
+/// The call was refused with `code`, saying `what`.
+#[track_caller]
+pub fn assert_refused(err: &tonic::Status, code: Code, what: &str) {
+    assert_eq!(err.code(), code, "{err:?}");
+    assert!(err.message().contains(what), "{}", err.message());
 }
 
 /// A gRPC channel over TLS to `addr` trusting `bundle`, optionally with a client cert.
@@ -173,6 +247,31 @@ pub fn node(id: &str) -> Node {
     }
 }
 
+/// `message`, with the bearer token as gRPC metadata when there is one.
+pub fn with_bearer<T>(message: T, token: Option<&str>) -> Request<T> {
+    let mut req = Request::new(message);
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
+fn sds_request(names: &[String]) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: SDS.into(),
+        resource_names: names.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn sds_first_request(node_id: &str, names: &[String]) -> DiscoveryRequest {
+    DiscoveryRequest {
+        node: Some(node(node_id)),
+        ..sds_request(names)
+    }
+}
+
 /// Opens an ADS stream (optionally with a bearer token), sends one SDS request for
 /// `names`, and returns the first response or the stream's error.
 pub async fn sds(
@@ -181,20 +280,10 @@ pub async fn sds(
     node_id: &str,
     names: &[&str],
 ) -> Result<DiscoveryResponse, tonic::Status> {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let (tx, rx) = mpsc::channel(4);
-    tx.send(DiscoveryRequest {
-        node: Some(node(node_id)),
-        type_url: SDS.into(),
-        resource_names: names.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut req = Request::new(ReceiverStream::new(rx));
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
+    tx.send(sds_first_request(node_id, &names)).await.unwrap();
+    let req = with_bearer(ReceiverStream::new(rx), token);
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let result = tokio::time::timeout(WAIT, async move {
         let mut stream = client.stream_aggregated_resources(req).await?.into_inner();
@@ -224,11 +313,16 @@ pub fn inline(ds: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>)
     }
 }
 
-pub fn leaf_uri_sans(chain_pem: &str) -> Vec<String> {
-    let der = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+/// The first certificate of a PEM chain: the leaf.
+pub fn leaf_der(chain_pem: &str) -> CertificateDer<'static> {
+    CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .next()
         .unwrap()
-        .unwrap();
+        .unwrap()
+}
+
+pub fn leaf_uri_sans(chain_pem: &str) -> Vec<String> {
+    let der = leaf_der(chain_pem);
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     let san = cert.subject_alternative_name().unwrap().unwrap();
     san.value
@@ -263,6 +357,14 @@ pub fn relay_id(cluster: &str) -> SpiffeId {
     )
 }
 
+pub fn certificate_request(csr: &str) -> IstioCertificateRequest {
+    IstioCertificateRequest {
+        csr: csr.to_string(),
+        validity_duration: 3600,
+        metadata: None,
+    }
+}
+
 /// Istio's `CreateCertificate` over `channel`, with an optional bearer token; the chain
 /// (leaf first, root last) or the call's status.
 pub async fn create_certificate(
@@ -270,15 +372,7 @@ pub async fn create_certificate(
     token: Option<&str>,
     csr: &str,
 ) -> Result<Vec<String>, tonic::Status> {
-    let mut req = Request::new(IstioCertificateRequest {
-        csr: csr.to_string(),
-        validity_duration: 3600,
-        metadata: None,
-    });
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
+    let req = with_bearer(certificate_request(csr), token);
     let mut client = IstioCertificateServiceClient::new(channel);
     tokio::time::timeout(WAIT, client.create_certificate(req))
         .await
@@ -316,17 +410,8 @@ impl SdsStream {
     pub async fn open(s: &Secure, token: &str, node_id: &str, names: &[&str]) -> SdsStream {
         let (tx, rx) = mpsc::channel(4);
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        tx.send(DiscoveryRequest {
-            node: Some(node(node_id)),
-            type_url: SDS.into(),
-            resource_names: names.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let mut req = Request::new(ReceiverStream::new(rx));
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        tx.send(sds_first_request(node_id, &names)).await.unwrap();
+        let req = with_bearer(ReceiverStream::new(rx), Some(token));
         let mut client = AggregatedDiscoveryServiceClient::new(s.channel(None).await);
         let stream = tokio::time::timeout(WAIT, client.stream_aggregated_resources(req))
             .await
@@ -349,9 +434,7 @@ impl SdsStream {
             .send(DiscoveryRequest {
                 version_info: resp.version_info.clone(),
                 response_nonce: resp.nonce.clone(),
-                type_url: SDS.into(),
-                resource_names: self.names.clone(),
-                ..Default::default()
+                ..sds_request(&self.names)
             })
             .await
             .unwrap();
@@ -409,10 +492,7 @@ pub fn write_cacerts(
 }
 
 pub fn issuer_cn(chain_pem: &str) -> String {
-    let der = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .next()
-        .unwrap()
-        .unwrap();
+    let der = leaf_der(chain_pem);
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     let cn = cert
         .issuer()
@@ -425,9 +505,7 @@ pub fn issuer_cn(chain_pem: &str) -> String {
 }
 
 pub async fn default_chain(s: &Secure, token: &str) -> String {
-    let resp = sds(s.channel(None).await, Some(token), REVIEWS_V1, &["default"])
-        .await
-        .unwrap();
+    let resp = s.sds(Some(token), REVIEWS_V1, &["default"]).await.unwrap();
     match secrets(&resp).remove(0).r#type {
         Some(secret::Type::TlsCertificate(t)) => inline(&t.certificate_chain),
         other => panic!("unexpected {other:?}"),
