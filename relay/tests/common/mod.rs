@@ -157,6 +157,27 @@ pub async fn try_cds(
     addr: std::net::SocketAddr,
     node_id: &str,
 ) -> Result<DiscoveryResponse, tonic::Status> {
+    tokio::time::timeout(WAIT, async move {
+        let (tx, mut stream) = open_cds(addr, node_id).await?;
+        let first = stream.message().await?;
+        drop(tx);
+        first.ok_or_else(|| tonic::Status::unknown("stream ended"))
+    })
+    .await
+    .expect("no CDS response within 10 s")
+}
+
+/// An ADS stream of `node_id` to `addr` that has asked for CDS.
+async fn open_cds(
+    addr: std::net::SocketAddr,
+    node_id: &str,
+) -> Result<
+    (
+        mpsc::Sender<DiscoveryRequest>,
+        tonic::Streaming<DiscoveryResponse>,
+    ),
+    tonic::Status,
+> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -170,18 +191,11 @@ pub async fn try_cds(
     })
     .await
     .unwrap();
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    tokio::time::timeout(WAIT, async move {
-        let mut stream = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let first = stream.message().await?;
-        drop(tx);
-        first.ok_or_else(|| tonic::Status::unknown("stream ended"))
-    })
-    .await
-    .expect("no CDS response within 10 s")
+    let stream = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, stream))
 }
 
 /// A proxy that stays connected (until the returned guard is dropped).
@@ -192,24 +206,7 @@ pub async fn hold(
     mpsc::Sender<DiscoveryRequest>,
     tonic::Streaming<DiscoveryResponse>,
 ) {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(DiscoveryRequest {
-        node: Some(node(node_id)),
-        type_url: CDS.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut stream = AggregatedDiscoveryServiceClient::new(channel)
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = open_cds(addr, node_id).await.unwrap();
     tokio::time::timeout(WAIT, stream.message())
         .await
         .unwrap()
