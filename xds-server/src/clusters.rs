@@ -9,7 +9,6 @@
 use cert_authority::SpiffeId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, RwLock};
 
@@ -39,6 +38,8 @@ pub enum ClusterError {
     InvalidLabel { what: &'static str, value: String },
     #[error("{}: {reason}", path.display())]
     File { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Write(#[from] cert_authority::CaError),
     #[error("{action} {}: {source}", path.display())]
     Io {
         action: &'static str,
@@ -58,22 +59,10 @@ pub fn check_cluster_name(name: &str) -> Result<(), ClusterError> {
 /// Networks, regions and zones follow Kubernetes label values (`topology.kubernetes.io/zone`
 /// is one), minus the empty value: an empty one is simply not given.
 pub fn check_label(what: &'static str, value: &str) -> Result<(), ClusterError> {
-    let edge = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
-    let ok = !value.is_empty()
-        && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-        && edge(value.bytes().next())
-        && edge(value.bytes().last());
-    if ok {
-        Ok(())
-    } else {
-        Err(ClusterError::InvalidLabel {
-            what,
-            value: value.to_string(),
-        })
-    }
+    crate::config::validate::label_value(value).map_err(|_| ClusterError::InvalidLabel {
+        what,
+        value: value.to_string(),
+    })
 }
 
 /// The identity of cluster `name`'s relay.
@@ -202,45 +191,9 @@ impl MemberClusters {
             path: self.path.clone(),
             reason: format!("cannot encode: {e}"),
         })?;
-        write_atomic(&self.path, &json)
+        // Private like the rest of the CA dir's state.
+        Ok(cert_authority::write_atomic(&self.path, &json, true)?)
     }
-}
-
-/// Write to a temporary file in the same folder (mode 0600, like the rest of the CA dir's
-/// state), sync, rename into place, sync the folder.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let tmp = dir.join(format!(".{CLUSTERS_FILE}.tmp-{}", std::process::id()));
-    let io = |action, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ClusterError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    let result = (|| {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&tmp).map_err(io("creating", &tmp))?;
-        file.write_all(bytes).map_err(io("writing", &tmp))?;
-        file.sync_all().map_err(io("syncing", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io("renaming into place", path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return result;
-    }
-    // Best effort: makes the rename itself durable where the filesystem allows it.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]
