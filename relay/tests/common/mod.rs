@@ -167,17 +167,14 @@ pub async fn try_cds(
     .expect("no CDS response within 10 s")
 }
 
+/// A scripted proxy's open ADS stream: what it sends, what it receives.
+pub type Held = (
+    mpsc::Sender<DiscoveryRequest>,
+    tonic::Streaming<DiscoveryResponse>,
+);
+
 /// An ADS stream of `node_id` to `addr` that has asked for CDS.
-async fn open_cds(
-    addr: std::net::SocketAddr,
-    node_id: &str,
-) -> Result<
-    (
-        mpsc::Sender<DiscoveryRequest>,
-        tonic::Streaming<DiscoveryResponse>,
-    ),
-    tonic::Status,
-> {
+async fn open_cds(addr: std::net::SocketAddr, node_id: &str) -> Result<Held, tonic::Status> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -199,13 +196,7 @@ async fn open_cds(
 }
 
 /// A proxy that stays connected (until the returned guard is dropped).
-pub async fn hold(
-    addr: std::net::SocketAddr,
-    node_id: &str,
-) -> (
-    mpsc::Sender<DiscoveryRequest>,
-    tonic::Streaming<DiscoveryResponse>,
-) {
+pub async fn hold(addr: std::net::SocketAddr, node_id: &str) -> Held {
     let (tx, mut stream) = open_cds(addr, node_id).await.unwrap();
     tokio::time::timeout(WAIT, stream.message())
         .await
@@ -294,13 +285,7 @@ pub async fn relay_sds_stream(
     addr: std::net::SocketAddr,
     token: &str,
     node_id: &str,
-) -> Result<
-    (
-        mpsc::Sender<DiscoveryRequest>,
-        tonic::Streaming<DiscoveryResponse>,
-    ),
-    tonic::Status,
-> {
+) -> Result<Held, tonic::Status> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
