@@ -51,19 +51,8 @@ PIDS=()
 PID_FILE="${RUN_DIR}/pids"
 : >"${PID_FILE}"
 
-cleanup() {
-    local pid
-    mapfile -t -O "${#PIDS[@]}" PIDS <"${PID_FILE}" || true
-    for pid in "${PIDS[@]}"; do kill "${pid}" 2>/dev/null || true; done
-    sleep 0.5
-    for pid in "${PIDS[@]}"; do kill -9 "${pid}" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    echo "demo: stopped ${#PIDS[@]} processes; logs were in ${RUN_DIR}"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-step() { printf '\n==> %s\n' "$*"; }
+# shellcheck source=scripts/demo-lib.sh
+source "${REPO_ROOT}/scripts/demo-lib.sh"
 now_ms() { date +%s%3N; }
 fail() { echo "demo: $*" >&2; exit 1; }
 # wait_for WHAT PID LOG CMD...: polls CMD every 0.1 s for at most 30 s; fails if PID exits.

@@ -32,18 +32,8 @@ SECURE_ADDR="${TRELLIS_DEMO_SECURE_ADDR:-127.0.0.1:15012}"
 RUN_DIR="$(mktemp -d -t trellis-demo.XXXXXX)"
 PIDS=()
 
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "${pid}" 2>/dev/null || true; done
-    sleep 0.5
-    for pid in "${PIDS[@]}"; do kill -9 "${pid}" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    echo "demo: stopped ${#PIDS[@]} processes; logs were in ${RUN_DIR}"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-step() { printf '\n==> %s\n' "$*"; }
+# shellcheck source=scripts/demo-lib.sh
+source "${REPO_ROOT}/scripts/demo-lib.sh"
 
 step "build"
 cargo build --workspace --bins --quiet
