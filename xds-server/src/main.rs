@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 use xds_server::bootstrap::{bootstrap, BootstrapOptions, SecureBootstrap, XdsTrust};
-use xds_server::config::store::ConfigStore;
+use xds_server::mesh::MeshStore;
 use xds_server::server::{SecureOptions, Server};
 
 mod ca_cli;
@@ -320,7 +320,7 @@ fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
         ..
     } = args;
     let workload = workload.as_str();
-    let (store, outcome) = ConfigStore::open(&config_dir)?;
+    let (store, outcome) = MeshStore::open(&config_dir)?;
     for e in &outcome.new_errors {
         eprintln!("warning: {e}");
     }
@@ -408,7 +408,7 @@ fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
 /// The trust domain of `config_dir`'s MeshConfig (the default one without a folder).
 fn trust_domain_of(config_dir: Option<&Path>) -> Result<String> {
     Ok(match config_dir {
-        Some(dir) => ConfigStore::open(dir)?.0.mesh().trust_domain.clone(),
+        Some(dir) => MeshStore::open(dir)?.0.mesh().trust_domain.clone(),
         None => CaOptions::default().trust_domain,
     })
 }
