@@ -1,8 +1,10 @@
 //! The mesh configuration as users write it: Istio-style YAML documents in a folder.
 //!
-//! `parse` turns one file into validated objects, `store` watches the folder and keeps
-//! the last good version of every file, and `crate::mesh` joins the objects of all files
-//! into one consistent [`crate::mesh::MeshState`].
+//! `parse` turns one file into validated objects, and `store` keeps the files (of the
+//! folder and of member clusters' registries) with the last good version of each. This
+//! module knows nothing of the mesh: `crate::mesh::MeshStore`, above it, joins the
+//! objects of all files into one consistent [`crate::mesh::MeshState`] and tells the
+//! store which changes take effect.
 
 pub mod model;
 pub mod parse;
