@@ -12,6 +12,7 @@ use xds_server::bootstrap::{bootstrap, BootstrapOptions, SecureBootstrap, XdsTru
 use xds_server::mesh::MeshStore;
 use xds_server::server::{SecureOptions, Server};
 
+mod analyze_cli;
 mod ca_cli;
 use ca_cli::ca_command;
 
@@ -74,6 +75,14 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Check a config folder offline exactly as `serve` would load it; print every
+    /// error (file, document, line, object, field) and fail if there is one.
+    Analyze {
+        /// The config folder.
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: analyze_cli::Output,
     },
     /// Print the Envoy bootstrap (YAML) for a workload's sidecar.
     Bootstrap {
@@ -590,6 +599,7 @@ fn main() -> std::process::ExitCode {
             ca,
         }),
         Command::Ca { command } => ca_command(command),
+        Command::Analyze { dir, output } => analyze_cli::analyze(&dir, output),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

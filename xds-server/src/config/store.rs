@@ -136,12 +136,16 @@ impl FileStore {
             .filter_map(|(k, f)| f.good.as_ref().map(|g| (k, g)))
     }
 
-    /// Every error currently keeping a file from taking effect.
+    /// Every error currently keeping a file from taking effect, each once (a cross-file
+    /// error is held by every file of the batch it rejected).
     pub fn errors(&self) -> Vec<ConfigError> {
-        self.files
-            .values()
-            .flat_map(|f| f.errors.iter().cloned())
-            .collect()
+        let mut out: Vec<ConfigError> = Vec::new();
+        for e in self.files.values().flat_map(|f| f.errors.iter()) {
+            if !out.contains(e) {
+                out.push(e.clone());
+            }
+        }
+        out
     }
 
     fn list(&self) -> Result<Vec<PathBuf>, StoreError> {
