@@ -17,6 +17,7 @@ mod service;
 mod sotw;
 pub mod source;
 pub mod status;
+mod subscription;
 
 pub use codec::Frame;
 pub use service::{AdsService, Authenticate, Caller};
