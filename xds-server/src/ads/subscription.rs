@@ -127,6 +127,10 @@ impl Subscription {
             // "A" adds to the existing "*"), but an empty request no longer turns it on.
             self.legacy = false;
         }
+        // Most requests are bare ACKs: no copy of the names for them.
+        if subscribe.is_empty() && unsubscribe.is_empty() {
+            return DeltaChange::default();
+        }
         let mut names = self.names().clone();
         let mut added = Vec::new();
         for n in subscribe {
@@ -146,9 +150,9 @@ impl Subscription {
             }
         }
         added.retain(|n| names.contains(n));
-        // Every name unsubscribed under `*` is answered, even one the server never saw
-        // subscribed: it cannot tell a phantom unsubscription from one whose subscribe
-        // it has not seen yet, and the answer (the truth about the resource) is harmless.
+        // Every name unsubscribed under `*` is answered, not only ones subscribed on this
+        // stream: the answer is the truth about the resource, so it cannot mislead, and a
+        // client whose idea of its subscription differs from the server's gets it settled.
         let mut force = Vec::new();
         if self.wildcard {
             let mut seen = BTreeSet::new();
