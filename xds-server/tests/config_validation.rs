@@ -98,9 +98,10 @@ fn unsupported_features_are_errors_not_ignored() {
     let e = one_error(svc);
     assert!(e.message.contains("not a mesh resource"), "{e}");
 
-    let dns = SE.replace("STATIC", "DNS");
-    let e = one_error(&dns);
+    let wildcard = SE.replace("hosts: [", "hosts: [\"*.example.com\", ");
+    let e = one_error(&wildcard);
     assert_eq!(e.field.as_deref(), Some("spec.resolution"));
+    assert!(e.message.contains("wildcard host"), "{e}");
 }
 
 #[test]

@@ -44,6 +44,10 @@ pub struct MeshConfigSpec {
     /// The network of that cluster (default: the cluster name).
     #[serde(default)]
     pub network: Option<String>,
+    /// DNS servers (`IP` or `IP:PORT`) the sidecars ask for the hosts of `resolution: DNS`
+    /// ServiceEntries; empty: the resolvers of each sidecar's host (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub dns_resolvers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -62,6 +66,14 @@ pub struct ServiceEntrySpec {
     pub workload_selector: Option<WorkloadSelector>,
     #[serde(default)]
     pub export_to: Vec<String>,
+    /// Virtual IPs or CIDRs of the service (used to match traffic by destination address
+    /// under transparent interception).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// SPIFFE ids (or DNS names) the service's endpoints may present under mutual TLS;
+    /// replaces the ids Trellis derives from the selected workloads.
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

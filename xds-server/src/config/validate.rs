@@ -66,7 +66,19 @@ fn mesh_config(spec: &MeshConfigSpec) -> Result<(), FieldError> {
     if let Some(n) = &spec.network {
         dns_label(n).map_err(|m| fe("spec.network", m))?;
     }
+    for (i, r) in spec.dns_resolvers.iter().enumerate() {
+        dns_resolver(r).map_err(|m| fe(format!("spec.dnsResolvers[{i}]"), m))?;
+    }
     Ok(())
+}
+
+/// A DNS server as `IP` (port 53) or `IP:PORT`.
+pub fn dns_resolver(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    s.parse()
+        .map_err(|_| format!("`{s}` is not an IP address or IP:PORT"))
 }
 
 /// An RFC 1123 label (no dots): cluster and network names become parts of locality
@@ -131,6 +143,38 @@ pub fn hostname(h: &str) -> Result<(), String> {
     }
 }
 
+/// A ServiceEntry host: a DNS name, or a wildcard `*.example.com` for every name below
+/// a domain (Istio's form; `*` alone would be every host of the internet).
+pub fn service_entry_host(h: &str) -> Result<(), String> {
+    match h.strip_prefix("*.") {
+        Some(rest) if !rest.contains('*') => hostname(rest),
+        _ if h == "*" => Err(
+            "`*` alone is not a ServiceEntry host; use a wildcard below a domain (`*.example.com`)"
+                .into(),
+        ),
+        _ => hostname(h),
+    }
+}
+
+/// An address of a ServiceEntry: an IP, or a CIDR block.
+fn ip_or_cidr(a: &str) -> Result<(), String> {
+    let (ip, len) = match a.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (a, None),
+    };
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| format!("`{a}` is not an IP address or CIDR block"))?;
+    if let Some(len) = len {
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        match len.parse::<u8>() {
+            Ok(n) if n <= max => {}
+            _ => return Err(format!("`{a}` has an invalid prefix length (0-{max})")),
+        }
+    }
+    Ok(())
+}
+
 fn port(n: u32) -> Result<(), String> {
     if (1..=65535).contains(&n) {
         Ok(())
@@ -159,16 +203,29 @@ fn export_to(list: &[String]) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// Protocols Trellis translates; the rest of Istio's list needs TLS origination or
-/// sniffing that is not built yet.
-pub const PROTOCOLS: &[&str] = &["HTTP", "HTTP2", "GRPC", "TCP"];
+/// Protocols Trellis translates. HTTPS and TLS are routed by SNI, unopened; MONGO, MYSQL
+/// and REDIS are plain TCP, as Istio treats them without their protocol filters.
+pub const PROTOCOLS: &[&str] = &[
+    "HTTP", "HTTP2", "GRPC", "TCP", "HTTPS", "TLS", "MONGO", "MYSQL", "REDIS",
+];
 
 fn service_entry(spec: &ServiceEntrySpec) -> Result<(), FieldError> {
     if spec.hosts.is_empty() {
         return Err(fe("spec.hosts", "at least one host is required"));
     }
     for (i, h) in spec.hosts.iter().enumerate() {
-        hostname(h).map_err(|m| fe(format!("spec.hosts[{i}]"), m))?;
+        service_entry_host(h).map_err(|m| fe(format!("spec.hosts[{i}]"), m))?;
+    }
+    for (i, a) in spec.addresses.iter().enumerate() {
+        ip_or_cidr(a).map_err(|m| fe(format!("spec.addresses[{i}]"), m))?;
+    }
+    for (i, san) in spec.subject_alt_names.iter().enumerate() {
+        if san.trim().is_empty() {
+            return Err(fe(
+                format!("spec.subjectAltNames[{i}]"),
+                "must not be empty",
+            ));
+        }
     }
     if spec.ports.is_empty() {
         return Err(fe("spec.ports", "at least one port is required"));
@@ -208,18 +265,45 @@ fn service_entry(spec: &ServiceEntrySpec) -> Result<(), FieldError> {
         None | Some("MESH_INTERNAL") | Some("MESH_EXTERNAL") => {}
         Some(other) => return Err(fe("spec.location", format!("unknown location `{other}`"))),
     }
-    match spec.resolution.as_deref() {
-        Some("STATIC") => {}
-        None | Some("NONE") => {
+    let resolution = spec.resolution.as_deref().unwrap_or("NONE");
+    let wildcard = spec.hosts.iter().any(|h| h.starts_with('*'));
+    match resolution {
+        "STATIC" if wildcard => {
             return Err(fe(
                 "spec.resolution",
-                "resolution NONE (the default) needs transparent interception, which is not supported yet; use STATIC",
+                "a wildcard host has no addresses of its own: use resolution NONE or DNS with endpoints",
             ))
         }
-        Some(other @ ("DNS" | "DNS_ROUND_ROBIN")) => {
-            return Err(fe("spec.resolution", format!("resolution {other} is not supported yet; use STATIC")))
+        "STATIC" => {}
+        "NONE" => {
+            if !spec.endpoints.is_empty() {
+                return Err(fe(
+                    "spec.endpoints",
+                    "resolution NONE (the default) passes traffic to the address the caller dialled: it takes no endpoints (use STATIC or DNS)",
+                ));
+            }
         }
-        Some(other) => return Err(fe("spec.resolution", format!("unknown resolution `{other}`"))),
+        "DNS" | "DNS_ROUND_ROBIN" => {
+            if wildcard && spec.endpoints.is_empty() {
+                return Err(fe(
+                    "spec.resolution",
+                    format!("resolution {resolution} with a wildcard host needs endpoints to resolve"),
+                ));
+            }
+            if spec.workload_selector.is_some() {
+                return Err(fe(
+                    "spec.workloadSelector",
+                    format!("resolution {resolution} resolves endpoints by name; a workloadSelector needs resolution STATIC"),
+                ));
+            }
+            if resolution == "DNS_ROUND_ROBIN" && spec.endpoints.len() > 1 {
+                return Err(fe(
+                    "spec.endpoints",
+                    "resolution DNS_ROUND_ROBIN takes at most one endpoint (use DNS for several)",
+                ));
+            }
+        }
+        other => return Err(fe("spec.resolution", format!("unknown resolution `{other}`"))),
     }
     if !spec.endpoints.is_empty() && spec.workload_selector.is_some() {
         return Err(fe(
@@ -236,7 +320,19 @@ fn service_entry(spec: &ServiceEntrySpec) -> Result<(), FieldError> {
         }
     }
     for (i, e) in spec.endpoints.iter().enumerate() {
-        workload_entry(e, &format!("spec.endpoints[{i}]"))?;
+        let f = format!("spec.endpoints[{i}]");
+        if resolution.starts_with("DNS") && e.address.parse::<IpAddr>().is_err() {
+            hostname(&e.address).map_err(|m| fe(format!("{f}.address"), m))?;
+            workload_entry(
+                &WorkloadEntrySpec {
+                    address: "0.0.0.0".into(),
+                    ..e.clone()
+                },
+                &f,
+            )?;
+        } else {
+            workload_entry(e, &f)?;
+        }
         for name in e.ports.keys() {
             if !names.contains(name.as_str()) {
                 return Err(fe(
@@ -257,7 +353,7 @@ fn workload_entry(spec: &WorkloadEntrySpec, f: &str) -> Result<(), FieldError> {
         fe(
             format!("{f}.address"),
             format!(
-                "`{}` is not an IP address (DNS endpoints are not supported yet)",
+                "`{}` is not an IP address (a host name needs a ServiceEntry with resolution DNS)",
                 spec.address
             ),
         )

@@ -56,6 +56,8 @@ pub enum Protocol {
     Http2,
     Grpc,
     Tcp,
+    /// TLS the application opens itself (HTTPS, TLS): routed by SNI, never terminated.
+    Tls,
 }
 
 impl Protocol {
@@ -64,11 +66,12 @@ impl Protocol {
             Some("HTTP") => Protocol::Http,
             Some("HTTP2") => Protocol::Http2,
             Some("GRPC") => Protocol::Grpc,
+            Some("HTTPS" | "TLS") => Protocol::Tls,
             _ => Protocol::Tcp,
         }
     }
     pub fn is_http(self) -> bool {
-        !matches!(self, Protocol::Tcp)
+        !matches!(self, Protocol::Tcp | Protocol::Tls)
     }
     /// Upstream needs HTTP/2 (gRPC cannot be downgraded to HTTP/1.1).
     pub fn is_h2(self) -> bool {
@@ -112,20 +115,91 @@ impl Endpoint {
     }
 }
 
+/// How a service's endpoints are found (ServiceEntry `resolution`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// IP endpoints, sent over EDS.
+    Static,
+    /// Host names the sidecar resolves itself and connects to every address (Envoy's
+    /// STRICT_DNS).
+    Dns,
+    /// Host names the sidecar resolves, connecting to one address at a time (LOGICAL_DNS).
+    DnsRoundRobin,
+    /// No endpoints: traffic goes where the caller dialled (ORIGINAL_DST), which needs
+    /// transparent interception to know.
+    None,
+}
+
+impl Resolution {
+    pub(crate) fn parse(s: Option<&str>) -> Resolution {
+        match s {
+            Some("STATIC") => Resolution::Static,
+            Some("DNS") => Resolution::Dns,
+            Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
+            _ => Resolution::None,
+        }
+    }
+
+    pub fn is_dns(self) -> bool {
+        matches!(self, Resolution::Dns | Resolution::DnsRoundRobin)
+    }
+}
+
+/// An endpoint of a DNS-resolved service: a host name (or IP) the sidecar resolves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsEndpoint {
+    pub address: String,
+    pub ports: BTreeMap<String, u32>,
+    pub labels: BTreeMap<String, String>,
+    pub locality: Option<String>,
+    pub weight: Option<u32>,
+}
+
+impl DnsEndpoint {
+    pub fn port_for(&self, p: &ServicePortInfo) -> u32 {
+        self.ports
+            .get(&p.name)
+            .copied()
+            .or(p.target_port)
+            .unwrap_or(p.number)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
+    /// The host; a wildcard `*.example.com` for a ServiceEntry that names a domain.
     pub fqdn: String,
     pub namespace: String,
     pub entry: String,
     pub ports: Vec<ServicePortInfo>,
     pub mesh_internal: bool,
     pub selector: Option<BTreeMap<String, String>>,
+    pub resolution: Resolution,
+    /// IP endpoints (resolution STATIC).
     pub endpoints: Vec<Endpoint>,
+    /// Named endpoints (resolution DNS and DNS_ROUND_ROBIN); the host itself when the
+    /// ServiceEntry lists none.
+    pub dns_endpoints: Vec<DnsEndpoint>,
+    /// ServiceEntry `addresses`: VIPs and CIDRs.
+    pub addresses: Vec<String>,
+    /// ServiceEntry `subjectAltNames`: who its endpoints may be under mutual TLS.
+    pub subject_alt_names: Vec<String>,
 }
 
 impl Service {
     pub fn port(&self, number: u32) -> Option<&ServicePortInfo> {
         self.ports.iter().find(|p| p.number == number)
+    }
+
+    /// Endpoints go over EDS (as opposed to DNS or the caller's destination).
+    pub fn uses_eds(&self) -> bool {
+        self.resolution == Resolution::Static
+    }
+
+    /// A sidecar in explicit interception mode can reach it: every resolution but NONE,
+    /// whose destination only an intercepted connection carries.
+    pub fn explicitly_reachable(&self) -> bool {
+        self.resolution != Resolution::None
     }
 }
 
@@ -216,6 +290,9 @@ pub struct MeshState {
     pub members: BTreeMap<String, ClusterMeta>,
     pub cluster_domain: String,
     pub connect_timeout: Duration,
+    /// DNS servers sidecars resolve DNS ServiceEntries with (`MeshConfig.dnsResolvers`);
+    /// empty: each sidecar's host resolvers.
+    pub dns_resolvers: Vec<std::net::SocketAddr>,
     /// Istio's root namespace: where mesh-wide policies live.
     pub root_namespace: String,
     /// Mutual TLS modes by workload and port (PeerAuthentication).
@@ -244,6 +321,7 @@ impl Default for MeshState {
             members: BTreeMap::new(),
             cluster_domain: "cluster.local".into(),
             connect_timeout: Duration::from_secs(10),
+            dns_resolvers: Vec::new(),
             root_namespace: "istio-system".into(),
             peer_authentication: Arc::default(),
             security: Arc::default(),

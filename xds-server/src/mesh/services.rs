@@ -6,7 +6,9 @@ use super::inputs::KindStore;
 use super::settings::Settings;
 use super::stages::{describe, Errors, StageError};
 use super::workloads::{LabelIndex, Workloads};
-use super::{selects, Endpoint, Protocol, Service, ServicePortInfo, Workload};
+use super::{
+    selects, DnsEndpoint, Endpoint, Protocol, Resolution, Service, ServicePortInfo, Workload,
+};
 use crate::config::model::ServiceEntrySpec;
 use crate::config::{Object, Source};
 use std::collections::{BTreeMap, BTreeSet};
@@ -129,10 +131,35 @@ fn service(
         })
         .collect();
     let selector = se.spec.workload_selector.as_ref().map(|s| s.labels.clone());
+    let resolution = Resolution::parse(se.spec.resolution.as_deref());
+    let dns_endpoints = if !resolution.is_dns() {
+        Vec::new()
+    } else if se.spec.endpoints.is_empty() {
+        vec![DnsEndpoint {
+            address: fqdn.clone(),
+            ports: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            locality: None,
+            weight: None,
+        }]
+    } else {
+        se.spec
+            .endpoints
+            .iter()
+            .map(|e| DnsEndpoint {
+                address: e.address.clone(),
+                ports: e.ports.clone(),
+                labels: e.labels.clone(),
+                locality: e.locality.clone(),
+                weight: e.weight,
+            })
+            .collect()
+    };
     let mut endpoints: Vec<Endpoint> = se
         .spec
         .endpoints
         .iter()
+        .filter(|_| resolution == Resolution::Static)
         .filter_map(|e| {
             Some(Endpoint {
                 address: e.address.parse().ok()?,
@@ -173,6 +200,10 @@ fn service(
         ports,
         mesh_internal: se.spec.location.as_deref() != Some("MESH_EXTERNAL"),
         selector,
+        resolution,
         endpoints,
+        dns_endpoints,
+        addresses: se.spec.addresses.clone(),
+        subject_alt_names: se.spec.subject_alt_names.clone(),
     }
 }

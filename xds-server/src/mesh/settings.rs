@@ -16,6 +16,7 @@ pub struct Settings {
     pub root_namespace: String,
     pub cluster_name: String,
     pub network: String,
+    pub dns_resolvers: Vec<std::net::SocketAddr>,
     /// The MeshConfig in effect, for errors about its fields found by later stages.
     pub object: Option<Arc<Object<MeshConfigSpec>>>,
 }
@@ -29,6 +30,7 @@ impl Default for Settings {
             root_namespace: "istio-system".into(),
             cluster_name: DEFAULT_CLUSTER_NAME.into(),
             network: DEFAULT_CLUSTER_NAME.into(),
+            dns_resolvers: Vec::new(),
             object: None,
         }
     }
@@ -85,6 +87,12 @@ pub fn build(store: &KindStore<MeshConfigSpec>, errs: &mut Errors) -> Settings {
         .network
         .clone()
         .unwrap_or_else(|| out.cluster_name.clone());
+    // Already validated per document.
+    out.dns_resolvers = spec
+        .dns_resolvers
+        .iter()
+        .filter_map(|r| crate::config::validate::dns_resolver(r).ok())
+        .collect();
     out.object = Some(mc.clone());
     out
 }

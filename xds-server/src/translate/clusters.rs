@@ -1,5 +1,5 @@
 use super::{ads, any, duration, inbound_cluster_name, outbound_cluster_name, tls};
-use crate::mesh::{MeshState, Protocol, Service, ServicePortInfo, Workload};
+use crate::mesh::{MeshState, Service, ServicePortInfo, Workload};
 use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
     Cluster, OutlierDetection,
@@ -18,6 +18,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 fn lb_policy(name: Option<&str>) -> LbPolicy {
@@ -79,20 +80,33 @@ fn outlier_detection() -> OutlierDetection {
     }
 }
 
-fn eds_cluster(mesh: &MeshState, name: String, lb: Option<&str>, protocol: Protocol) -> Cluster {
-    let mut c = Cluster {
-        name,
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-        eds_cluster_config: Some(EdsClusterConfig {
-            eds_config: Some(ads()),
-            service_name: String::new(),
-        }),
-        connect_timeout: Some(duration(mesh.connect_timeout)),
-        lb_policy: lb_policy(lb) as i32,
-        outlier_detection: Some(outlier_detection()),
-        ..Default::default()
-    };
-    if protocol.is_h2() {
+/// A service port's cluster before TLS: EDS for IP endpoints, else what its resolution
+/// asks for (`external.rs`), with the load balancer and passive health checks.
+fn base_cluster(
+    mesh: &MeshState,
+    svc: &Service,
+    port: &ServicePortInfo,
+    subset_labels: Option<&BTreeMap<String, String>>,
+    name: String,
+    lb: Option<&str>,
+) -> Cluster {
+    let mut c = super::external::cluster(mesh, svc, port, subset_labels, name.clone())
+        .unwrap_or_else(|| Cluster {
+            name,
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            eds_cluster_config: Some(EdsClusterConfig {
+                eds_config: Some(ads()),
+                service_name: String::new(),
+            }),
+            connect_timeout: Some(duration(mesh.connect_timeout)),
+            ..Default::default()
+        });
+    // A passthrough cluster picks its one host itself.
+    if c.lb_policy != LbPolicy::ClusterProvided as i32 {
+        c.lb_policy = lb_policy(lb) as i32;
+        c.outlier_detection = Some(outlier_detection());
+    }
+    if port.protocol.is_h2() {
         h2_options(&mut c);
     }
     c
@@ -115,12 +129,11 @@ fn build_service_clusters(mesh: &MeshState, svc: &Service, identity: bool) -> Ve
     let dr = mesh.destination_rules.get(&svc.fqdn);
     let default_lb = dr.and_then(|d| d.lb.as_deref());
     let mut push = |p: &ServicePortInfo, subset: Option<&str>, lb: Option<&str>| {
-        let mut c = eds_cluster(
-            mesh,
-            outbound_cluster_name(p.number, subset, &svc.fqdn),
-            lb,
-            p.protocol,
-        );
+        let labels = subset
+            .and_then(|s| dr.and_then(|d| d.subsets.get(s)))
+            .map(|s| &s.labels);
+        let name = outbound_cluster_name(p.number, subset, &svc.fqdn);
+        let mut c = base_cluster(mesh, svc, p, labels, name, lb);
         if identity {
             tls::secure_cluster(mesh, svc, p, subset, &mut c);
         }

@@ -45,6 +45,15 @@ fn locality((region, zone, sub_zone): LocalityKey<'_>) -> Option<Locality> {
     })
 }
 
+/// The locality of a `region/zone/subzone` string; `None` when empty.
+pub(super) fn locality_of(s: &str) -> Option<Locality> {
+    let mut parts = s.split('/');
+    let region = parts.next().unwrap_or_default();
+    let zone = parts.next().unwrap_or_default();
+    let subzone = parts.next().unwrap_or_default();
+    locality((region, zone, subzone))
+}
+
 /// In `proxy_cluster` (an inline endpoint is in no cluster: local to every proxy).
 fn is_local(e: &MeshEndpoint, proxy_cluster: Option<&str>) -> bool {
     match (proxy_cluster, e.cluster.as_deref()) {
@@ -114,6 +123,10 @@ pub fn service_endpoints_for(
     proxy_cluster: Option<&str>,
 ) -> Vec<ClusterLoadAssignment> {
     let mut out = Vec::new();
+    // DNS and passthrough clusters carry their endpoints themselves.
+    if !svc.uses_eds() {
+        return out;
+    }
     let subsets: Vec<&String> = mesh
         .destination_rules
         .get(&svc.fqdn)

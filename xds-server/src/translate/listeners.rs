@@ -63,49 +63,96 @@ fn tcp_proxy(stat_prefix: String, cluster: String) -> Filter {
     }
 }
 
-fn listener(ip: IpAddr, port: u32, direction: TrafficDirection, filter: Filter) -> Listener {
-    Listener {
-        name: format!("{ip}_{port}"),
-        address: Some(socket_address(ip, port)),
-        traffic_direction: direction as i32,
-        filter_chains: vec![FilterChain {
-            filters: vec![filter],
-            ..Default::default()
-        }],
+/// What the services on one outbound port need.
+#[derive(Default)]
+struct PortPlan {
+    /// Some service speaks HTTP here: route by Host through RDS.
+    http: bool,
+    /// The first TCP service by host name (without virtual IPs a port can only mean one).
+    tcp: Option<String>,
+    /// TLS the app opens itself (HTTPS, TLS): (host, cluster), routed by SNI.
+    tls: Vec<(String, String)>,
+}
+
+fn tls_inspector() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(ListenerFilterConfig::TypedConfig(any(
+            &TlsInspector::default(),
+        ))),
         ..Default::default()
     }
 }
 
 /// One outbound listener per service port on the sidecar's outbound address. HTTP ports
-/// route by Host through RDS; a TCP port forwards to the service owning it (without
-/// virtual IPs a port can only mean one TCP service: the first by host name).
+/// route by Host through RDS, TLS services (HTTPS, TLS) by SNI (one filter chain per host,
+/// wildcards included, read by the TLS inspector), and a TCP port forwards to the service
+/// owning it. Services with resolution NONE are left out: their destination is only known
+/// to an intercepted connection (see `external.rs`).
 fn outbound(mesh: &MeshState, bind: IpAddr) -> Vec<Listener> {
-    let mut ports: BTreeMap<u32, (bool, Option<String>)> = BTreeMap::new();
-    for svc in mesh.services.values() {
+    let mut ports: BTreeMap<u32, PortPlan> = BTreeMap::new();
+    for svc in mesh.services.values().filter(|s| s.explicitly_reachable()) {
         for p in &svc.ports {
-            let e = ports.entry(p.number).or_insert((false, None));
-            if p.protocol.is_http() {
-                e.0 = true;
-            } else if e.1.is_none() {
-                e.1 = Some(super::outbound_cluster_name(p.number, None, &svc.fqdn));
+            let e = ports.entry(p.number).or_default();
+            let cluster = super::outbound_cluster_name(p.number, None, &svc.fqdn);
+            match p.protocol {
+                pr if pr.is_http() => e.http = true,
+                Protocol::Tls => e.tls.push((svc.fqdn.clone(), cluster)),
+                _ => {
+                    e.tcp.get_or_insert(cluster);
+                }
             }
         }
     }
     ports
         .into_iter()
-        .filter_map(|(port, (http, tcp))| {
-            let filter = if http {
-                hcm(
-                    format!("outbound_{port}"),
+        .map(|(port, plan)| {
+            let stat = format!("outbound_{port}");
+            let fallback = if plan.http {
+                Some(hcm(
+                    stat.clone(),
                     RouteSpecifier::Rds(Rds {
                         config_source: Some(ads()),
                         route_config_name: port.to_string(),
                     }),
-                )
+                ))
             } else {
-                tcp_proxy(format!("outbound_{port}"), tcp?)
+                plan.tcp.map(|cluster| tcp_proxy(stat.clone(), cluster))
             };
-            Some(listener(bind, port, TrafficDirection::Outbound, filter))
+            let mut chains: Vec<FilterChain> = plan
+                .tls
+                .iter()
+                .map(|(host, cluster)| FilterChain {
+                    name: host.clone(),
+                    filter_chain_match: Some(FilterChainMatch {
+                        server_names: vec![host.clone()],
+                        transport_protocol: "tls".into(),
+                        ..Default::default()
+                    }),
+                    filters: vec![tcp_proxy(format!("{stat}_{host}"), cluster.clone())],
+                    ..Default::default()
+                })
+                .collect();
+            let sni = !chains.is_empty();
+            chains.extend(fallback.map(|f| FilterChain {
+                filters: vec![f],
+                ..Default::default()
+            }));
+            Listener {
+                name: format!("{bind}_{port}"),
+                address: Some(socket_address(bind, port)),
+                traffic_direction: TrafficDirection::Outbound as i32,
+                filter_chains: chains,
+                listener_filters: if sni {
+                    vec![tls_inspector()]
+                } else {
+                    Vec::new()
+                },
+                // Plaintext and server-first protocols on a port with TLS services go on
+                // to the fallback chain after the inspector's timeout.
+                continue_on_listener_filters_timeout: sni,
+                ..Default::default()
+            }
         })
         .collect()
 }
@@ -145,7 +192,7 @@ fn inbound_filters(
     protocol: Protocol,
     chain: Chain,
 ) -> Vec<Filter> {
-    if protocol == Protocol::Tcp {
+    if !protocol.is_http() {
         return inbound_tcp_filters(mesh, w, port);
     }
     let cluster = inbound_cluster_name(port);
@@ -217,13 +264,7 @@ fn inbound_chains(
     match mode {
         MtlsMode::Strict => (Vec::new(), vec![mtls("")]),
         MtlsMode::Permissive | MtlsMode::Unset => {
-            let inspector = ListenerFilter {
-                name: "envoy.filters.listener.tls_inspector".into(),
-                config_type: Some(ListenerFilterConfig::TypedConfig(any(
-                    &TlsInspector::default(),
-                ))),
-                ..Default::default()
-            };
+            let inspector = tls_inspector();
             let raw = FilterChain {
                 name: "plaintext".into(),
                 filter_chain_match: Some(FilterChainMatch {

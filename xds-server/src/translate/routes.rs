@@ -229,7 +229,8 @@ fn virtual_host(mesh: &MeshState, namespace: &str, svc: &Service, port: u32) -> 
 /// holding a virtual host per service on that port.
 pub fn routes(mesh: &MeshState, namespace: &str) -> Vec<RouteConfiguration> {
     let mut by_port: BTreeMap<u32, Vec<VirtualHost>> = BTreeMap::new();
-    for svc in mesh.services.values() {
+    // Resolution NONE has no route in explicit mode: see `external.rs`.
+    for svc in mesh.services.values().filter(|s| s.explicitly_reachable()) {
         for p in svc.ports.iter().filter(|p| p.protocol.is_http()) {
             by_port
                 .entry(p.number)

@@ -62,6 +62,22 @@ fn uri_matcher(pattern: MatchPattern) -> SubjectAltNameMatcher {
     }
 }
 
+/// A ServiceEntry `subjectAltNames` entry: a URI SAN for a SPIFFE id (or any URI), a DNS
+/// SAN for a name, as Istio reads them.
+fn san_matcher(san: &str) -> SubjectAltNameMatcher {
+    if san.contains("://") {
+        return uri_matcher(MatchPattern::Exact(san.to_string()));
+    }
+    SubjectAltNameMatcher {
+        san_type: SanType::Dns as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(MatchPattern::Exact(san.to_string())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Any identity of this mesh: the peer's chain must end in `ROOTCA` and its URI SAN
 /// must be in our trust domain (a bundle may hold other domains' roots).
 fn trust_domain_matcher(mesh: &MeshState) -> SubjectAltNameMatcher {
@@ -154,6 +170,15 @@ fn peer_identities(
     eps: &[&Endpoint],
     mode: UpstreamTls,
 ) -> Vec<SubjectAltNameMatcher> {
+    // The ServiceEntry says who its endpoints are: that replaces what the selected
+    // workloads would tell.
+    if !svc.subject_alt_names.is_empty() {
+        return svc
+            .subject_alt_names
+            .iter()
+            .map(|san| san_matcher(san))
+            .collect();
+    }
     let mut ids = BTreeSet::new();
     for e in eps {
         if mode == UpstreamTls::Auto && !has_identity(&e.labels) {
