@@ -431,6 +431,13 @@ fn security_policies() {
 }
 
 #[test]
+fn external_services_and_l4_routes() {
+    for seed in 1..=4 {
+        run(&fixture("egress"), None, seed, STEPS);
+    }
+}
+
+#[test]
 fn member_clusters() {
     for seed in 1..=4 {
         run(

@@ -230,6 +230,8 @@ struct ServiceResources {
     service: Arc<Service>,
     rule: Option<Arc<DestinationRuleInfo>>,
     connect_timeout: Duration,
+    /// DNS clusters name the mesh's resolvers.
+    dns_resolvers: Vec<std::net::SocketAddr>,
     /// For proxies without an identity (plaintext).
     clusters: Vec<Arc<Resource>>,
     /// For proxies with an identity (mTLS-capable): built on first use only, since a
@@ -279,6 +281,7 @@ impl ServiceResources {
             *p.service == **svc
                 && p.rule.as_deref() == rule.as_deref()
                 && p.connect_timeout == mesh.connect_timeout
+                && p.dns_resolvers == mesh.dns_resolvers
         });
         let (clusters, identity_clusters) = match clusters_valid {
             Some((p, inputs)) => (
@@ -323,6 +326,7 @@ impl ServiceResources {
             service: svc.clone(),
             rule,
             connect_timeout: mesh.connect_timeout,
+            dns_resolvers: mesh.dns_resolvers.clone(),
             clusters,
             identity_clusters,
             endpoints,
@@ -357,6 +361,7 @@ impl ServiceResources {
         *self.service == *svc
             && self.rule.as_deref() == mesh.destination_rules.get(&svc.fqdn).map(|r| &**r)
             && self.connect_timeout == mesh.connect_timeout
+            && self.dns_resolvers == mesh.dns_resolvers
             && inputs.trust_domain
             && inputs.peer_authentication
     }
@@ -419,6 +424,22 @@ fn same_ports(a: &MeshState, b: &MeshState) -> bool {
             .all(|((ka, sa), (kb, sb))| ka == kb && sa.ports == sb.ports)
 }
 
+/// The VirtualServices' `tcp` and `tls` rules, which shape outbound listeners (HTTP rules
+/// shape routes only, so an HTTP routing change keeps the listeners).
+fn same_l4_routes(a: &MeshState, b: &MeshState) -> bool {
+    if Arc::ptr_eq(&a.virtual_services, &b.virtual_services) {
+        return true;
+    }
+    let l4 = |m: &MeshState| {
+        m.virtual_services
+            .iter()
+            .filter(|(_, vs)| !vs.tcp.is_empty() || !vs.tls.is_empty())
+            .map(|(h, vs)| (h.clone(), vs.tcp.clone(), vs.tls.clone()))
+            .collect::<Vec<_>>()
+    };
+    l4(a) == l4(b)
+}
+
 fn same_routing(a: &MeshState, b: &MeshState) -> bool {
     same_ports(a, b)
         && a.cluster_domain == b.cluster_domain
@@ -431,6 +452,7 @@ fn same_routing(a: &MeshState, b: &MeshState) -> bool {
 /// inbound listeners must be compared here, or a class keeps its stale listeners.
 fn same_listener_inputs(a: &MeshState, b: &MeshState) -> bool {
     same_ports(a, b)
+        && same_l4_routes(a, b)
         && a.connect_timeout == b.connect_timeout
         && a.trust_domain == b.trust_domain
         && a.peer_authentication == b.peer_authentication

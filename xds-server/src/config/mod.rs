@@ -6,6 +6,7 @@
 //! objects of all files into one consistent [`crate::mesh::MeshState`] and tells the
 //! store which changes take effect.
 
+pub mod l4_routes;
 pub mod model;
 pub mod parse;
 pub mod peer_authentication;

@@ -122,6 +122,10 @@ pub struct VirtualServiceSpec {
     #[serde(default)]
     pub http: Vec<HttpRoute>,
     #[serde(default)]
+    pub tcp: Vec<super::l4_routes::TcpRoute>,
+    #[serde(default)]
+    pub tls: Vec<super::l4_routes::TlsRoute>,
+    #[serde(default)]
     pub export_to: Vec<String>,
 }
 

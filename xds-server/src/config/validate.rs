@@ -157,7 +157,7 @@ pub fn service_entry_host(h: &str) -> Result<(), String> {
 }
 
 /// An address of a ServiceEntry: an IP, or a CIDR block.
-fn ip_or_cidr(a: &str) -> Result<(), String> {
+pub(super) fn ip_or_cidr(a: &str) -> Result<(), String> {
     let (ip, len) = match a.split_once('/') {
         Some((ip, len)) => (ip, Some(len)),
         None => (a, None),
@@ -175,7 +175,7 @@ fn ip_or_cidr(a: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn port(n: u32) -> Result<(), String> {
+pub(super) fn port(n: u32) -> Result<(), String> {
     if (1..=65535).contains(&n) {
         Ok(())
     } else {
@@ -383,6 +383,18 @@ fn workload_entry(spec: &WorkloadEntrySpec, f: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// A route's destination: a host, and optionally a port and a subset.
+pub(super) fn destination(d: &Destination, df: &str) -> Result<(), FieldError> {
+    service_entry_host(&d.host).map_err(|m| fe(format!("{df}.destination.host"), m))?;
+    if let Some(p) = &d.port {
+        port(p.number).map_err(|m| fe(format!("{df}.destination.port.number"), m))?;
+    }
+    if let Some(s) = &d.subset {
+        object_name(s).map_err(|m| fe(format!("{df}.destination.subset"), m))?;
+    }
+    Ok(())
+}
+
 fn string_match(m: &StringMatch, f: &str) -> Result<(), FieldError> {
     let set = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()]
         .iter()
@@ -434,12 +446,13 @@ fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
             ));
         }
     }
-    if spec.http.is_empty() {
+    if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
         return Err(fe(
-            "spec.http",
-            "at least one http route is required (tcp and tls routes are not supported yet)",
+            "spec",
+            "at least one http, tcp or tls route is required",
         ));
     }
+    super::l4_routes::validate(spec)?;
     for (i, r) in spec.http.iter().enumerate() {
         let f = format!("spec.http[{i}]");
         for (j, m) in r.matches.iter().enumerate() {
@@ -479,13 +492,7 @@ fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
         let mut total = 0u64;
         for (j, d) in r.route.iter().enumerate() {
             let df = format!("{f}.route[{j}]");
-            hostname(&d.destination.host).map_err(|m| fe(format!("{df}.destination.host"), m))?;
-            if let Some(p) = &d.destination.port {
-                port(p.number).map_err(|m| fe(format!("{df}.destination.port.number"), m))?;
-            }
-            if let Some(s) = &d.destination.subset {
-                object_name(s).map_err(|m| fe(format!("{df}.destination.subset"), m))?;
-            }
+            destination(&d.destination, &df)?;
             total += u64::from(d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }));
         }
         if total == 0 {

@@ -254,12 +254,22 @@ pub struct RetryPolicy {
     pub retry_on: Option<String>,
 }
 
+/// A `tcp` or `tls` route: connections matching any of `matches` (none: all) go to the
+/// weighted destinations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct L4RouteRule {
+    pub matches: Vec<crate::config::l4_routes::L4Match>,
+    pub destinations: Vec<RouteDestination>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct VirtualService {
     pub key: String,
     pub namespace: String,
     pub hosts: Vec<String>,
     pub http: Vec<HttpRouteRule>,
+    pub tcp: Vec<L4RouteRule>,
+    pub tls: Vec<L4RouteRule>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -6,8 +6,9 @@ use super::inputs::KindStore;
 use super::services::Catalog;
 use super::settings::Settings;
 use super::stages::{describe, Errors, StageError};
-use super::{HttpRouteRule, RetryPolicy, RouteDestination, VirtualService};
-use crate::config::model::{HttpRoute, VirtualServiceSpec};
+use super::{HttpRouteRule, L4RouteRule, RetryPolicy, RouteDestination, VirtualService};
+use crate::config::l4_routes::{self, L4Match};
+use crate::config::model::{Destination, HttpRoute, VirtualServiceSpec};
 use crate::config::{parse_duration, Object, Source};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -77,12 +78,49 @@ pub fn build(
                 None => ok = false,
             }
         }
+        let mut l4 =
+            |kind: &str, rules: Vec<(&Vec<L4Match>, &Vec<l4_routes::RouteDestination>)>| {
+                let mut out = Vec::new();
+                for (i, (matches, route)) in rules.into_iter().enumerate() {
+                    let mut destinations = Vec::new();
+                    for (j, d) in route.iter().enumerate() {
+                        let f = format!("spec.{kind}[{i}].route[{j}].destination");
+                        match destination(
+                            vs,
+                            &f,
+                            &d.destination,
+                            d.weight,
+                            route.len(),
+                            &refs,
+                            errs,
+                        ) {
+                            Some(d) => destinations.push(d),
+                            None => ok = false,
+                        }
+                    }
+                    out.push(L4RouteRule {
+                        matches: matches.clone(),
+                        destinations,
+                    });
+                }
+                out
+            };
+        let tcp = l4(
+            "tcp",
+            vs.spec.tcp.iter().map(|r| (&r.matches, &r.route)).collect(),
+        );
+        let tls = l4(
+            "tls",
+            vs.spec.tls.iter().map(|r| (&r.matches, &r.route)).collect(),
+        );
         if ok {
             let info = Arc::new(VirtualService {
                 key: vs.key(),
                 namespace: vs.namespace.clone(),
                 hosts: hosts.clone(),
                 http,
+                tcp,
+                tls,
             });
             for h in hosts {
                 out.insert(h, info.clone());
@@ -105,51 +143,10 @@ pub(super) fn http_rule(
     let mut destinations = Vec::new();
     for (j, d) in r.route.iter().enumerate() {
         let f = format!("spec.http[{i}].route[{j}].destination");
-        let host = refs
-            .settings
-            .resolve_host(&d.destination.host, &vs.namespace);
-        let Some(ports) = refs.catalog.get(&host) else {
-            errs.push(
-                vs,
-                "VirtualService",
-                format!("{f}.host"),
-                StageError::UnknownService { host },
-            );
-            ok = false;
-            continue;
-        };
-        let port = d.destination.port.as_ref().map(|p| p.number);
-        if let Some(p) = port {
-            if !ports.iter().any(|sp| sp.number == p) {
-                let e = StageError::NoSuchPort {
-                    host: host.clone(),
-                    port: p,
-                };
-                errs.push(vs, "VirtualService", format!("{f}.port.number"), e);
-                ok = false;
-            }
+        match destination(vs, &f, &d.destination, d.weight, r.route.len(), refs, errs) {
+            Some(d) => destinations.push(d),
+            None => ok = false,
         }
-        if let Some(subset) = &d.destination.subset {
-            let defined = refs
-                .rules
-                .get(&host)
-                .is_some_and(|dr| dr.subsets.contains_key(subset));
-            if !defined {
-                let e = StageError::UndefinedSubset {
-                    subset: subset.clone(),
-                    host: host.clone(),
-                };
-                errs.push(vs, "VirtualService", format!("{f}.subset"), e);
-                ok = false;
-            }
-        }
-        let weight = d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 });
-        destinations.push(RouteDestination {
-            host,
-            subset: d.destination.subset.clone(),
-            port,
-            weight,
-        });
     }
     if !ok {
         return None;
@@ -167,5 +164,61 @@ pub(super) fn http_rule(
                 .and_then(|t| parse_duration(t).ok()),
             retry_on: rt.retry_on.clone(),
         }),
+    })
+}
+
+/// A route destination, checked against the catalog and the DestinationRules; `None`
+/// (with errors) when it refers to something that does not exist. `f` is its field,
+/// `of` the number of destinations of its route (a lone one weighs 100).
+fn destination(
+    vs: &Object<VirtualServiceSpec>,
+    f: &str,
+    d: &Destination,
+    weight: Option<u32>,
+    of: usize,
+    refs: &Refs<'_>,
+    errs: &mut Errors,
+) -> Option<RouteDestination> {
+    let host = refs.settings.resolve_host(&d.host, &vs.namespace);
+    let Some(ports) = refs.catalog.get(&host) else {
+        errs.push(
+            vs,
+            "VirtualService",
+            format!("{f}.host"),
+            StageError::UnknownService { host },
+        );
+        return None;
+    };
+    let mut ok = true;
+    let port = d.port.as_ref().map(|p| p.number);
+    if let Some(p) = port {
+        if !ports.iter().any(|sp| sp.number == p) {
+            let e = StageError::NoSuchPort {
+                host: host.clone(),
+                port: p,
+            };
+            errs.push(vs, "VirtualService", format!("{f}.port.number"), e);
+            ok = false;
+        }
+    }
+    if let Some(subset) = &d.subset {
+        let defined = refs
+            .rules
+            .get(&host)
+            .is_some_and(|dr| dr.subsets.contains_key(subset));
+        if !defined {
+            let e = StageError::UndefinedSubset {
+                subset: subset.clone(),
+                host: host.clone(),
+            };
+            errs.push(vs, "VirtualService", format!("{f}.subset"), e);
+            ok = false;
+        }
+    }
+    ok.then(|| RouteDestination {
+        host,
+        subset: d.subset.clone(),
+        port,
+        weight: weight.unwrap_or(if of == 1 { 100 } else { 0 }),
     })
 }

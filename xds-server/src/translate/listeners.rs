@@ -1,6 +1,8 @@
 use super::clusters::socket_address;
+use super::l4_routes::{self, Caller};
 use super::{ads, any, duration, inbound_cluster_name, tls, ProxyScope};
 use crate::config::peer_authentication::MtlsMode;
+use crate::mesh::Service;
 use crate::mesh::{MeshState, Protocol, Workload};
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::listener::v3::{
@@ -23,7 +25,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
     tcp_proxy::ClusterSpecifier as TcpCluster, TcpProxy,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 fn router() -> HttpFilter {
@@ -65,13 +67,13 @@ fn tcp_proxy(stat_prefix: String, cluster: String) -> Filter {
 
 /// What the services on one outbound port need.
 #[derive(Default)]
-struct PortPlan {
+struct PortPlan<'a> {
     /// Some service speaks HTTP here: route by Host through RDS.
     http: bool,
     /// The first TCP service by host name (without virtual IPs a port can only mean one).
-    tcp: Option<String>,
-    /// TLS the app opens itself (HTTPS, TLS): (host, cluster), routed by SNI.
-    tls: Vec<(String, String)>,
+    tcp: Option<&'a Service>,
+    /// TLS the app opens itself (HTTPS, TLS), routed by SNI.
+    tls: Vec<&'a Service>,
 }
 
 fn tls_inspector() -> ListenerFilter {
@@ -85,21 +87,21 @@ fn tls_inspector() -> ListenerFilter {
 }
 
 /// One outbound listener per service port on the sidecar's outbound address. HTTP ports
-/// route by Host through RDS, TLS services (HTTPS, TLS) by SNI (one filter chain per host,
+/// route by Host through RDS, TLS services (HTTPS, TLS) by SNI (filter chains per host,
 /// wildcards included, read by the TLS inspector), and a TCP port forwards to the service
-/// owning it. Services with resolution NONE are left out: their destination is only known
-/// to an intercepted connection (see `external.rs`).
-fn outbound(mesh: &MeshState, bind: IpAddr) -> Vec<Listener> {
-    let mut ports: BTreeMap<u32, PortPlan> = BTreeMap::new();
+/// owning it; VirtualService `tls` and `tcp` rules shape those chains (`l4_routes.rs`).
+/// Services with resolution NONE are left out: their destination is only known to an
+/// intercepted connection (see `external.rs`).
+fn outbound(mesh: &MeshState, bind: IpAddr, caller: Caller<'_>) -> Vec<Listener> {
+    let mut ports: BTreeMap<u32, PortPlan<'_>> = BTreeMap::new();
     for svc in mesh.services.values().filter(|s| s.explicitly_reachable()) {
         for p in &svc.ports {
             let e = ports.entry(p.number).or_default();
-            let cluster = super::outbound_cluster_name(p.number, None, &svc.fqdn);
             match p.protocol {
                 pr if pr.is_http() => e.http = true,
-                Protocol::Tls => e.tls.push((svc.fqdn.clone(), cluster)),
+                Protocol::Tls => e.tls.push(svc),
                 _ => {
-                    e.tcp.get_or_insert(cluster);
+                    e.tcp.get_or_insert(svc);
                 }
             }
         }
@@ -107,37 +109,27 @@ fn outbound(mesh: &MeshState, bind: IpAddr) -> Vec<Listener> {
     ports
         .into_iter()
         .map(|(port, plan)| {
-            let stat = format!("outbound_{port}");
-            let fallback = if plan.http {
-                Some(hcm(
-                    stat.clone(),
-                    RouteSpecifier::Rds(Rds {
-                        config_source: Some(ads()),
-                        route_config_name: port.to_string(),
-                    }),
-                ))
-            } else {
-                plan.tcp.map(|cluster| tcp_proxy(stat.clone(), cluster))
-            };
+            let mut taken = BTreeSet::new();
             let mut chains: Vec<FilterChain> = plan
                 .tls
                 .iter()
-                .map(|(host, cluster)| FilterChain {
-                    name: host.clone(),
-                    filter_chain_match: Some(FilterChainMatch {
-                        server_names: vec![host.clone()],
-                        transport_protocol: "tls".into(),
-                        ..Default::default()
-                    }),
-                    filters: vec![tcp_proxy(format!("{stat}_{host}"), cluster.clone())],
-                    ..Default::default()
-                })
+                .flat_map(|svc| l4_routes::tls_chains(mesh, svc, port, caller, &mut taken))
                 .collect();
             let sni = !chains.is_empty();
-            chains.extend(fallback.map(|f| FilterChain {
-                filters: vec![f],
-                ..Default::default()
-            }));
+            if plan.http {
+                chains.push(FilterChain {
+                    filters: vec![hcm(
+                        format!("outbound_{port}"),
+                        RouteSpecifier::Rds(Rds {
+                            config_source: Some(ads()),
+                            route_config_name: port.to_string(),
+                        }),
+                    )],
+                    ..Default::default()
+                });
+            } else if let Some(svc) = plan.tcp {
+                chains.extend(l4_routes::tcp_chains(mesh, svc, port, caller));
+            }
             Listener {
                 name: format!("{bind}_{port}"),
                 address: Some(socket_address(bind, port)),
@@ -310,15 +302,33 @@ fn inbound(mesh: &MeshState, w: &Workload) -> Vec<Listener> {
 }
 
 pub fn listeners(mesh: &MeshState, scope: &ProxyScope) -> Vec<Listener> {
+    let loopback = IpAddr::from([127, 0, 0, 1]);
     match scope {
         ProxyScope::Workload(id) => match mesh.workloads.get(id) {
             Some(w) => {
+                let caller = Caller {
+                    namespace: &w.namespace,
+                    labels: Some(&w.labels),
+                };
                 let mut out = inbound(mesh, w);
-                out.extend(outbound(mesh, w.outbound_address));
+                out.extend(outbound(mesh, w.outbound_address, caller));
                 out
             }
-            None => outbound(mesh, IpAddr::from([127, 0, 0, 1])),
+            None => outbound(
+                mesh,
+                loopback,
+                Caller {
+                    namespace: "",
+                    labels: None,
+                },
+            ),
         },
-        ProxyScope::Namespace { .. } => outbound(mesh, IpAddr::from([127, 0, 0, 1])),
+        ProxyScope::Namespace { namespace, .. } => {
+            let caller = Caller {
+                namespace,
+                labels: None,
+            };
+            outbound(mesh, loopback, caller)
+        }
     }
 }

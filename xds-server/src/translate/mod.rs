@@ -13,6 +13,7 @@ mod clusters;
 mod endpoints;
 pub mod external;
 pub mod jwt;
+mod l4_routes;
 mod listeners;
 mod routes;
 pub mod tls;
