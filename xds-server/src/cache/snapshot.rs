@@ -569,7 +569,12 @@ impl Snapshot {
             ResourceSet::new(
                 translate::routes(&self.mesh, ns)
                     .iter()
-                    .map(|r| Resource::new(TypeKind::Route, r.name.as_str(), r)),
+                    .map(|r| {
+                        // Not `Resource::new`: routes carry protobuf maps, which prost
+                        // would encode in random order (see encode_route_configuration).
+                        let body = translate::encode_route_configuration(r);
+                        Resource::from_body(TypeKind::Route, r.name.as_str().into(), body.into())
+                    }),
             )
         })
     }

@@ -369,64 +369,10 @@ impl MeshState {
             }
             let mut http = Vec::new();
             for (i, r) in vs.spec.http.iter().enumerate() {
-                let mut destinations = Vec::new();
-                for (j, d) in r.route.iter().enumerate() {
-                    let f = format!("spec.http[{i}].route[{j}].destination");
-                    let host = mesh.resolve_host(&d.destination.host, &vs.namespace);
-                    let Some(svc) = mesh.services.get(&host) else {
-                        errs.push(
-                            vs,
-                            "VirtualService",
-                            format!("{f}.host"),
-                            format!("`{host}` is not a service in the mesh"),
-                        );
-                        ok = false;
-                        continue;
-                    };
-                    let port = d.destination.port.as_ref().map(|p| p.number);
-                    if let Some(p) = port {
-                        if svc.port(p).is_none() {
-                            errs.push(
-                                vs,
-                                "VirtualService",
-                                format!("{f}.port.number"),
-                                format!("service `{host}` has no port {p}"),
-                            );
-                            ok = false;
-                        }
-                    }
-                    if let Some(subset) = &d.destination.subset {
-                        let defined = mesh
-                            .destination_rules
-                            .get(&host)
-                            .is_some_and(|dr| dr.subsets.contains_key(subset));
-                        if !defined {
-                            errs.push(vs, "VirtualService", format!("{f}.subset"), format!("subset `{subset}` of `{host}` is not defined by any DestinationRule"));
-                            ok = false;
-                        }
-                    }
-                    let weight = d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 });
-                    destinations.push(RouteDestination {
-                        host,
-                        subset: d.destination.subset.clone(),
-                        port,
-                        weight,
-                    });
+                match super::http_route::http_rule(&mesh, &mut errs, vs, i, r) {
+                    Some(rule) => http.push(rule),
+                    None => ok = false,
                 }
-                http.push(HttpRouteRule {
-                    name: r.name.clone(),
-                    matches: r.matches.clone(),
-                    destinations,
-                    timeout: r.timeout.as_deref().and_then(|t| parse_duration(t).ok()),
-                    retries: r.retries.as_ref().map(|rt| RetryPolicy {
-                        attempts: rt.attempts,
-                        per_try_timeout: rt
-                            .per_try_timeout
-                            .as_deref()
-                            .and_then(|t| parse_duration(t).ok()),
-                        retry_on: rt.retry_on.clone(),
-                    }),
-                });
             }
             if ok {
                 let info = Arc::new(VirtualService {
