@@ -5,6 +5,8 @@
 
 mod translated;
 
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use prost::Message as _;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use translated::{
@@ -30,6 +32,13 @@ fn golden_routes_and_listeners() {
         &scope,
         TypeKind::Listener,
     );
+    // `sourceLabels: {app: frontend}` only applies to frontend's sidecar.
+    check_dump(
+        "vs-features.default-namespace.routes",
+        &snap,
+        &ProxyScope::namespace("default", "primary"),
+        TypeKind::Route,
+    );
     // `sourceNamespace: other` only applies to proxies in `other`.
     check_dump(
         "vs-features.other.routes",
@@ -51,6 +60,32 @@ fn routes_with_two_filter_configs_encode_deterministically() {
         })
         .collect();
     assert!(versions.windows(2).all(|w| w[0] == w[1]), "{versions:?}");
+
+    // The hand-ordered encoding decodes to the very message it was made from.
+    let snap = snapshot();
+    for rc in xds_server::translate::routes(&snap.mesh, "default", &Default::default()) {
+        let bytes = xds_server::translate::encode_route_configuration(&rc);
+        assert_eq!(RouteConfiguration::decode(bytes.as_slice()).unwrap(), rc);
+    }
+}
+
+#[test]
+fn source_labels_split_route_sharing_only_by_matching_selectors() {
+    let snap = snapshot();
+    let route = |scope: ProxyScope| snap.view(&scope).get(TypeKind::Route, "9080").unwrap().clone();
+    let frontend = route(ProxyScope::Workload(FRONTEND.into()));
+    let reviews_v1 = route(ProxyScope::Workload("reviews-v1.default".into()));
+    let reviews_v2 = route(ProxyScope::Workload("reviews-v2.default".into()));
+    let outsider = route(ProxyScope::namespace("default", "primary"));
+    // Workloads no selector picks share the namespace's encoding.
+    assert!(Arc::ptr_eq(&reviews_v1, &reviews_v2));
+    assert!(Arc::ptr_eq(&reviews_v1, &outsider));
+    assert_ne!(frontend.version, outsider.version);
+    let names = |r: &Arc<xds_server::cache::Resource>| {
+        xds_server::dump::resource_json(r).to_string()
+    };
+    assert!(names(&frontend).contains("canary-callers.frontend"));
+    assert!(!names(&outsider).contains("canary-callers"));
 }
 
 /// The listener with its RDS reference replaced by the route configuration itself.

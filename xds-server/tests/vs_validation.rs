@@ -213,6 +213,11 @@ fn malformed_options_name_their_field() {
         "exactly one of",
     );
     rejected(
+        &with_route("    match:\n    - sourceLabels: {app: \"a b\"}\n"),
+        "spec.http[0].match[0].sourceLabels.app",
+        "not a label value",
+    );
+    rejected(
         &with_route("    match:\n    - port: 0\n"),
         "spec.http[0].match[0].port",
         "out of range",
@@ -221,11 +226,6 @@ fn malformed_options_name_their_field() {
 
 #[test]
 fn unsupported_fields_are_errors() {
-    rejected(
-        &with_route("    match:\n    - sourceLabels: {app: frontend}\n"),
-        "spec.http[0].match[0].sourceLabels",
-        "not supported yet",
-    );
     rejected(
         &with_route("    match:\n    - gateways: [ingress]\n"),
         "spec.http[0].match[0].gateways[0]",
@@ -271,6 +271,6 @@ fn the_feature_fixture_loads() {
     assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
     let mesh = store.mesh();
     let vs = &mesh.virtual_services["reviews.default.svc.cluster.local"];
-    assert_eq!(vs.http.len(), 15);
+    assert_eq!(vs.http.len(), 16);
     assert_eq!(vs.http[3].mirrors.len(), 2);
 }

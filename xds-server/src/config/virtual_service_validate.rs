@@ -159,11 +159,19 @@ fn http_match(m: &HttpMatchRequest, mf: &str) -> Result<(), FieldError> {
     if let Some(p) = m.port {
         port(p).map_err(|e| fe(format!("{mf}.port"), e))?;
     }
-    if !m.source_labels.is_empty() {
-        return Err(fe(
-            format!("{mf}.sourceLabels"),
-            "sourceLabels is not supported yet (routes are shared by every proxy of a namespace)",
-        ));
+    for (k, v) in &m.source_labels {
+        if k.is_empty() || k.chars().any(char::is_whitespace) {
+            return Err(fe(
+                format!("{mf}.sourceLabels"),
+                format!("`{k}` is not a label name"),
+            ));
+        }
+        if v.chars().any(char::is_whitespace) {
+            return Err(fe(
+                format!("{mf}.sourceLabels.{k}"),
+                format!("`{v}` is not a label value"),
+            ));
+        }
     }
     if let Some(ns) = &m.source_namespace {
         object_name(ns).map_err(|e| fe(format!("{mf}.sourceNamespace"), e))?;

@@ -21,7 +21,7 @@ pub use clusters::{
 };
 pub use endpoints::{endpoints, service_endpoints, service_endpoints_for};
 pub use listeners::listeners;
-pub use routes::{encode_route_configuration, routes, CORS_FILTER, FAULT_FILTER};
+pub use routes::{encode_route_configuration, route_key, routes, CORS_FILTER, FAULT_FILTER};
 
 use envoy_types::pb::envoy::config::core::v3::{
     config_source::ConfigSourceSpecifier, AggregatedConfigSource, ApiVersion, ConfigSource,

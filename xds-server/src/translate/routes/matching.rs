@@ -3,6 +3,8 @@
 //! `:authority` and `:scheme`, then query parameters.
 
 use crate::config::model::{HttpMatchRequest, StringMatch};
+use crate::mesh::selects;
+use std::collections::BTreeMap;
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher::HeaderMatchSpecifier,
     query_parameter_matcher::QueryParameterMatchSpecifier, route_match::PathSpecifier,
@@ -95,8 +97,16 @@ pub(super) fn route_match(m: &HttpMatchRequest) -> RouteMatch {
 }
 
 /// Whether a match applies to a route configuration of `port` served to proxies of
-/// `namespace` (`port` and `sourceNamespace` narrow it, as in istiod).
-pub(super) fn applies(m: &HttpMatchRequest, namespace: &str, port: u32) -> bool {
-    m.port.is_none_or(|p| p == port)
-        && m.source_namespace.as_deref().is_none_or(|ns| ns == namespace)
+/// `namespace` whose workload has `labels` (istiod's `sourceMatchHTTP` plus the port
+/// check): `gateways` (only `mesh` exists here) overrides the source checks, as there.
+pub(super) fn applies(
+    m: &HttpMatchRequest,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    port: u32,
+) -> bool {
+    let source = !m.gateways.is_empty()
+        || (selects(&m.source_labels, labels)
+            && m.source_namespace.as_deref().is_none_or(|ns| ns == namespace));
+    m.port.is_none_or(|p| p == port) && source
 }

@@ -10,19 +10,20 @@ pub use per_filter::{encode_route_configuration, CORS_FILTER, FAULT_FILTER};
 
 use super::{duration, outbound_cluster_name};
 use crate::config::virtual_service_validate::MAX_DIRECT_RESPONSE_BODY;
-use crate::mesh::{HttpRouteRule, MeshState, Service};
+use crate::mesh::{selects, HttpRouteRule, MeshState, Service};
 use envoy_types::pb::envoy::config::route::v3::{
     route::Action, route_action::ClusterSpecifier, Route, RouteAction, RouteConfiguration,
     VirtualHost,
 };
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The Envoy routes of one rule in route configuration `port` for proxies of
 /// `namespace`: one per applicable match (none if no match applies there).
 fn rule_routes(
     mesh: &MeshState,
     namespace: &str,
+    labels: &BTreeMap<String, String>,
     port: u32,
     vs_key: &str,
     idx: usize,
@@ -37,7 +38,7 @@ fn rule_routes(
     } else {
         rule.matches
             .iter()
-            .filter(|m| matching::applies(m, namespace, port))
+            .filter(|m| matching::applies(m, namespace, labels, port))
             .map(|m| {
                 let route_name = match &m.name {
                     Some(n) => format!("{name}.{n}"),
@@ -76,7 +77,13 @@ fn rule_routes(
         .collect()
 }
 
-fn virtual_host(mesh: &MeshState, namespace: &str, svc: &Service, port: u32) -> VirtualHost {
+fn virtual_host(
+    mesh: &MeshState,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    svc: &Service,
+    port: u32,
+) -> VirtualHost {
     let mut domains = Vec::new();
     for alias in mesh.host_aliases(&svc.fqdn, namespace) {
         domains.push(format!("{alias}:{port}"));
@@ -87,7 +94,7 @@ fn virtual_host(mesh: &MeshState, namespace: &str, svc: &Service, port: u32) -> 
             .http
             .iter()
             .enumerate()
-            .flat_map(|(i, r)| rule_routes(mesh, namespace, port, &vs.key, i, r))
+            .flat_map(|(i, r)| rule_routes(mesh, namespace, labels, port, &vs.key, i, r))
             .collect(),
         None => vec![Route {
             name: "default".into(),
@@ -111,17 +118,42 @@ fn virtual_host(mesh: &MeshState, namespace: &str, svc: &Service, port: u32) -> 
     }
 }
 
+/// What the routes of a proxy in `namespace` whose workload has `labels` depend on: the
+/// namespace, and which `sourceLabels` selectors of the mesh's rules pick the workload.
+/// Proxies with equal keys get equal routes (and share one encoding).
+pub fn route_key(mesh: &MeshState, namespace: &str, labels: &BTreeMap<String, String>) -> String {
+    let selectors: BTreeSet<&BTreeMap<String, String>> = mesh
+        .virtual_services
+        .values()
+        .flat_map(|vs| &vs.http)
+        .flat_map(|r| &r.matches)
+        .map(|m| &m.source_labels)
+        .filter(|sel| !sel.is_empty() && selects(sel, labels))
+        .collect();
+    if selectors.is_empty() {
+        namespace.to_string()
+    } else {
+        // Debug quotes and escapes every label, so distinct sets give distinct keys.
+        format!("{namespace} {selectors:?}")
+    }
+}
+
 /// One route configuration per HTTP service port, named by the port as Istio does,
-/// holding a virtual host per service on that port. Encode with
+/// holding a virtual host per service on that port, for proxies of `namespace` whose
+/// workload has `labels` (empty for a proxy that is no workload). Encode with
 /// [`encode_route_configuration`] (deterministic bytes, hence stable versions).
-pub fn routes(mesh: &MeshState, namespace: &str) -> Vec<RouteConfiguration> {
+pub fn routes(
+    mesh: &MeshState,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> Vec<RouteConfiguration> {
     let mut by_port: BTreeMap<u32, Vec<VirtualHost>> = BTreeMap::new();
     for svc in mesh.services.values() {
         for p in svc.ports.iter().filter(|p| p.protocol.is_http()) {
             by_port
                 .entry(p.number)
                 .or_default()
-                .push(virtual_host(mesh, namespace, svc, p.number));
+                .push(virtual_host(mesh, namespace, labels, svc, p.number));
         }
     }
     by_port

@@ -118,6 +118,11 @@ fn encode_virtual_host(vh: &VirtualHost, buf: &mut Vec<u8>) {
 
 /// A route configuration's protobuf encoding, byte-for-byte the same for equal configs.
 pub fn encode_route_configuration(rc: &RouteConfiguration) -> Vec<u8> {
+    let maps = rc.virtual_hosts.iter().flat_map(|vh| &vh.routes);
+    if maps.clone().all(|r| r.typed_per_filter_config.len() < 2) {
+        // Nothing to sort: prost's own (canonical field order) encoding.
+        return rc.encode_to_vec();
+    }
     let mut shell = rc.clone();
     let hosts = std::mem::take(&mut shell.virtual_hosts);
     let mut buf = shell.encode_to_vec();
