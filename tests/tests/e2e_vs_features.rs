@@ -103,6 +103,11 @@ fn get(client: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse
     call(client, "reviews", "GET", path, headers).expect("request")
 }
 
+#[track_caller]
+fn reviews_version(response: &HttpResponse) -> String {
+    served_version(response, "reviews").expect("answered by reviews")
+}
+
 /// What the echo app received, from its JSON answer.
 fn echoed(response: &HttpResponse) -> serde_json::Value {
     assert_eq!(response.status, 200, "{}", response.text());
@@ -114,7 +119,7 @@ fn fault_injection(client: SocketAddr) {
         let started = Instant::now();
         let response = get(client, "/", &[("x-fault", "delay")]);
         let took = started.elapsed();
-        assert_eq!(served_version(&response, "reviews").unwrap(), "v1");
+        assert_eq!(reviews_version(&response), "v1");
         // Envoy's timers tick in whole milliseconds on its own clock: one can fire a
         // hair before the delay as this process measures it.
         assert!(
@@ -140,7 +145,7 @@ fn fault_injection(client: SocketAddr) {
 
 fn mirroring(mesh: &Mesh, client: SocketAddr) {
     let response = get(client, "/mirror/1", &[]);
-    assert_eq!(served_version(&response, "reviews").unwrap(), "v1");
+    assert_eq!(reviews_version(&response), "v1");
     // The copy's response is dropped; ratings' echo log shows it arrived, with Envoy's
     // `-shadow` suffix on the host.
     let ratings = mesh
@@ -156,7 +161,10 @@ fn mirroring(mesh: &Mesh, client: SocketAddr) {
         if seen {
             Ok(())
         } else {
-            Err(format!("no mirrored request in ratings' log:\n{}", ratings.log_tail(10)))
+            Err(format!(
+                "no mirrored request in ratings' log:\n{}",
+                ratings.log_tail(10)
+            ))
         }
     });
 }
@@ -198,7 +206,10 @@ fn cors(client: SocketAddr) {
     let header = |name| preflight.header(name).unwrap_or_default().to_owned();
     assert_eq!(header("access-control-allow-origin"), "https://example.com");
     assert_eq!(header("access-control-allow-methods"), "GET,POST");
-    assert_eq!(header("access-control-allow-headers"), "content-type,x-custom");
+    assert_eq!(
+        header("access-control-allow-headers"),
+        "content-type,x-custom"
+    );
     assert_eq!(header("access-control-max-age"), "86400");
     assert_eq!(header("access-control-allow-credentials"), "true");
     assert!(
@@ -223,12 +234,15 @@ fn cors(client: SocketAddr) {
     );
 
     let actual = get(client, "/cors/items", &[("origin", "https://example.com")]);
-    assert_eq!(served_version(&actual, "reviews").unwrap(), "v1");
+    assert_eq!(reviews_version(&actual), "v1");
     assert_eq!(
         actual.header("access-control-allow-origin"),
         Some("https://example.com")
     );
-    assert_eq!(actual.header("access-control-expose-headers"), Some("x-exposed"));
+    assert_eq!(
+        actual.header("access-control-expose-headers"),
+        Some("x-exposed")
+    );
 }
 
 fn headers(client: SocketAddr) {
@@ -260,14 +274,17 @@ fn source_labels(client: SocketAddr) {
     // The client workload (app: client) is picked by the first match only.
     for _ in 0..20 {
         let response = get(client, "/", &[("x-canary", "1")]);
-        assert_eq!(served_version(&response, "reviews").unwrap(), "v2");
+        assert_eq!(reviews_version(&response), "v2");
     }
     let mut versions = std::collections::BTreeSet::new();
     for _ in 0..100 {
         let response = get(client, "/", &[("x-canary", "2")]);
-        versions.insert(served_version(&response, "reviews").unwrap());
+        versions.insert(reviews_version(&response));
     }
-    assert!(versions.contains("v1"), "x-canary: 2 is not for this caller: {versions:?}");
+    assert!(
+        versions.contains("v1"),
+        "x-canary: 2 is not for this caller: {versions:?}"
+    );
 }
 
 #[test]

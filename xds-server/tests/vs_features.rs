@@ -9,9 +9,7 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use prost::Message as _;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use translated::{
-    ads_bootstrap, check_dump, fixture, inline_endpoints, resources, snapshot_of,
-};
+use translated::{ads_bootstrap, check_dump, fixture, inline_endpoints, resources, snapshot_of};
 use xds_server::cache::{Snapshot, TypeKind};
 use xds_server::translate::ProxyScope;
 
@@ -72,7 +70,12 @@ fn routes_with_two_filter_configs_encode_deterministically() {
 #[test]
 fn source_labels_split_route_sharing_only_by_matching_selectors() {
     let snap = snapshot();
-    let route = |scope: ProxyScope| snap.view(&scope).get(TypeKind::Route, "9080").unwrap().clone();
+    let route = |scope: ProxyScope| {
+        snap.view(&scope)
+            .get(TypeKind::Route, "9080")
+            .unwrap()
+            .clone()
+    };
     let frontend = route(ProxyScope::Workload(FRONTEND.into()));
     let reviews_v1 = route(ProxyScope::Workload("reviews-v1.default".into()));
     let reviews_v2 = route(ProxyScope::Workload("reviews-v2.default".into()));
@@ -81,9 +84,8 @@ fn source_labels_split_route_sharing_only_by_matching_selectors() {
     assert!(Arc::ptr_eq(&reviews_v1, &reviews_v2));
     assert!(Arc::ptr_eq(&reviews_v1, &outsider));
     assert_ne!(frontend.version, outsider.version);
-    let names = |r: &Arc<xds_server::cache::Resource>| {
-        xds_server::dump::resource_json(r).to_string()
-    };
+    let names =
+        |r: &Arc<xds_server::cache::Resource>| xds_server::dump::resource_json(r).to_string();
     assert!(names(&frontend).contains("canary-callers.frontend"));
     assert!(!names(&outsider).contains("canary-callers"));
 }

@@ -119,7 +119,9 @@ fn percentages_must_be_within_0_and_100() {
         "outside 0..100",
     );
     rejected(
-        &with_route("    mirrors:\n    - destination: {host: ratings}\n      percentage: {value: 200}\n"),
+        &with_route(
+            "    mirrors:\n    - destination: {host: ratings}\n      percentage: {value: 200}\n",
+        ),
         "spec.http[0].mirrors[0].percentage.value",
         "outside 0..100",
     );
@@ -234,7 +236,10 @@ fn unsupported_fields_are_errors() {
     let e = one_error(&with_route(
         "    fault: {delay: {exponentialDelay: 1s, percentage: {value: 1}}}\n",
     ));
-    assert!(e.message.contains("unknown field `exponentialDelay`"), "{e}");
+    assert!(
+        e.message.contains("unknown field `exponentialDelay`"),
+        "{e}"
+    );
     let e = one_error(&with_route("    corsPolicy: {allowOrigin: [a]}\n"));
     assert!(e.message.contains("unknown field `allowOrigin`"), "{e}");
 }

@@ -4,16 +4,15 @@
 
 use crate::config::model::{HttpMatchRequest, StringMatch};
 use crate::mesh::selects;
-use std::collections::BTreeMap;
 use envoy_types::pb::envoy::config::route::v3::{
-    header_matcher::HeaderMatchSpecifier,
-    query_parameter_matcher::QueryParameterMatchSpecifier, route_match::PathSpecifier,
-    HeaderMatcher, QueryParameterMatcher, RouteMatch,
+    header_matcher::HeaderMatchSpecifier, query_parameter_matcher::QueryParameterMatchSpecifier,
+    route_match::PathSpecifier, HeaderMatcher, QueryParameterMatcher, RouteMatch,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     string_matcher::MatchPattern, RegexMatcher, StringMatcher,
 };
 use envoy_types::pb::google::protobuf::BoolValue;
+use std::collections::BTreeMap;
 
 pub(super) fn string_matcher(m: &StringMatch) -> Option<StringMatcher> {
     let pattern = if let Some(e) = &m.exact {
@@ -107,6 +106,8 @@ pub(super) fn applies(
 ) -> bool {
     let source = !m.gateways.is_empty()
         || (selects(&m.source_labels, labels)
-            && m.source_namespace.as_deref().is_none_or(|ns| ns == namespace));
+            && m.source_namespace
+                .as_deref()
+                .is_none_or(|ns| ns == namespace));
     m.port.is_none_or(|p| p == port) && source
 }
