@@ -6,7 +6,9 @@
 //! outbound clusters are mesh-wide (in two variants: plaintext, and with mutual TLS for
 //! sidecars with an identity, see [`tls`]), endpoints depend on the proxy's cluster (its
 //! own cluster's endpoints first, see `endpoints.rs`), route configurations on its
-//! namespace (short host names), listeners and inbound clusters on its workload.
+//! namespace (short host names, `sourceNamespace`) and on which VirtualService
+//! `sourceLabels` selectors pick its workload ([`route_key`]), listeners and inbound
+//! clusters on its workload.
 
 pub mod authz;
 mod clusters;
