@@ -200,6 +200,11 @@ fn malformed_options_name_their_field() {
         "cannot be changed",
     );
     rejected(
+        &with_route("    headers: {request: {add: {x-a: \"one\\ntwo\"}}}\n"),
+        "spec.http[0].headers.request.add.x-a",
+        "must not contain CR, LF or NUL",
+    );
+    rejected(
         &with_route("    corsPolicy: {allowOrigins: [{exact: a, prefix: b}]}\n"),
         "spec.http[0].corsPolicy.allowOrigins[0]",
         "exactly one of",

@@ -212,10 +212,14 @@ fn is_authority(name: &str) -> bool {
 }
 
 fn header_operations(ops: &HeaderOperations, f: &str, request: bool) -> Result<(), FieldError> {
-    for (op, names) in [("set", ops.set.keys()), ("add", ops.add.keys())] {
-        for name in names {
+    for (op, map) in [("set", &ops.set), ("add", &ops.add)] {
+        for (name, value) in map {
             let hf = format!("{f}.{op}.{name}");
             header_name(name, &hf)?;
+            // Envoy NACKs a value that could split the header (CR, LF, NUL).
+            if value.chars().any(|c| matches!(c, '\r' | '\n' | '\0')) {
+                return Err(fe(hf, "header values must not contain CR, LF or NUL"));
+            }
             let internal = name.starts_with(':') || name.eq_ignore_ascii_case("host");
             if internal && !(request && is_authority(name)) {
                 return Err(fe(
