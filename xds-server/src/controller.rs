@@ -9,11 +9,9 @@
 
 use crate::ads::source::ConfigSource;
 use crate::cache::Snapshot;
-use crate::config::store::{
-    ClusterStatus, ConfigStore, RegistryError, RegistryOutcome, StoreError,
-};
+use crate::config::store::{ClusterStatus, RegistryError, RegistryOutcome, StoreError};
 use crate::config::ConfigError;
-use crate::mesh::{ClusterMeta, MeshState};
+use crate::mesh::{ClusterMeta, MeshState, MeshStore};
 use crate::metrics::{Metrics, ResultLabel};
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
@@ -54,7 +52,7 @@ pub struct ConfigErrorView {
 
 #[derive(Debug)]
 pub struct Controller {
-    store: Mutex<ConfigStore>,
+    store: Mutex<MeshStore>,
     snapshots: watch::Sender<Arc<Snapshot>>,
     /// The same snapshots as ADS streams see them (as a [`ConfigSource`]).
     sources: watch::Sender<Arc<dyn ConfigSource>>,
@@ -67,7 +65,7 @@ impl Controller {
         dir: impl Into<PathBuf>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Controller>, StoreError> {
-        let (store, outcome) = ConfigStore::open(dir)?;
+        let (store, outcome) = MeshStore::open(dir)?;
         for e in &outcome.new_errors {
             error!(error = %e, "config rejected");
         }
@@ -102,12 +100,12 @@ impl Controller {
         self.status.load_full()
     }
 
-    fn lock_store(&self) -> std::sync::MutexGuard<'_, ConfigStore> {
+    fn lock_store(&self) -> std::sync::MutexGuard<'_, MeshStore> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Called with the store locked, so statuses are stored in the order of changes.
-    fn update_status(&self, store: &ConfigStore, reloads: u64) {
+    fn update_status(&self, store: &MeshStore, reloads: u64) {
         let snap = self.snapshot();
         let errors: Vec<ConfigErrorView> = store
             .errors()
@@ -187,7 +185,7 @@ impl Controller {
 
     /// Takes member cluster `cluster`'s report: where it runs and its registry folder's
     /// files as (name, YAML text), the whole set each time (see
-    /// [`ConfigStore::set_cluster_registry`]). Publishes a snapshot if the mesh changed.
+    /// [`MeshStore::set_cluster_registry`]). Publishes a snapshot if the mesh changed.
     /// Blocking (it translates the mesh): call it from `spawn_blocking` in async code.
     pub fn set_cluster_registry(
         &self,

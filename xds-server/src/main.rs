@@ -9,9 +9,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 use xds_server::bootstrap::{bootstrap, BootstrapOptions, SecureBootstrap, XdsTrust};
-use xds_server::config::store::ConfigStore;
+use xds_server::mesh::MeshStore;
 use xds_server::server::{SecureOptions, Server};
 
+mod analyze_cli;
 mod ca_cli;
 use ca_cli::ca_command;
 
@@ -74,6 +75,14 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Check a config folder offline exactly as `serve` would load it; print every
+    /// error (file, document, line, object, field) and fail if there is one.
+    Analyze {
+        /// The config folder.
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: analyze_cli::Output,
     },
     /// Print the Envoy bootstrap (YAML) for a workload's sidecar.
     Bootstrap {
@@ -320,7 +329,7 @@ fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
         ..
     } = args;
     let workload = workload.as_str();
-    let (store, outcome) = ConfigStore::open(&config_dir)?;
+    let (store, outcome) = MeshStore::open(&config_dir)?;
     for e in &outcome.new_errors {
         eprintln!("warning: {e}");
     }
@@ -408,7 +417,7 @@ fn print_bootstrap(args: BootstrapArgs) -> Result<()> {
 /// The trust domain of `config_dir`'s MeshConfig (the default one without a folder).
 fn trust_domain_of(config_dir: Option<&Path>) -> Result<String> {
     Ok(match config_dir {
-        Some(dir) => ConfigStore::open(dir)?.0.mesh().trust_domain.clone(),
+        Some(dir) => MeshStore::open(dir)?.0.mesh().trust_domain.clone(),
         None => CaOptions::default().trust_domain,
     })
 }
@@ -590,6 +599,7 @@ fn main() -> std::process::ExitCode {
             ca,
         }),
         Command::Ca { command } => ca_command(command),
+        Command::Analyze { dir, output } => analyze_cli::analyze(&dir, output),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

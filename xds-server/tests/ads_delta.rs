@@ -279,3 +279,70 @@ async fn delta_an_updated_cluster_gets_its_unchanged_endpoints_again() {
     ads.send(delta_ack(&eds2)).await;
     ads.expect_silence().await;
 }
+
+/// Responses to `ads` until `done` holds for everything gathered (name -> version, and
+/// removals), ACKing each; CDS removals may come in a response of their own.
+async fn delta_gather(
+    ads: &mut DeltaStream,
+    done: impl Fn(&BTreeMap<String, String>, &[String]) -> bool,
+) -> (BTreeMap<String, String>, Vec<String>) {
+    let (mut sent, mut removed) = (BTreeMap::new(), Vec::new());
+    while !done(&sent, &removed) {
+        let r = ads.recv().await;
+        assert_eq!(r.type_url, CDS, "{r:?}");
+        sent.extend(delta_versions(&r));
+        removed.extend(r.removed_resources.iter().cloned());
+        ads.send(delta_ack(&r)).await;
+    }
+    ads.expect_silence().await;
+    (sent, removed)
+}
+
+/// A proxy subscribed to `*` and to a name that it unsubscribes cannot know whether the
+/// wildcard still covers that name: the server resends the resource if it exists and
+/// names it removed if not (xds_protocol.rst, "Unsubscribing from Resources").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_unsubscribing_under_wildcard_resends_or_removes() {
+    let mesh = Mesh::start().await;
+    let (details, ratings, nope) = (outbound("details"), outbound("ratings"), outbound("nope"));
+    let mut ads = mesh
+        .delta(delta_first_request("proxy-delta-wc-unsub", CDS, &[]))
+        .await;
+    let r = ads.recv().await;
+    let held = delta_versions(&r);
+    assert!(held.contains_key(&details), "{r:?}");
+    ads.send(delta_ack(&r)).await;
+    ads.expect_silence().await;
+
+    // Wildcard stays (legacy wildcard plus names); the missing name is announced removed.
+    ads.send(delta_request(CDS, &[&details, &nope])).await;
+    let (_, removed) = delta_gather(&mut ads, |_, removed| !removed.is_empty()).await;
+    assert_eq!(removed, vec![nope.clone()]);
+
+    ads.send(DeltaDiscoveryRequest {
+        resource_names_unsubscribe: vec![details.clone(), nope.clone()],
+        ..delta_request(CDS, &[])
+    })
+    .await;
+    let (sent, removed) = delta_gather(&mut ads, |sent, removed| {
+        !sent.is_empty() && !removed.is_empty()
+    })
+    .await;
+    assert_eq!(
+        sent,
+        BTreeMap::from([(details.clone(), held[&details].clone())])
+    );
+    assert_eq!(removed, vec![nope]);
+
+    // A name the server never saw subscribed is answered all the same.
+    ads.send(DeltaDiscoveryRequest {
+        resource_names_unsubscribe: vec![ratings.clone()],
+        ..delta_request(CDS, &[])
+    })
+    .await;
+    let (sent, _) = delta_gather(&mut ads, |sent, _| !sent.is_empty()).await;
+    assert_eq!(
+        sent,
+        BTreeMap::from([(ratings.clone(), held[&ratings].clone())])
+    );
+}

@@ -411,3 +411,32 @@ async fn sotw_replacement_adds_before_routes_and_removes_after() {
     assert!(rds < last && seen[last].0 == CDS, "{order:?}");
     assert!(seen[last].1.contains(&stars) && !seen[last].1.contains(&ratings));
 }
+
+/// Legacy wildcard ends with the first name sent: after that, an empty list on CDS means
+/// no clusters at all (xds_protocol.rst, "How the client specifies what resources to
+/// return"), and only an explicit `*` is everything again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sotw_cds_empty_list_after_names_is_nothing_not_wildcard() {
+    let mesh = Mesh::start().await;
+    let details = outbound("details");
+    let mut ads = mesh
+        .sotw(first_request("proxy-cds-names", CDS, &[&details]))
+        .await;
+    let r1 = ads.recv().await;
+    assert_eq!((r1.type_url.as_str(), names(&r1)), (CDS, set(&[&details])));
+    ads.send(ack(&r1, &[&details])).await;
+    ads.expect_silence().await;
+
+    ads.send(ack(&r1, &[])).await;
+    let r2 = ads.recv().await;
+    assert_eq!(r2.type_url, CDS);
+    assert!(r2.resources.is_empty(), "{:?}", names(&r2));
+    ads.send(ack(&r2, &[])).await;
+    ads.expect_silence().await;
+
+    ads.send(ack(&r2, &["*"])).await;
+    let r3 = ads.recv().await;
+    assert_eq!(names(&r3), outbound_clusters());
+    ads.send(ack(&r3, &["*"])).await;
+    ads.expect_silence().await;
+}

@@ -261,3 +261,56 @@ fn cluster_join_token() {
     );
     assert!(line.contains("invalid zone \"a/b\""), "{line}");
 }
+
+#[test]
+fn analyze_a_valid_folder() {
+    let out = run_ok(xds_server().arg("analyze").arg(examples()));
+    assert!(out.contains("objects in effect, 0 errors"), "{out}");
+}
+
+/// Every error of a folder, with file, document, line, object and field, and a failure;
+/// as JSON for tools.
+#[test]
+fn analyze_lists_every_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for e in std::fs::read_dir(examples()).expect("examples").flatten() {
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copy");
+    }
+    let routing = dir.path().join("reviews-routing.yaml");
+    let text = std::fs::read_to_string(&routing).expect("read");
+    std::fs::write(&routing, text.replace("subset: v2}", "subset: v3}")).expect("write");
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec:\n  hosts: [x]\n  bogus: 1\n",
+    )
+    .expect("write");
+
+    let mut cmd = xds_server();
+    cmd.arg("analyze").arg(dir.path());
+    let out = cmd.output().expect("runs");
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("bad.yaml: document 1 (line 1): VirtualService default/x: spec.bogus: unknown field `bogus`"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("reviews-routing.yaml: document 2 (line 18): VirtualService default/reviews: spec.http[0].route[0].destination.subset: subset `v3`"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("4 errors"), "each error once: {stdout}");
+
+    let mut cmd = xds_server();
+    cmd.arg("analyze")
+        .arg(dir.path())
+        .args(["--output", "json"]);
+    let out = cmd.output().expect("runs");
+    assert!(!out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(report["valid"], false);
+    let errors = report["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 4, "{report:#}");
+    assert_eq!(errors[0]["field"], "spec.bogus");
+    assert_eq!(errors[0]["document"], 1);
+    assert_eq!(errors[1]["object"], "VirtualService default/reviews");
+}

@@ -4,8 +4,8 @@
 
 use std::path::Path;
 use xds_server::config::parse::parse_file;
-use xds_server::config::store::ConfigStore;
 use xds_server::config::{parse_duration, ConfigError};
+use xds_server::mesh::MeshStore;
 
 fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -36,7 +36,7 @@ fn vs(route: &str) -> String {
 
 #[test]
 fn the_examples_load_cleanly() {
-    let (store, outcome) = ConfigStore::open(examples()).unwrap();
+    let (store, outcome) = MeshStore::open(examples()).unwrap();
     assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
     let mesh = store.mesh();
     assert_eq!(mesh.services.len(), 4);
@@ -158,7 +158,7 @@ fn a_bad_file_keeps_its_last_good_version() {
     for f in ["services.yaml", "workloads.yaml", "reviews-routing.yaml"] {
         std::fs::copy(examples().join(f), dir.path().join(f)).unwrap();
     }
-    let (mut store, outcome) = ConfigStore::open(dir.path()).unwrap();
+    let (mut store, outcome) = MeshStore::open(dir.path()).unwrap();
     assert!(outcome.new_errors.is_empty());
     let before = store.mesh();
 
@@ -217,7 +217,7 @@ fn duplicates_across_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.yaml", SE);
     write(dir.path(), "b.yaml", SE);
-    let (store, outcome) = ConfigStore::open(dir.path()).unwrap();
+    let (store, outcome) = MeshStore::open(dir.path()).unwrap();
     assert!(!outcome.new_errors.is_empty());
     let msg = store
         .errors()

@@ -16,9 +16,9 @@ use translated::{
 use xds_server::cache::{Snapshot, TypeKind};
 use xds_server::config::parse::parse_file;
 use xds_server::config::peer_authentication::MtlsMode;
-use xds_server::config::store::ConfigStore;
 use xds_server::config::ConfigError;
 use xds_server::mesh::MeshState;
+use xds_server::mesh::MeshStore;
 use xds_server::translate::ProxyScope;
 
 fn fixture() -> PathBuf {
@@ -346,7 +346,7 @@ fn a_selector_policy_in_the_root_namespace_is_an_error() {
         "apiVersion: trellis.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {rootNamespace: mesh-root}\n",
     )
     .unwrap();
-    let (store, outcome) = ConfigStore::open(dir.path()).unwrap();
+    let (store, outcome) = MeshStore::open(dir.path()).unwrap();
     assert_eq!(outcome.new_errors.len(), 1, "{:?}", outcome.new_errors);
     let e = &store.errors()[0];
     assert_eq!(e.field.as_deref(), Some("spec.selector"));

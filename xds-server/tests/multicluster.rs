@@ -14,10 +14,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use translated::{check_dump, copy_config, open_store, resource};
 use xds_server::cache::{Snapshot, TypeKind};
-use xds_server::config::store::{ConfigStore, RegistryError};
+use xds_server::config::store::RegistryError;
 use xds_server::config::ConfigError;
 use xds_server::dump::resource_json;
 use xds_server::mesh::ClusterMeta;
+use xds_server::mesh::MeshStore;
 use xds_server::translate::ProxyScope;
 
 fn fixture() -> PathBuf {
@@ -43,12 +44,12 @@ fn registry_b() -> Vec<(String, String)> {
         .collect()
 }
 
-fn primary() -> ConfigStore {
+fn primary() -> MeshStore {
     open_store(&fixture().join("primary"))
 }
 
 /// The primary folder plus cluster b's registry.
-fn two_clusters() -> ConfigStore {
+fn two_clusters() -> MeshStore {
     let mut store = primary();
     let outcome = store
         .set_cluster_registry("b", meta_b(), registry_b())
@@ -435,7 +436,7 @@ fn reports_replace_the_whole_set_and_removal_drops_the_cluster() {
 #[test]
 fn reports_that_cannot_be_taken_are_refused() {
     let mut store = primary();
-    let refused = |store: &mut ConfigStore, cluster: &str, meta: ClusterMeta, f| {
+    let refused = |store: &mut MeshStore, cluster: &str, meta: ClusterMeta, f| {
         store.set_cluster_registry(cluster, meta, f).unwrap_err()
     };
     assert_eq!(
@@ -460,7 +461,7 @@ fn reports_that_cannot_be_taken_are_refused() {
 fn the_own_cluster_cannot_take_a_member_clusters_name() {
     let dir = tempfile::tempdir().unwrap();
     copy_config(&fixture().join("primary"), dir.path());
-    let (mut store, _) = ConfigStore::open(dir.path()).unwrap();
+    let (mut store, _) = MeshStore::open(dir.path()).unwrap();
     store
         .set_cluster_registry("b", meta_b(), registry_b())
         .unwrap();

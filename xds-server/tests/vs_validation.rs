@@ -277,7 +277,7 @@ fn mirror_destinations_must_be_services() {
 #[test]
 fn the_feature_fixture_loads() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vs-features");
-    let (store, outcome) = xds_server::config::store::ConfigStore::open(&dir).unwrap();
+    let (store, outcome) = xds_server::mesh::MeshStore::open(&dir).unwrap();
     assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
     let mesh = store.mesh();
     let vs = &mesh.virtual_services["reviews.default.svc.cluster.local"];

@@ -7,11 +7,11 @@
 
 use super::codec::Frame;
 use super::driver::{Protocol, Responses, Views};
-use super::interner::Names;
 use super::source::ConfigSource;
 use super::status::ProxyStatus;
+use super::subscription::Subscription;
 use super::{record_ack, record_nack, record_push, AdsShared, Sent};
-use crate::cache::{wire, DeltaUpdate, ProxyView, SotwBody, SubscriptionKey, TypeKind};
+use crate::cache::{wire, DeltaUpdate, ProxyView, Resource, SotwBody, TypeKind};
 use bytes::{Bytes, BytesMut};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -28,13 +28,15 @@ enum Known {
 }
 
 struct TypeState {
-    wildcard: bool,
-    names: Names,
-    key: SubscriptionKey,
+    sub: Subscription,
     known: Known,
     /// Newly subscribed names that may not exist: answered with a removal so the proxy
     /// does not wait for its initial fetch timeout.
     announce: BTreeSet<String>,
+    /// Names unsubscribed under wildcard: the proxy must be told whether they exist
+    /// (resent in full if so, named removed if not). Empty for nearly every stream,
+    /// which keeps them on the shared-body fast path.
+    force: BTreeSet<String>,
     /// Respond even if nothing changed (the first request of a type must be answered).
     must_respond: bool,
     sent: Option<Sent>,
@@ -42,10 +44,6 @@ struct TypeState {
 }
 
 impl TypeState {
-    fn wanted(&self) -> Option<&BTreeSet<String>> {
-        (!self.wildcard).then_some(&*self.names)
-    }
-
     fn known_version(&self, name: &str) -> Option<&str> {
         match &self.known {
             Known::Body(b) => b
@@ -93,7 +91,9 @@ fn frame(
 struct Update {
     next: Arc<SotwBody>,
     diff: Arc<DeltaUpdate>,
-    /// Removals beyond the shared diff (announced missing names).
+    /// Unchanged resources the proxy must get again beyond the shared diff.
+    extra: Vec<Arc<Resource>>,
+    /// Removals beyond the shared diff (announced or forced missing names).
     extra_removed: Vec<String>,
     must_send: bool,
 }
@@ -120,19 +120,14 @@ impl Protocol for Stream {
             warn!(node = %self.status.node.id, type_url = %req.type_url, "request for a type this server does not serve");
             return;
         };
-        let st = self.types.entry(kind).or_insert_with(|| {
-            let (names, key) = shared.subscriptions.intern(&[]);
-            TypeState {
-                // Legacy wildcard: the first request of CDS/LDS subscribing to nothing.
-                wildcard: req.resource_names_subscribe.is_empty() && kind.wildcard_by_default(),
-                names,
-                key,
-                known: Known::Initial(req.initial_resource_versions.clone()),
-                announce: BTreeSet::new(),
-                must_respond: true,
-                sent: None,
-                sent_generation: 0,
-            }
+        let st = self.types.entry(kind).or_insert_with(|| TypeState {
+            sub: Subscription::new(kind),
+            known: Known::Initial(req.initial_resource_versions.clone()),
+            announce: BTreeSet::new(),
+            force: BTreeSet::new(),
+            must_respond: true,
+            sent: None,
+            sent_generation: 0,
         });
         if !req.response_nonce.is_empty() {
             match st.sent.as_ref().filter(|s| s.nonce == req.response_nonce) {
@@ -145,35 +140,25 @@ impl Protocol for Stream {
                 }
             }
         }
+        let change = st.sub.update(
+            &req.resource_names_subscribe,
+            &req.resource_names_unsubscribe,
+            &shared.subscriptions,
+        );
         if req.resource_names_subscribe.is_empty() && req.resource_names_unsubscribe.is_empty() {
             return;
         }
-        let mut names: BTreeSet<String> = (*st.names).clone();
-        for n in &req.resource_names_subscribe {
-            if n == "*" {
-                st.wildcard = true;
-            } else if names.insert(n.clone()) {
-                st.announce.insert(n.clone());
-            }
-        }
-        for n in &req.resource_names_unsubscribe {
-            if n == "*" {
-                st.wildcard = false;
-            } else {
-                names.remove(n);
-                st.announce.remove(n);
-            }
-        }
+        st.announce.extend(change.added);
+        st.force.extend(change.force);
+        let names = st.sub.names();
+        st.announce.retain(|n| names.contains(n));
         // Envoy forgets what it unsubscribed from; the next diff must not assume it still
         // holds it (a later subscribe resends it).
         if let Known::Initial(m) = &mut st.known {
-            if !st.wildcard {
+            if !st.sub.is_wildcard() {
                 m.retain(|k, _| names.contains(k));
             }
         }
-        let (names, key) = shared.subscriptions.intern_set(names);
-        st.names = names;
-        st.key = key;
     }
 
     async fn flush(
@@ -194,33 +179,38 @@ impl Protocol for Stream {
             if kind == TypeKind::Cluster {
                 self.resend_eds.extend(update.diff.updated.iter().cloned());
             }
-            let mut body = update.diff.body.clone();
-            let mut resources = update.diff.resources;
             if kind == TypeKind::Endpoint && !self.resend_eds.is_empty() {
                 let resend = std::mem::take(&mut self.resend_eds);
-                let mut extra = BytesMut::from(&body[..]);
                 if let Some(st) = self.types.get(&kind) {
-                    for r in update
+                    let already: BTreeSet<&str> = update.extra.iter().map(|r| &*r.name).collect();
+                    let more: Vec<Arc<Resource>> = update
                         .next
                         .resources
                         .iter()
-                        .filter(|r| resend.contains(&r.name))
-                    {
+                        .filter(|r| resend.contains(&r.name) && !already.contains(&*r.name))
                         // Changed ones are in the diff already.
-                        if st.known_version(&r.name) == Some(&*r.version) {
-                            extra.extend_from_slice(&r.delta_field);
-                            resources += 1;
-                        }
-                    }
+                        .filter(|r| st.known_version(&r.name) == Some(&*r.version))
+                        .cloned()
+                        .collect();
+                    update.extra.extend(more);
                 }
-                body = extra.freeze();
             }
+            let resources = update.diff.resources + update.extra.len();
+            let body = if update.extra.is_empty() {
+                update.diff.body.clone()
+            } else {
+                let mut body = BytesMut::from(&update.diff.body[..]);
+                for r in &update.extra {
+                    body.extend_from_slice(&r.delta_field);
+                }
+                body.freeze()
+            };
             let mut removed: Vec<String> = update.diff.removed.clone();
             removed.append(&mut update.extra_removed);
             if kind == TypeKind::Cluster && !removed.is_empty() {
                 // Make before break: clusters go only after routes have moved off them.
                 deferred_removals = std::mem::take(&mut removed);
-                if update.diff.resources == 0 && !update.must_send {
+                if resources == 0 && !update.must_send {
                     self.set_known(kind, update.next);
                     continue;
                 }
@@ -263,7 +253,8 @@ impl Protocol for Stream {
 impl Stream {
     fn plan(&mut self, kind: TypeKind, view: &ProxyView) -> Option<Update> {
         let st = self.types.get_mut(&kind)?;
-        let next = view.sotw_body(kind, st.wanted(), if st.wildcard { None } else { st.key });
+        let wanted = st.sub.wanted();
+        let next = view.sotw_body(kind, wanted, st.sub.key());
         let resend = kind == TypeKind::Endpoint
             && next
                 .resources
@@ -273,34 +264,48 @@ impl Stream {
             Known::Body(prev)
                 if Arc::ptr_eq(prev, &next)
                     && st.announce.is_empty()
+                    && st.force.is_empty()
                     && !st.must_respond
                     && !resend =>
             {
                 return None
             }
-            Known::Body(prev) => view.delta_update(
-                kind,
-                if st.wildcard { None } else { st.key },
-                prev,
-                &next,
-                st.wanted(),
-            ),
+            Known::Body(prev) => view.delta_update(kind, st.sub.key(), prev, &next, wanted),
             Known::Initial(m) => Arc::new(DeltaUpdate::between(
                 m.iter().map(|(n, v)| (n.as_str(), v.as_str())),
                 |n| m.get(n).map(String::as_str),
                 &next,
-                st.wanted(),
+                wanted,
             )),
         };
-        let mut extra_removed = Vec::new();
+        let mut extra_removed = BTreeSet::new();
         for n in std::mem::take(&mut st.announce) {
             let exists = next.resources.iter().any(|r| *r.name == *n);
             if !exists && st.known_version(&n).is_none() && !diff.removed.contains(&n) {
-                extra_removed.push(n);
+                extra_removed.insert(n);
+            }
+        }
+        let mut extra = Vec::new();
+        // Forced names only matter while wildcard: a proxy that left `*` since does not
+        // expect them. Wildcard, `next` is the whole view, so the view answers.
+        let force = std::mem::take(&mut st.force);
+        for n in force.into_iter().filter(|_| st.sub.is_wildcard()) {
+            match view.get(kind, &n) {
+                // A changed or new one is in the diff already.
+                Some(r) if st.known_version(&n) == Some(&*r.version) => extra.push(r.clone()),
+                Some(_) => {}
+                None if !diff.removed.contains(&n) => {
+                    extra_removed.insert(n);
+                }
+                None => {}
             }
         }
         let must_send = std::mem::take(&mut st.must_respond) || resend;
-        if diff.resources == 0 && diff.removed.is_empty() && extra_removed.is_empty() && !must_send
+        if diff.resources == 0
+            && diff.removed.is_empty()
+            && extra_removed.is_empty()
+            && extra.is_empty()
+            && !must_send
         {
             st.known = Known::Body(next);
             return None;
@@ -308,7 +313,8 @@ impl Stream {
         Some(Update {
             next,
             diff,
-            extra_removed,
+            extra,
+            extra_removed: extra_removed.into_iter().collect(),
             must_send,
         })
     }

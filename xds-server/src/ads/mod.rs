@@ -5,6 +5,17 @@
 //! woken by a new snapshot compares versions and sends what changed for its proxy.
 //! Streams read the newest snapshot when they get to it, so a slow proxy skips
 //! intermediate versions instead of queueing them (latest wins, bounded memory).
+//!
+//! Subscriptions follow the xDS spec the same way for SotW and Delta (`subscription.rs`):
+//! the first request of a CDS or LDS type that names nothing is a legacy wildcard, and
+//! stays one while requests keep naming nothing. The first name sent (in Delta, any
+//! subscribe or unsubscribe) ends that: an empty list then means no resources, and only
+//! an explicit `*` means everything; `*` may stand next to explicit names, which stay
+//! subscribed when `*` goes. EDS, RDS and SDS are never wildcard by default. A Delta
+//! stream that unsubscribes a name while it stays wildcard is told whether `*` still
+//! covers it: the resource is resent if it exists, named in `removed_resources` if not.
+//! Equal name sets are interned, so streams with the same subscription share one set and
+//! one cached response body.
 
 pub mod codec;
 mod delta;
@@ -17,6 +28,7 @@ mod service;
 mod sotw;
 pub mod source;
 pub mod status;
+mod subscription;
 
 pub use codec::Frame;
 pub use service::{AdsService, Authenticate, Caller};

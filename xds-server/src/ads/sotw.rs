@@ -2,11 +2,11 @@
 
 use super::codec::Frame;
 use super::driver::{Protocol, Responses, Views};
-use super::interner::{Interner, Names};
 use super::source::ConfigSource;
 use super::status::ProxyStatus;
+use super::subscription::Subscription;
 use super::{record_ack, record_nack, record_push, AdsShared, Sent};
-use crate::cache::{wire, Resource, SotwBody, SubscriptionKey, TypeKind};
+use crate::cache::{wire, Resource, SotwBody, TypeKind};
 use bytes::BytesMut;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -14,14 +14,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tracing::{debug, warn};
 
-#[derive(Default)]
 struct TypeState {
-    /// `None`: wildcard (everything of the type). Shared with other streams.
-    names: Option<Names>,
+    sub: Subscription,
     /// Respond even if the content is unchanged (new subscription, initial request).
     dirty: bool,
-    /// Identifies `names` for the shared response cache; computed when `names` changes.
-    key: SubscriptionKey,
     sent: Option<Sent>,
     sent_generation: u64,
     /// Last CDS content sent, to keep removed clusters until routes stop using them.
@@ -32,19 +28,6 @@ pub(crate) struct Stream {
     status: Arc<ProxyStatus>,
     types: BTreeMap<TypeKind, TypeState>,
     nonce: u64,
-}
-
-fn subscription(
-    kind: TypeKind,
-    names: &[String],
-    interner: &Interner,
-) -> (Option<Names>, SubscriptionKey) {
-    if names.iter().any(|n| n == "*") || (names.is_empty() && kind.wildcard_by_default()) {
-        (None, None)
-    } else {
-        let (set, key) = interner.intern(names);
-        (Some(set), key)
-    }
 }
 
 fn frame(kind: TypeKind, nonce: &str, body: &SotwBody) -> Frame {
@@ -80,8 +63,13 @@ impl Protocol for Stream {
             warn!(node = %self.status.node.id, type_url = %req.type_url, "request for a type this server does not serve");
             return;
         };
-        let is_new = !self.types.contains_key(&kind);
-        let st = self.types.entry(kind).or_default();
+        let st = self.types.entry(kind).or_insert_with(|| TypeState {
+            sub: Subscription::new(kind),
+            dirty: true,
+            sent: None,
+            sent_generation: 0,
+            sent_body: None,
+        });
         // A nonce on a type this stream never answered is not stale: the proxy reconnected
         // carrying what it last saw, and the request counts as an initial one.
         if !req.response_nonce.is_empty() && st.sent.is_some() {
@@ -98,28 +86,7 @@ impl Protocol for Stream {
         } else {
             st.dirty = true;
         }
-        // Envoy repeats its whole subscription in every ACK: compare before interning.
-        let requested = &req.resource_names;
-        let unchanged = !is_new
-            && match &st.names {
-                None => {
-                    requested.iter().any(|n| n == "*")
-                        || (requested.is_empty() && kind.wildcard_by_default())
-                }
-                Some(cur) => {
-                    cur.len() == requested.len()
-                        // Sorted requests (the usual case) compare in one pass.
-                        && (cur.iter().eq(requested.iter())
-                            || requested.iter().all(|n| cur.contains(n)))
-                }
-            };
-        if unchanged {
-            return;
-        }
-        let (names, key) = subscription(kind, requested, &shared.subscriptions);
-        if is_new || key != st.key {
-            st.key = key;
-            st.names = names;
+        if st.sub.set_names(&req.resource_names, &shared.subscriptions) {
             st.dirty = true;
         }
     }
@@ -146,7 +113,9 @@ impl Protocol for Stream {
             let Some(st) = self.types.get_mut(&kind) else {
                 continue;
             };
-            let body = views.of(kind).sotw_body(kind, st.names.as_deref(), st.key);
+            let body = views
+                .of(kind)
+                .sotw_body(kind, st.sub.wanted(), st.sub.key());
             let unchanged = st.sent.as_ref().is_some_and(|s| s.version == body.version);
             let resend = kind == TypeKind::Endpoint
                 && !updated_clusters.is_empty()

@@ -409,10 +409,13 @@ fn memo<K: std::hash::Hash + Eq + Clone, V: Clone>(
 /// Outbound listeners depend on the services' ports only; routes on ports and routing
 /// rules. When those did not change, per-class results carry over to the next snapshot.
 fn same_ports(a: &MeshState, b: &MeshState) -> bool {
+    if Arc::ptr_eq(&a.services, &b.services) {
+        return true;
+    }
     a.services.len() == b.services.len()
         && a.services
             .iter()
-            .zip(&b.services)
+            .zip(b.services.iter())
             .all(|((ka, sa), (kb, sb))| ka == kb && sa.ports == sb.ports)
 }
 

@@ -1,8 +1,10 @@
 //! The mesh configuration as users write it: Istio-style YAML documents in a folder.
 //!
-//! `parse` turns one file into validated objects, `store` watches the folder and keeps
-//! the last good version of every file, and `crate::mesh` joins the objects of all files
-//! into one consistent [`crate::mesh::MeshState`].
+//! `parse` turns one file into validated objects, and `store` keeps the files (of the
+//! folder and of member clusters' registries) with the last good version of each. This
+//! module knows nothing of the mesh: `crate::mesh::MeshStore`, above it, joins the
+//! objects of all files into one consistent [`crate::mesh::MeshState`] and tells the
+//! store which changes take effect.
 
 pub mod model;
 pub mod parse;
@@ -17,6 +19,36 @@ pub(crate) mod virtual_service_validate;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// Where a member cluster runs, from its join record: the defaults for its workloads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClusterMeta {
+    /// The cluster's network; empty: the cluster's name (as the join token defaults it).
+    pub network: String,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+}
+
+impl ClusterMeta {
+    /// The locality of a workload that sets none itself: `region/zone` (Envoy takes an
+    /// empty region, so a zone alone is `/zone`).
+    pub fn locality(&self) -> Option<String> {
+        match (&self.region, &self.zone) {
+            (Some(r), Some(z)) => Some(format!("{r}/{z}")),
+            (Some(r), None) => Some(r.clone()),
+            (None, Some(z)) => Some(format!("/{z}")),
+            (None, None) => None,
+        }
+    }
+
+    pub fn network_of(&self, cluster: &str) -> String {
+        if self.network.is_empty() {
+            cluster.to_string()
+        } else {
+            self.network.clone()
+        }
+    }
+}
 
 /// Where a document came from, so every error can point at it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -1,19 +1,22 @@
-//! The config folder: every `*.yaml` / `*.yml` file below it, reloaded on change; and
-//! the registries of member clusters, which their relays report as sets of files.
+//! The config folder and the member clusters' registries, as files: every `*.yaml` /
+//! `*.yml` file below the folder, and the files each member cluster's relay reports.
 //!
-//! A file is the unit of change and keeps its last good contents: an edit that fails
-//! to parse or validate, or that breaks a cross-file rule (a route to a deleted service),
-//! is rejected and the previous version of that file stays in effect. Errors are kept
-//! per file until the file is fixed, for the admin API. A member cluster's registry file
-//! is named `cluster NAME: FILE` in errors and holds WorkloadEntries only.
+//! This store knows files and the objects parsed from them, nothing of the mesh they
+//! make: `crate::mesh::MeshStore` sits above it and decides, with the whole mesh in view,
+//! whether a change takes effect. Changes go through two phases so nothing is ever half
+//! applied: [`FileStore::scan`] (or [`FileStore::registry`]) parses what changed into a
+//! [`Changes`] without touching what is in effect; then the caller either
+//! [`FileStore::commit`]s it or [`FileStore::hold_back`]s it with the errors that
+//! rejected it. A file is the unit of change and keeps its last good contents; errors are
+//! kept per file until the file is fixed, for the admin API. A member cluster's registry
+//! file is named `cluster NAME: FILE` in errors and holds WorkloadEntries only.
 
 mod registry;
 
-pub use registry::{ClusterStatus, RegistryError, RegistryOutcome};
+pub use registry::{member_kind_error, ClusterStatus, RegistryError, RegistryOutcome};
 
 use super::parse::parse_file;
-use super::{ConfigError, ConfigObject};
-use crate::mesh::{ClusterMeta, MemberRegistry, MeshState};
+use super::{ClusterMeta, ConfigError, ConfigObject};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,38 +43,63 @@ struct FileState {
     errors: Vec<ConfigError>,
 }
 
-/// A changed file's new objects; `None` when the file was deleted.
-type Proposed = (u64, Option<Arc<Vec<ConfigObject>>>);
-
-/// Where a file comes from. Ordered so each member cluster's files are contiguous.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum FileKey {
+/// Where a file comes from. Ordered so each member cluster's files are contiguous, after
+/// the config folder's.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FileKey {
     /// A file of the config folder: the mesh's own cluster.
     Dir(PathBuf),
     /// A file of a member cluster's registry: (cluster, name as its relay sent it).
     Registry(String, String),
 }
 
+impl FileKey {
+    /// The member cluster a registry file belongs to; `None` for the config folder.
+    pub fn cluster(&self) -> Option<&str> {
+        match self {
+            FileKey::Dir(_) => None,
+            FileKey::Registry(c, _) => Some(c),
+        }
+    }
+}
+
+impl std::fmt::Display for FileKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileKey::Dir(p) => write!(f, "{}", p.display()),
+            FileKey::Registry(cluster, name) => f.write_str(&registry::display(cluster, name)),
+        }
+    }
+}
+
+/// A proposed change: per changed file its new objects (`None`: deleted), and the member
+/// clusters as they would be.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub files: BTreeMap<FileKey, Option<Arc<Vec<ConfigObject>>>>,
+    pub clusters: BTreeMap<String, ClusterMeta>,
+    /// Files that did not parse or validate on their own: already recorded against their
+    /// file (which keeps its last good version), reported here once.
+    pub errors: Vec<ConfigError>,
+}
+
+impl Changes {
+    /// Nothing to decide: no file changed and the member clusters are as they were.
+    pub fn is_empty(&self, current: &BTreeMap<String, ClusterMeta>) -> bool {
+        self.files.is_empty() && self.clusters == *current
+    }
+}
+
 #[derive(Debug)]
-pub struct ConfigStore {
+pub struct FileStore {
     dir: PathBuf,
     files: BTreeMap<FileKey, FileState>,
-    /// Member clusters with a registry, and where they run.
+    /// Member clusters with a registry, and where they run (in effect).
     clusters: BTreeMap<String, ClusterMeta>,
-    mesh: Arc<MeshState>,
 }
 
-/// What a reload did.
-#[derive(Debug, Default)]
-pub struct ReloadOutcome {
-    /// The mesh changed (a new [`MeshState`] is in effect).
-    pub changed: bool,
-    /// Errors found in this reload (already logged by the caller).
-    pub new_errors: Vec<ConfigError>,
-}
-
-impl ConfigStore {
-    pub fn open(dir: impl Into<PathBuf>) -> Result<(ConfigStore, ReloadOutcome), StoreError> {
+impl FileStore {
+    pub fn open(dir: impl Into<PathBuf>) -> Result<FileStore, StoreError> {
         let dir = dir.into();
         let meta = std::fs::metadata(&dir).map_err(|source| StoreError::Unreadable {
             path: dir.clone(),
@@ -80,33 +108,47 @@ impl ConfigStore {
         if !meta.is_dir() {
             return Err(StoreError::NotADirectory(dir));
         }
-        let mut store = ConfigStore {
+        Ok(FileStore {
             dir,
             files: BTreeMap::new(),
             clusters: BTreeMap::new(),
-            mesh: Arc::new(MeshState::default()),
-        };
-        let outcome = store.reload()?;
-        Ok((store, outcome))
+        })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub fn mesh(&self) -> Arc<MeshState> {
-        self.mesh.clone()
+    /// Member clusters in effect.
+    pub fn clusters(&self) -> &BTreeMap<String, ClusterMeta> {
+        &self.clusters
     }
 
-    /// Every error currently keeping a file from taking effect.
-    pub fn errors(&self) -> Vec<ConfigError> {
+    /// The objects in effect of `key`'s file.
+    pub fn good(&self, key: &FileKey) -> Option<&Arc<Vec<ConfigObject>>> {
+        self.files.get(key).and_then(|f| f.good.as_ref())
+    }
+
+    /// Every file in effect with its objects, in [`FileKey`] order.
+    pub fn in_effect(&self) -> impl Iterator<Item = (&FileKey, &Arc<Vec<ConfigObject>>)> {
         self.files
-            .values()
-            .flat_map(|f| f.errors.iter().cloned())
-            .collect()
+            .iter()
+            .filter_map(|(k, f)| f.good.as_ref().map(|g| (k, g)))
     }
 
-    fn scan(&self) -> Result<Vec<PathBuf>, StoreError> {
+    /// Every error currently keeping a file from taking effect, each once (a cross-file
+    /// error is held by every file of the batch it rejected).
+    pub fn errors(&self) -> Vec<ConfigError> {
+        let mut out: Vec<ConfigError> = Vec::new();
+        for e in self.files.values().flat_map(|f| f.errors.iter()) {
+            if !out.contains(e) {
+                out.push(e.clone());
+            }
+        }
+        out
+    }
+
+    fn list(&self) -> Result<Vec<PathBuf>, StoreError> {
         let mut out = Vec::new();
         let mut stack = vec![self.dir.clone()];
         while let Some(d) = stack.pop() {
@@ -134,32 +176,28 @@ impl ConfigStore {
         Ok(out)
     }
 
-    fn display(&self, key: &FileKey) -> String {
-        match key {
-            FileKey::Dir(p) => p.display().to_string(),
-            FileKey::Registry(cluster, name) => registry::display(cluster, name),
-        }
-    }
-
-    /// Re-reads the folder. Only an unreadable folder is an error; bad files are reported
-    /// in the outcome and keep their last good version.
-    pub fn reload(&mut self) -> Result<ReloadOutcome, StoreError> {
-        let paths = self.scan()?;
-        let mut outcome = ReloadOutcome::default();
-        // Per changed file: the proposed new objects (None = file deleted).
-        let mut proposed: BTreeMap<FileKey, Proposed> = BTreeMap::new();
+    /// Re-reads the folder into a proposed change. Only an unreadable folder is an error;
+    /// a bad file is recorded (its last good version stays) and listed in
+    /// [`Changes::errors`].
+    pub fn scan(&mut self) -> Result<Changes, StoreError> {
+        let paths = self.list()?;
+        let mut changes = Changes {
+            clusters: self.clusters.clone(),
+            ..Default::default()
+        };
         for p in &paths {
             let name = p.display().to_string();
             let text = match std::fs::read(p) {
                 Ok(b) => b,
                 Err(e) => {
-                    // Likely deleted between scan and read; the next event will tell.
+                    // Likely deleted between listing and reading; the next event will tell.
                     tracing::debug!(file = %name, error = %e, "config file vanished while reading");
                     continue;
                 }
             };
+            let key = FileKey::Dir(p.clone());
             let hash = xxh3_64(&text);
-            let state = self.files.entry(FileKey::Dir(p.clone())).or_default();
+            let state = self.files.entry(key.clone()).or_default();
             if state.seen == Some(hash) {
                 continue;
             }
@@ -170,133 +208,84 @@ impl ConfigStore {
             };
             match parsed {
                 Ok(objs) => {
-                    proposed.insert(FileKey::Dir(p.clone()), (hash, Some(Arc::new(objs))));
+                    changes.files.insert(key, Some(Arc::new(objs)));
                 }
                 Err(errs) => {
                     state.errors = errs.clone();
-                    outcome.new_errors.extend(errs);
+                    changes.errors.extend(errs);
                 }
             }
         }
-        let removed: Vec<FileKey> = self
-            .files
-            .keys()
-            .filter(|k| matches!(k, FileKey::Dir(p) if !paths.contains(p)))
-            .cloned()
-            .collect();
-        for p in removed {
-            proposed.insert(p, (0, None));
+        for k in self.files.keys() {
+            if matches!(k, FileKey::Dir(p) if !paths.contains(p)) {
+                changes.files.insert(k.clone(), None);
+            }
         }
-        if proposed.is_empty() {
-            return Ok(outcome);
-        }
-        let clusters = self.clusters.clone();
-        let (changed, new_errors) = self.apply(proposed, clusters);
-        outcome.changed = changed;
-        outcome.new_errors.extend(new_errors);
-        Ok(outcome)
+        Ok(changes)
     }
 
-    /// The mesh if `proposed` (changed files) and `clusters` (member clusters) took effect.
-    fn build(
-        &self,
-        proposed: &BTreeMap<FileKey, Proposed>,
-        clusters: &BTreeMap<String, ClusterMeta>,
-    ) -> Result<MeshState, Vec<ConfigError>> {
-        // The objects in effect if this change is accepted: borrowed, not copied.
-        let sets: Vec<(&FileKey, Arc<Vec<ConfigObject>>)> = self
-            .files
-            .iter()
-            .filter_map(|(k, f)| {
-                let set = match proposed.get(k) {
-                    Some((_, new)) => new.clone(),
-                    None => f.good.clone(),
-                };
-                set.map(|s| (k, s))
-            })
-            .collect();
-        let own = sets
-            .iter()
-            .filter(|(k, _)| matches!(k, FileKey::Dir(_)))
-            .flat_map(|(_, set)| set.iter());
-        let members: Vec<MemberRegistry<'_>> = clusters
-            .iter()
-            .map(|(cluster, meta)| MemberRegistry {
-                cluster,
-                meta,
-                objects: sets
-                    .iter()
-                    .filter(|(k, _)| matches!(k, FileKey::Registry(c, _) if c == cluster))
-                    .flat_map(|(_, set)| set.iter())
-                    .collect(),
-            })
-            .collect();
-        MeshState::build_with_members(own, &members)
-    }
-
-    /// Puts `proposed` and `clusters` into effect if the mesh they make is consistent;
-    /// else holds the changed files back with the errors. Returns (mesh changed, errors).
-    fn apply(
-        &mut self,
-        proposed: BTreeMap<FileKey, Proposed>,
-        clusters: BTreeMap<String, ClusterMeta>,
-    ) -> (bool, Vec<ConfigError>) {
-        let mut changed = false;
-        let mut new_errors = Vec::new();
-        match self.build(&proposed, &clusters) {
-            Ok(mesh) => {
-                for (p, (_, new)) in proposed {
-                    match new {
-                        Some(objs) => {
-                            let state = self.files.entry(p).or_default();
-                            state.good = Some(objs);
-                            state.errors.clear();
-                        }
-                        None => {
-                            self.files.remove(&p);
-                        }
-                    }
+    /// Puts `changes` into effect (the mesh they make was accepted).
+    pub fn commit(&mut self, changes: Changes) {
+        for (key, new) in changes.files {
+            match new {
+                Some(objs) => {
+                    let state = self.files.entry(key).or_default();
+                    state.good = Some(objs);
+                    state.errors.clear();
                 }
-                self.clusters = clusters;
-                changed = *self.mesh != mesh;
-                self.mesh = Arc::new(mesh);
-            }
-            Err(errs) => {
-                // Cross-file errors: the whole batch of changed files is held back, and
-                // every changed file carries the errors so none of them looks accepted.
-                let batch: Vec<String> = proposed.keys().map(|p| self.display(p)).collect();
-                for p in proposed.keys() {
-                    let state = self.files.entry(p.clone()).or_default();
-                    // Retried at the next reload: a change elsewhere may make it fit. A
-                    // deleted file that others depend on keeps its objects in effect meanwhile.
-                    state.seen = None;
-                    state.errors = errs
-                        .iter()
-                        .map(|e| {
-                            let mut e = e.clone();
-                            if !batch.iter().any(|c| **c == *e.file) {
-                                e.message = format!(
-                                    "{} (after changes to {})",
-                                    e.message,
-                                    batch.join(", ")
-                                );
-                            }
-                            e
-                        })
-                        .collect();
-                }
-                new_errors.extend(errs);
-                // A member cluster's new network or locality needs no file: it still
-                // takes effect, with the files of the batch held back.
-                if clusters != self.clusters {
-                    if let Ok(mesh) = self.build(&BTreeMap::new(), &clusters) {
-                        self.clusters = clusters;
-                        changed = *self.mesh != mesh;
-                        self.mesh = Arc::new(mesh);
-                    }
+                None => {
+                    self.files.remove(&key);
                 }
             }
         }
-        (changed, new_errors)
+        self.clusters = changes.clusters;
+    }
+
+    /// Keeps `changes`' files out of effect, each carrying `errors` (the mesh they make
+    /// was rejected), so none of them looks accepted; they are retried at the next scan,
+    /// since a change elsewhere may make them fit. A deleted file that others depend on
+    /// keeps its objects in effect meanwhile.
+    pub fn hold_back(&mut self, changes: &Changes, errors: &[ConfigError]) {
+        let batch: Vec<String> = changes.files.keys().map(ToString::to_string).collect();
+        for key in changes.files.keys() {
+            let state = self.files.entry(key.clone()).or_default();
+            state.seen = None;
+            state.errors = errors
+                .iter()
+                .map(|e| {
+                    let mut e = e.clone();
+                    if !batch.iter().any(|c| **c == *e.file) {
+                        e.message =
+                            format!("{} (after changes to {})", e.message, batch.join(", "));
+                    }
+                    e
+                })
+                .collect();
+        }
+    }
+
+    /// Puts only the member clusters of `changes` into effect: a cluster's new network or
+    /// locality needs no file, so it still applies when the batch's files are held back.
+    pub fn commit_clusters(&mut self, clusters: BTreeMap<String, ClusterMeta>) {
+        self.clusters = clusters;
+    }
+
+    /// Registry files of `cluster`, in order.
+    pub fn cluster_files(&self, cluster: &str) -> Vec<FileKey> {
+        let start = FileKey::Registry(cluster.to_string(), String::new());
+        self.files
+            .range(start..)
+            .take_while(|(k, _)| matches!(k, FileKey::Registry(c, _) if c == cluster))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Errors keeping `cluster`'s registry files from taking effect.
+    pub fn cluster_errors(&self, cluster: &str) -> Vec<ConfigError> {
+        self.cluster_files(cluster)
+            .iter()
+            .filter_map(|k| self.files.get(k))
+            .flat_map(|f| f.errors.iter().cloned())
+            .collect()
     }
 }

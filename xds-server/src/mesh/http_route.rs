@@ -1,83 +1,84 @@
-//! One VirtualService `http` rule -> [`HttpRouteRule`]: hosts resolved against the mesh,
-//! every destination (route and mirror) checked to be a service with that port and
-//! subset. Per-object validation already ran, so parse failures cannot happen here.
+//! One VirtualService `http` rule -> [`HttpRouteRule`]: hosts resolved, every destination
+//! (route and mirror) checked to be a service with that port and subset. Per-object
+//! validation already ran, so parse failures cannot happen here.
 
-use super::build::Errors;
-use super::*;
+use super::stages::{Errors, StageError};
+use super::virtual_services::Refs;
+use super::{HttpRouteRule, MirrorTarget, RetryPolicy, RouteDestination};
+use crate::config::model::{Destination, HttpRoute, VirtualServiceSpec};
 use crate::config::{parse_duration, Object};
 
-/// The service, port and subset a destination names, or an error pushed for `f`
-/// (`spec.http[i].route[j].destination`, `spec.http[i].mirror`, ...).
+/// The service and port a destination names (`f`: `spec.http[i].route[j].destination`,
+/// `spec.http[i].mirror`, ...), or `None` after pushing its errors.
 fn destination(
-    mesh: &MeshState,
-    errs: &mut Errors,
     vs: &Object<VirtualServiceSpec>,
     f: &str,
     d: &Destination,
+    refs: &Refs<'_>,
+    errs: &mut Errors,
 ) -> Option<(String, Option<u32>)> {
-    let host = mesh.resolve_host(&d.host, &vs.namespace);
-    let Some(svc) = mesh.services.get(&host) else {
+    let host = refs.settings.resolve_host(&d.host, &vs.namespace);
+    let Some(ports) = refs.catalog.get(&host) else {
         errs.push(
             vs,
             "VirtualService",
             format!("{f}.host"),
-            format!("`{host}` is not a service in the mesh"),
+            StageError::UnknownService { host },
         );
         return None;
     };
     let mut ok = true;
     let port = d.port.as_ref().map(|p| p.number);
     if let Some(p) = port {
-        if svc.port(p).is_none() {
-            errs.push(
-                vs,
-                "VirtualService",
-                format!("{f}.port.number"),
-                format!("service `{host}` has no port {p}"),
-            );
+        if !ports.iter().any(|sp| sp.number == p) {
+            let e = StageError::NoSuchPort {
+                host: host.clone(),
+                port: p,
+            };
+            errs.push(vs, "VirtualService", format!("{f}.port.number"), e);
             ok = false;
         }
     }
     if let Some(subset) = &d.subset {
-        let defined = mesh
-            .destination_rules
+        let defined = refs
+            .rules
             .get(&host)
             .is_some_and(|dr| dr.subsets.contains_key(subset));
         if !defined {
-            errs.push(
-                vs,
-                "VirtualService",
-                format!("{f}.subset"),
-                format!("subset `{subset}` of `{host}` is not defined by any DestinationRule"),
-            );
+            let e = StageError::UndefinedSubset {
+                subset: subset.clone(),
+                host: host.clone(),
+            };
+            errs.push(vs, "VirtualService", format!("{f}.subset"), e);
             ok = false;
         }
     }
     ok.then_some((host, port))
 }
 
+/// `mirror` (with `mirrorPercentage`) and `mirrors`, in that order.
 fn mirrors(
-    mesh: &MeshState,
-    errs: &mut Errors,
     vs: &Object<VirtualServiceSpec>,
-    f: &str,
+    i: usize,
     r: &HttpRoute,
+    refs: &Refs<'_>,
+    errs: &mut Errors,
 ) -> Option<Vec<MirrorTarget>> {
-    let mut ok = true;
-    let mut out = Vec::new();
     let single = r
         .mirror
         .as_ref()
-        .map(|m| (format!("{f}.mirror"), m, r.mirror_percentage));
+        .map(|m| (format!("spec.http[{i}].mirror"), m, r.mirror_percentage));
     let listed = r.mirrors.iter().enumerate().map(|(j, m)| {
         (
-            format!("{f}.mirrors[{j}].destination"),
+            format!("spec.http[{i}].mirrors[{j}].destination"),
             &m.destination,
             m.percentage,
         )
     });
-    for (mf, d, percentage) in single.into_iter().chain(listed) {
-        match destination(mesh, errs, vs, &mf, d) {
+    let mut ok = true;
+    let mut out = Vec::new();
+    for (f, d, percentage) in single.into_iter().chain(listed) {
+        match destination(vs, &f, d, refs, errs) {
             Some((host, port)) => out.push(MirrorTarget {
                 host,
                 subset: d.subset.clone(),
@@ -90,19 +91,20 @@ fn mirrors(
     ok.then_some(out)
 }
 
-/// Rule `i` of `vs`, or `None` after pushing every cross-object error it has.
+/// `spec.http[i]` as the mesh keeps it; `None` (with errors) when it refers to something
+/// that does not exist.
 pub(super) fn http_rule(
-    mesh: &MeshState,
-    errs: &mut Errors,
     vs: &Object<VirtualServiceSpec>,
     i: usize,
     r: &HttpRoute,
+    refs: &Refs<'_>,
+    errs: &mut Errors,
 ) -> Option<HttpRouteRule> {
     let mut ok = true;
     let mut destinations = Vec::new();
     for (j, d) in r.route.iter().enumerate() {
         let f = format!("spec.http[{i}].route[{j}].destination");
-        let Some((host, port)) = destination(mesh, errs, vs, &f, &d.destination) else {
+        let Some((host, port)) = destination(vs, &f, &d.destination, refs, errs) else {
             ok = false;
             continue;
         };
@@ -114,8 +116,11 @@ pub(super) fn http_rule(
             headers: d.headers.clone(),
         });
     }
-    let mirrors = mirrors(mesh, errs, vs, &format!("spec.http[{i}]"), r);
-    let rule = HttpRouteRule {
+    let mirrors = mirrors(vs, i, r, refs, errs);
+    if !ok {
+        return None;
+    }
+    Some(HttpRouteRule {
         name: r.name.clone(),
         matches: r.matches.clone(),
         destinations,
@@ -136,6 +141,5 @@ pub(super) fn http_rule(
         mirrors: mirrors?,
         headers: r.headers.clone(),
         cors: r.cors_policy.clone(),
-    };
-    ok.then_some(rule)
+    })
 }

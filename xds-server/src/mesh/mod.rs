@@ -1,27 +1,43 @@
 //! `MeshState`: every file's objects joined into one consistent, immutable model.
 //!
-//! Building it ([`build`]) performs the cross-object checks (a route's host is a service,
-//! its subset is defined, no two objects claim the same host), so translation can trust it
-//! and never fails half-way.
+//! [`MeshStore`] sits on the config store (`crate::config::store`, which knows files and
+//! nothing of the mesh) and decides whether a change takes effect. It keeps the objects
+//! in effect one store per kind ([`inputs`]) and assembles the mesh one stage per kind
+//! ([`stages`]): a reload reruns only the stages whose inputs changed, and an incremental
+//! build always equals a fresh one (`tests/mesh_incremental.rs` holds it to that). The
+//! stages perform the cross-object checks (a route's host is a service, its subset is
+//! defined, no two objects claim the same host), so translation can trust the mesh and
+//! never fails half-way.
 //!
 //! **Clusters.** Workloads come from the config folder (they run in the mesh control
 //! plane's own cluster, `MeshConfig.clusterName`, default `primary`) and from the
-//! registries that member clusters' relays report ([`MemberRegistry`]). Every workload
+//! registries that member clusters' relays report. Every workload
 //! knows its cluster, network and locality. Keys in [`MeshState::workloads`] stay unique
 //! across clusters: `NAME.NAMESPACE` for the own cluster (as before, so single-cluster
 //! meshes, node ids and the CLI are unchanged) and `NAME.NAMESPACE@CLUSTER` for a member
 //! cluster's workload ([`MeshState::workload_key`]). Services select workloads of every
 //! cluster.
 
-mod build;
+mod destination_rules;
 mod http_route;
+pub mod inputs;
+mod policies;
+mod services;
+mod settings;
+pub mod stages;
+mod store;
+mod virtual_services;
 mod workloads;
 
-pub use workloads::{member_kind_error, ClusterMeta, MemberRegistry};
+pub use crate::config::store::member_kind_error;
+pub use crate::config::ClusterMeta;
+pub use stages::StageError;
+pub use store::MeshStore;
 
 use crate::config::model::*;
 use crate::config::peer_authentication::PeerAuthentications;
 use crate::config::security::SecurityPolicies;
+use crate::config::{ConfigError, ConfigObject};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -44,7 +60,7 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    fn parse(s: Option<&str>) -> Protocol {
+    pub(crate) fn parse(s: Option<&str>) -> Protocol {
         match s.map(str::to_ascii_uppercase).as_deref() {
             Some("HTTP") => Protocol::Http,
             Some("HTTP2") => Protocol::Http2,
@@ -230,16 +246,16 @@ pub struct MeshState {
     /// Mutual TLS modes by workload and port (PeerAuthentication).
     pub peer_authentication: Arc<PeerAuthentications>,
     /// AuthorizationPolicies and RequestAuthentications (inbound RBAC and JWT).
-    pub security: SecurityPolicies,
-    pub services: BTreeMap<String, Arc<Service>>,
+    pub security: Arc<SecurityPolicies>,
+    pub services: Arc<BTreeMap<String, Arc<Service>>>,
     /// By [`Workload::key`].
-    pub workloads: BTreeMap<String, Arc<Workload>>,
+    pub workloads: Arc<BTreeMap<String, Arc<Workload>>>,
     /// Host FQDN -> the VirtualService routing it.
-    pub virtual_services: BTreeMap<String, Arc<VirtualService>>,
+    pub virtual_services: Arc<BTreeMap<String, Arc<VirtualService>>>,
     /// Host FQDN -> its DestinationRule.
-    pub destination_rules: BTreeMap<String, Arc<DestinationRuleInfo>>,
+    pub destination_rules: Arc<BTreeMap<String, Arc<DestinationRuleInfo>>>,
     /// Workload key -> FQDNs of the services selecting it.
-    pub workload_services: BTreeMap<String, Vec<String>>,
+    pub workload_services: Arc<BTreeMap<String, Vec<String>>>,
     /// Object counts per kind, for the admin API.
     pub counts: BTreeMap<&'static str, usize>,
 }
@@ -255,12 +271,12 @@ impl Default for MeshState {
             connect_timeout: Duration::from_secs(10),
             root_namespace: "istio-system".into(),
             peer_authentication: Arc::default(),
-            security: SecurityPolicies::default(),
-            services: BTreeMap::new(),
-            workloads: BTreeMap::new(),
-            virtual_services: BTreeMap::new(),
-            destination_rules: BTreeMap::new(),
-            workload_services: BTreeMap::new(),
+            security: Arc::default(),
+            services: Arc::default(),
+            workloads: Arc::default(),
+            virtual_services: Arc::default(),
+            destination_rules: Arc::default(),
+            workload_services: Arc::default(),
             counts: BTreeMap::new(),
         }
     }
@@ -274,6 +290,15 @@ pub(crate) fn selects(
 }
 
 impl MeshState {
+    /// The mesh of loose objects (a single-cluster mesh, as if each came from the file its
+    /// source names), built from scratch.
+    pub fn build<'a>(
+        objects: impl IntoIterator<Item = &'a ConfigObject>,
+    ) -> Result<MeshState, Vec<ConfigError>> {
+        let inputs = inputs::Inputs::of_objects(objects);
+        stages::build(&inputs, &stages::Outputs::default()).map(|(mesh, _)| mesh)
+    }
+
     /// The key of workload `id` (`name.namespace`) of `cluster` in [`MeshState::workloads`].
     pub fn workload_key(&self, id: &str, cluster: &str) -> String {
         if cluster == self.cluster_name {
@@ -336,19 +361,7 @@ impl MeshState {
 
     /// Distinct (workload port, protocol) pairs the sidecar must accept inbound.
     pub fn inbound_ports(&self, w: &Workload) -> BTreeSet<(u32, Protocol)> {
-        let mut out = BTreeSet::new();
-        for s in self.services_of(w) {
-            for p in &s.ports {
-                let ep_port = w
-                    .ports
-                    .get(&p.name)
-                    .copied()
-                    .or(p.target_port)
-                    .unwrap_or(p.number);
-                out.insert((ep_port, p.protocol));
-            }
-        }
-        out
+        services::inbound_ports(w, &self.services, &self.workload_services)
     }
 
     /// Endpoints of a service port, optionally narrowed to a subset.

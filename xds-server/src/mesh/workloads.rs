@@ -1,144 +1,194 @@
-//! Workloads: the WorkloadEntries of the config folder (the mesh's own cluster) and of
-//! the registries member clusters' relays report, each tagged with its cluster, network
-//! and locality.
+//! The workloads stage: the WorkloadEntries of the config folder (the mesh's own
+//! cluster) and of the registries member clusters' relays report, each tagged with its
+//! cluster, network and locality; and the check that no two workloads of a cluster share
+//! an inbound address.
 
-use super::build::Errors;
-use super::{MeshState, Workload, APP_ADDRESS_ANNOTATION, OUTBOUND_ADDRESS_ANNOTATION};
+use super::inputs::KindStore;
+use super::services::Services;
+use super::settings::Settings;
+use super::stages::{describe, Errors, StageError};
+use super::{Workload, APP_ADDRESS_ANNOTATION, OUTBOUND_ADDRESS_ANNOTATION};
 use crate::config::model::WorkloadEntrySpec;
-use crate::config::{ConfigError, ConfigObject, Object};
-use serde::Serialize;
+use crate::config::{ClusterMeta, ConfigError, Object, Source};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-/// Where a member cluster runs, from its join record: the defaults for its workloads.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ClusterMeta {
-    /// The cluster's network; empty: the cluster's name (as the join token defaults it).
-    pub network: String,
-    pub region: Option<String>,
-    pub zone: Option<String>,
+/// The workloads of every cluster.
+#[derive(Debug, Default, PartialEq)]
+pub struct Workloads {
+    /// By [`Workload::key`].
+    pub map: Arc<BTreeMap<String, Arc<Workload>>>,
+    /// Member clusters whose relays reported a registry.
+    pub members: BTreeMap<String, ClusterMeta>,
+    /// The WorkloadEntry of each workload, for errors found by later stages.
+    pub objects: BTreeMap<String, Arc<Object<WorkloadEntrySpec>>>,
 }
 
-impl ClusterMeta {
-    /// The locality of a workload that sets none itself: `region/zone` (Envoy takes an
-    /// empty region, so a zone alone is `/zone`).
-    pub fn locality(&self) -> Option<String> {
-        match (&self.region, &self.zone) {
-            (Some(r), Some(z)) => Some(format!("{r}/{z}")),
-            (Some(r), None) => Some(r.clone()),
-            (None, Some(z)) => Some(format!("/{z}")),
-            (None, None) => None,
-        }
-    }
-
-    pub fn network_of(&self, cluster: &str) -> String {
-        if self.network.is_empty() {
-            cluster.to_string()
-        } else {
-            self.network.clone()
-        }
-    }
-}
-
-/// A member cluster's registry as the config store holds it: the objects of the files in
-/// effect (only WorkloadEntries are ever accepted from a member cluster).
-#[derive(Debug)]
-pub struct MemberRegistry<'a> {
-    pub cluster: &'a str,
-    pub meta: &'a ClusterMeta,
-    pub objects: Vec<&'a ConfigObject>,
-}
-
-/// The error for an object a member cluster may not write: policies and services take
-/// effect only when written on the mesh control plane (docs/multicluster.md).
-pub fn member_kind_error(cluster: &str, obj: &ConfigObject) -> ConfigError {
-    ConfigError::new(
-        obj.source(),
-        Some(format!("{} {}", obj.kind(), obj.key())),
-        Some("kind".into()),
-        format!(
-            "a member cluster reports only WorkloadEntries; {} is not accepted from cluster {cluster} \
-             (policies and services are written on the mesh control plane)",
-            obj.kind()
-        ),
-    )
-}
-
-/// The cluster a batch of WorkloadEntries runs in, and the defaults it gives them.
-pub(super) struct Origin<'a> {
-    pub cluster: &'a str,
+/// The cluster a WorkloadEntry runs in, and the defaults it gives it.
+struct Origin<'a> {
+    cluster: &'a str,
     /// A member cluster: keys carry `@cluster`.
-    pub member: bool,
-    pub network: String,
-    pub locality: Option<String>,
+    member: bool,
+    network: String,
+    locality: Option<String>,
 }
 
-/// Adds the workloads of `wes` to `mesh`; returns them by key, for later errors.
-pub(super) fn add<'a>(
-    mesh: &mut MeshState,
+pub fn build(
+    store: &KindStore<WorkloadEntrySpec>,
+    clusters: &BTreeMap<String, ClusterMeta>,
+    settings: &Settings,
+    prev: Option<&Workloads>,
     errs: &mut Errors,
-    wes: &[&'a Object<WorkloadEntrySpec>],
-    origin: &Origin<'_>,
-) -> Vec<(String, &'a Object<WorkloadEntrySpec>)> {
-    let mut out = Vec::with_capacity(wes.len());
-    for we in wes {
-        let annotation_ip = |key: &str, errs: &mut Errors| -> Option<IpAddr> {
-            match we.annotations.get(key) {
-                None => Some(IpAddr::from([127, 0, 0, 1])),
-                Some(v) => match v.parse() {
-                    Ok(ip) => Some(ip),
-                    Err(_) => {
-                        errs.push(
-                            we,
-                            "WorkloadEntry",
-                            format!("metadata.annotations.{key}"),
-                            format!("`{v}` is not an IP address"),
-                        );
-                        None
-                    }
-                },
+) -> Workloads {
+    let mut out = Workloads::default();
+    let mut map = BTreeMap::new();
+    for (cluster, meta) in clusters {
+        if *cluster == settings.cluster_name {
+            // The store refuses such a registry; only a renamed own cluster gets here.
+            let e = StageError::OwnClusterIsMember {
+                cluster: cluster.clone(),
+            };
+            match &settings.object {
+                Some(mc) => errs.push(mc, "MeshConfig", "spec.clusterName", e),
+                None => errs.0.push(ConfigError::file(
+                    &format!("cluster {cluster}"),
+                    e.to_string(),
+                )),
             }
+            continue;
+        }
+        out.members.insert(cluster.clone(), meta.clone());
+    }
+    // Keys are unique per cluster; a duplicate is an error on the later one.
+    let mut seen: BTreeMap<(Option<&str>, &str, &str), &Source> = BTreeMap::new();
+    for (file, we) in store.iter() {
+        let origin = match file.cluster() {
+            None => Origin {
+                cluster: &settings.cluster_name,
+                member: false,
+                network: settings.network.clone(),
+                locality: None,
+            },
+            Some(c) => match out.members.get(c) {
+                Some(meta) => Origin {
+                    cluster: c,
+                    member: true,
+                    network: meta.network_of(c),
+                    locality: meta.locality(),
+                },
+                // The cluster's record is gone or names the own cluster (reported above).
+                None => continue,
+            },
         };
-        let app = annotation_ip(APP_ADDRESS_ANNOTATION, errs);
-        let outbound = annotation_ip(OUTBOUND_ADDRESS_ANNOTATION, errs);
-        let (Some(app_address), Some(outbound_address), Ok(address)) =
-            (app, outbound, we.spec.address.parse())
-        else {
+        let id = (file.cluster(), we.namespace.as_str(), we.name.as_str());
+        if let Some(prev) = seen.insert(id, &we.source) {
+            let previous = describe(prev);
+            errs.push(
+                we,
+                "WorkloadEntry",
+                "metadata.name",
+                StageError::Duplicate { previous },
+            );
+            continue;
+        }
+        let Some(w) = workload(we, &origin, errs) else {
             continue;
         };
-        let id = format!("{}.{}", we.name, we.namespace);
-        let key = if origin.member {
-            format!("{id}@{}", origin.cluster)
-        } else {
-            id
+        let w = match prev.and_then(|p| p.map.get(&w.key)) {
+            Some(old) if **old == w => old.clone(),
+            _ => Arc::new(w),
         };
-        let w = Workload {
-            key: key.clone(),
-            name: we.name.clone(),
-            namespace: we.namespace.clone(),
-            address,
-            app_address,
-            outbound_address,
-            ports: we.spec.ports.clone(),
-            labels: we.spec.labels.clone(),
-            service_account: we
-                .spec
-                .service_account
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            locality: we.spec.locality.clone().or_else(|| origin.locality.clone()),
-            cluster: origin.cluster.to_string(),
-            network: we
-                .spec
-                .network
-                .clone()
-                .unwrap_or_else(|| origin.network.clone()),
-        };
-        mesh.workloads.insert(key.clone(), Arc::new(w));
-        out.push((key, *we));
+        out.objects.insert(w.key.clone(), we.clone());
+        map.insert(w.key.clone(), w);
     }
+    out.map = Arc::new(map);
     out
+}
+
+fn annotation_ip(we: &Object<WorkloadEntrySpec>, key: &str, errs: &mut Errors) -> Option<IpAddr> {
+    match we.annotations.get(key) {
+        None => Some(IpAddr::from([127, 0, 0, 1])),
+        Some(v) => match v.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                let e = StageError::NotAnIp { value: v.clone() };
+                errs.push(
+                    we,
+                    "WorkloadEntry",
+                    format!("metadata.annotations.{key}"),
+                    e,
+                );
+                None
+            }
+        },
+    }
+}
+
+fn workload(
+    we: &Object<WorkloadEntrySpec>,
+    origin: &Origin<'_>,
+    errs: &mut Errors,
+) -> Option<Workload> {
+    let app = annotation_ip(we, APP_ADDRESS_ANNOTATION, errs);
+    let outbound = annotation_ip(we, OUTBOUND_ADDRESS_ANNOTATION, errs);
+    let (Some(app_address), Some(outbound_address), Ok(address)) =
+        (app, outbound, we.spec.address.parse())
+    else {
+        return None;
+    };
+    let id = format!("{}.{}", we.name, we.namespace);
+    let key = if origin.member {
+        format!("{id}@{}", origin.cluster)
+    } else {
+        id
+    };
+    Some(Workload {
+        key,
+        name: we.name.clone(),
+        namespace: we.namespace.clone(),
+        address,
+        app_address,
+        outbound_address,
+        ports: we.spec.ports.clone(),
+        labels: we.spec.labels.clone(),
+        service_account: we
+            .spec
+            .service_account
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        locality: we.spec.locality.clone().or_else(|| origin.locality.clone()),
+        cluster: origin.cluster.to_string(),
+        network: we
+            .spec
+            .network
+            .clone()
+            .unwrap_or_else(|| origin.network.clone()),
+    })
+}
+
+/// Two workloads on one inbound address:port of one cluster would make two sidecars
+/// fight for a socket; other clusters are other hosts.
+pub fn check_inbound(workloads: &Workloads, services: &Services, errs: &mut Errors) {
+    let mut inbound: BTreeMap<(&str, IpAddr, u32), &str> = BTreeMap::new();
+    for w in workloads.map.values() {
+        for port in services.inbound_ports(w) {
+            let Some(other) = inbound.insert((&w.cluster, w.address, port.0), &w.key) else {
+                continue;
+            };
+            if other == w.key {
+                continue;
+            }
+            if let Some(we) = workloads.objects.get(&w.key) {
+                let e = StageError::InboundAddressTaken {
+                    address: w.address,
+                    port: port.0,
+                    other: other.to_string(),
+                };
+                errs.push(we, "WorkloadEntry", "spec.address", e);
+            }
+        }
+    }
 }
 
 /// Workloads by (namespace, label key, label value), across clusters.

@@ -7,8 +7,8 @@
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use xds_server::cache::{Snapshot, TypeKind};
-use xds_server::config::store::ConfigStore;
 use xds_server::dump::resource_json;
+use xds_server::mesh::MeshStore;
 use xds_server::translate::ProxyScope;
 
 /// The crate's folder: fixtures and golden files are below it.
@@ -21,8 +21,8 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// The config folder `dir`, which must load without errors.
-pub fn open_store(dir: &Path) -> ConfigStore {
-    let (store, outcome) = ConfigStore::open(dir).unwrap();
+pub fn open_store(dir: &Path) -> MeshStore {
+    let (store, outcome) = MeshStore::open(dir).unwrap();
     assert!(outcome.new_errors.is_empty(), "{:?}", outcome.new_errors);
     store
 }
@@ -41,16 +41,16 @@ pub fn copy_config(from: &Path, to: &Path) {
 }
 
 /// A temp copy of the config folder `from`, loaded, for tests that edit config.
-pub fn editable_copy(from: &Path) -> (tempfile::TempDir, ConfigStore) {
+pub fn editable_copy(from: &Path) -> (tempfile::TempDir, MeshStore) {
     let dir = tempfile::tempdir().unwrap();
     copy_config(from, dir.path());
-    let (store, _) = ConfigStore::open(dir.path()).unwrap();
+    let (store, _) = MeshStore::open(dir.path()).unwrap();
     (dir, store)
 }
 
 /// Rewrites `file` of `dir` with `change` and reloads; the store must take a change.
 pub fn edit_and_reload(
-    store: &mut ConfigStore,
+    store: &mut MeshStore,
     dir: &Path,
     file: &str,
     change: impl FnOnce(String) -> String,

@@ -4,13 +4,12 @@
 //! `cluster NAME: FILE`. Only WorkloadEntries are accepted: policies and services take
 //! effect only when written on the mesh control plane.
 
-use super::{ConfigStore, FileKey, Proposed};
+use super::{Changes, FileKey, FileStore};
 use crate::config::parse::parse_file;
 use crate::config::validate::{dns_label, label_value};
-use crate::config::{ConfigError, ConfigObject};
-use crate::mesh::ClusterMeta;
+use crate::config::{ClusterMeta, ConfigError, ConfigObject};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -89,6 +88,21 @@ fn check_meta(cluster: &str, meta: &ClusterMeta) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// The error for an object a member cluster may not write: policies and services take
+/// effect only when written on the mesh control plane (docs/multicluster.md).
+pub fn member_kind_error(cluster: &str, obj: &ConfigObject) -> ConfigError {
+    ConfigError::new(
+        obj.source(),
+        Some(format!("{} {}", obj.kind(), obj.key())),
+        Some("kind".into()),
+        format!(
+            "a member cluster reports only WorkloadEntries; {} is not accepted from cluster {cluster} \
+             (policies and services are written on the mesh control plane)",
+            obj.kind()
+        ),
+    )
+}
+
 /// Member clusters report WorkloadEntries only; anything else rejects its file.
 fn only_workload_entries(
     cluster: &str,
@@ -97,7 +111,7 @@ fn only_workload_entries(
     let errors: Vec<ConfigError> = objects
         .iter()
         .filter(|o| !matches!(o, ConfigObject::WorkloadEntry(_)))
-        .map(|o| crate::mesh::member_kind_error(cluster, o))
+        .map(|o| member_kind_error(cluster, o))
         .collect();
     if errors.is_empty() {
         Ok(objects)
@@ -106,20 +120,22 @@ fn only_workload_entries(
     }
 }
 
-impl ConfigStore {
-    /// Replaces what member cluster `cluster` reports: where it runs (`meta`) and its
-    /// registry, `files` as (name, YAML text), the whole set (a file not in it is
-    /// deleted). Unchanged files are not parsed again; a bad file is rejected on its own
-    /// and keeps its last good version. Errors only when the report as a whole cannot be
-    /// taken (bad cluster name or metadata, a missing or repeated file name).
-    pub fn set_cluster_registry(
+impl FileStore {
+    /// The change that member cluster `cluster`'s report proposes: where it runs
+    /// (`meta`) and its registry, `files` as (name, YAML text), the whole set (a file not
+    /// in it is deleted). Unchanged files are not parsed again; a bad file is rejected on
+    /// its own and keeps its last good version. Errors only when the report as a whole
+    /// cannot be taken (bad cluster name or metadata, the mesh's own cluster `own`, a
+    /// missing or repeated file name).
+    pub fn registry(
         &mut self,
+        own: &str,
         cluster: &str,
         meta: ClusterMeta,
         files: Vec<(String, String)>,
-    ) -> Result<RegistryOutcome, RegistryError> {
+    ) -> Result<Changes, RegistryError> {
         dns_label(cluster).map_err(RegistryError::InvalidClusterName)?;
-        if cluster == self.mesh.cluster_name {
+        if cluster == own {
             return Err(RegistryError::OwnCluster(cluster.to_string()));
         }
         check_meta(cluster, &meta)?;
@@ -138,8 +154,10 @@ impl ConfigStore {
             }
         }
 
-        let mut outcome = RegistryOutcome::default();
-        let mut proposed: BTreeMap<FileKey, Proposed> = BTreeMap::new();
+        let mut changes = Changes {
+            clusters: self.clusters.clone(),
+            ..Default::default()
+        };
         for (name, text) in &files {
             let key = FileKey::Registry(cluster.to_string(), name.clone());
             let hash = xxh3_64(text.as_bytes());
@@ -152,96 +170,51 @@ impl ConfigStore {
                 .and_then(|objects| only_workload_entries(cluster, objects));
             match parsed {
                 Ok(objects) => {
-                    proposed.insert(key, (hash, Some(Arc::new(objects))));
+                    changes.files.insert(key, Some(Arc::new(objects)));
                 }
                 Err(errors) => {
                     state.errors = errors.clone();
-                    outcome.new_errors.extend(errors);
+                    changes.errors.extend(errors);
                 }
             }
         }
         for key in self.cluster_files(cluster) {
             if matches!(&key, FileKey::Registry(_, n) if !names.contains(n.as_str())) {
-                proposed.insert(key, (0, None));
+                changes.files.insert(key, None);
             }
         }
-        let mut clusters = self.clusters.clone();
-        clusters.insert(cluster.to_string(), meta);
-        if !proposed.is_empty() || clusters != self.clusters {
-            let (changed, errors) = self.apply(proposed, clusters);
-            outcome.changed = changed;
-            outcome.new_errors.extend(errors);
-        }
-        self.fill_outcome(cluster, &mut outcome);
-        Ok(outcome)
+        changes.clusters.insert(cluster.to_string(), meta);
+        Ok(changes)
     }
 
-    /// Drops member cluster `cluster` and its workloads (its relay left the mesh).
-    pub fn remove_cluster_registry(&mut self, cluster: &str) -> RegistryOutcome {
-        let mut outcome = RegistryOutcome::default();
-        if !self.clusters.contains_key(cluster) && self.cluster_files(cluster).is_empty() {
-            return outcome;
-        }
-        let proposed = self
-            .cluster_files(cluster)
-            .into_iter()
-            .map(|k| (k, (0, None)))
-            .collect();
+    /// The change that drops member cluster `cluster` and its files (its relay left).
+    pub fn remove_registry(&self, cluster: &str) -> Changes {
         let mut clusters = self.clusters.clone();
         clusters.remove(cluster);
-        let (changed, errors) = self.apply(proposed, clusters);
-        outcome.changed = changed;
-        outcome.new_errors = errors;
-        self.fill_outcome(cluster, &mut outcome);
-        outcome
+        Changes {
+            files: self
+                .cluster_files(cluster)
+                .into_iter()
+                .map(|k| (k, None))
+                .collect(),
+            clusters,
+            errors: Vec::new(),
+        }
     }
 
-    /// Member clusters with a registry, for the admin API.
-    pub fn cluster_status(&self) -> Vec<ClusterStatus> {
-        self.clusters
-            .iter()
-            .map(|(name, meta)| {
-                let files = self.cluster_files(name);
-                ClusterStatus {
-                    name: name.clone(),
-                    network: meta.network_of(name),
-                    locality: meta.locality(),
-                    files: files.len(),
-                    workloads: self.cluster_workloads(name),
-                    errors: files
-                        .iter()
-                        .filter_map(|k| self.files.get(k))
-                        .map(|f| f.errors.len())
-                        .sum(),
-                }
-            })
-            .collect()
+    /// Whether `cluster` has a record or files.
+    pub fn has_cluster(&self, cluster: &str) -> bool {
+        self.clusters.contains_key(cluster) || !self.cluster_files(cluster).is_empty()
     }
 
-    fn cluster_files(&self, cluster: &str) -> Vec<FileKey> {
-        let start = FileKey::Registry(cluster.to_string(), String::new());
-        self.files
-            .range(start..)
-            .take_while(|(k, _)| matches!(k, FileKey::Registry(c, _) if c == cluster))
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-
-    fn cluster_workloads(&self, cluster: &str) -> usize {
-        self.mesh
-            .workloads
-            .values()
-            .filter(|w| w.cluster == cluster)
-            .count()
-    }
-
-    fn fill_outcome(&self, cluster: &str, outcome: &mut RegistryOutcome) {
-        outcome.workloads = self.cluster_workloads(cluster);
-        outcome.errors = self
-            .cluster_files(cluster)
+    /// (files, errors) of `cluster`'s registry, for the admin API.
+    pub fn cluster_file_counts(&self, cluster: &str) -> (usize, usize) {
+        let files = self.cluster_files(cluster);
+        let errors = files
             .iter()
             .filter_map(|k| self.files.get(k))
-            .flat_map(|f| f.errors.iter().cloned())
-            .collect();
+            .map(|f| f.errors.len())
+            .sum();
+        (files.len(), errors)
     }
 }
