@@ -82,9 +82,9 @@ fn wrong_types_name_the_field() {
 #[test]
 fn unsupported_features_are_errors_not_ignored() {
     let e = one_error(&vs(
-        "  - route:\n    - destination: {host: reviews}\n    fault: {abort: {httpStatus: 500}}\n",
+        "  - route:\n    - destination: {host: reviews}\n    delegate: {name: reviews-delegate}\n",
     ));
-    assert!(e.message.contains("unknown field `fault`"), "{e}");
+    assert!(e.message.contains("unknown field `delegate`"), "{e}");
 
     let gw = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec: {}\n";
     let e = one_error(gw);

@@ -334,7 +334,7 @@ fn a_bad_registry_file_keeps_its_last_good_version() {
     assert_eq!(
         messages(&outcome.errors),
         "cluster b: registry/v3.yaml: document 1 (line 1): WorkloadEntry default/reviews-v3: spec.address: \
-         `not-an-ip` is not an IP address (DNS endpoints are not supported yet)"
+         `not-an-ip` is not an IP address (a host name needs a ServiceEntry with resolution DNS)"
     );
     let w = &store.mesh().workloads["reviews-v3.default@b"];
     assert_eq!(w.address.to_string(), "127.0.11.6");

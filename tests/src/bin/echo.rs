@@ -2,7 +2,8 @@
 //!
 //! Every request, whatever its method or path, is answered `200` with a JSON description of
 //! what arrived (so a test can see which workload and version served it, and which headers
-//! Envoy added or rewrote) plus `x-echo-workload` / `x-echo-version` response headers.
+//! Envoy added or rewrote) plus `x-echo-workload` / `x-echo-version` response headers, and
+//! logs one line per request (method, path, authority).
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture as _;
@@ -126,6 +127,14 @@ async fn echo(State(identity): State<Identity>, request: Request) -> impl IntoRe
             .get(axum::http::header::HOST)
             .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
     });
+    // One line per request, so a test can see requests whose response nobody reads
+    // (e.g. the copies Envoy mirrors to a shadow, with `-shadow` appended to the host).
+    tracing::info!(
+        method = %request.method(),
+        path = %uri.path(),
+        authority = %authority.as_deref().unwrap_or(""),
+        "request"
+    );
     let body = json!({
         "workload": identity.name,
         "version": identity.version,

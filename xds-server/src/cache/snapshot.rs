@@ -589,13 +589,18 @@ impl Snapshot {
             .clone()
     }
 
-    fn namespace_routes(&self, ns: &str) -> Arc<ResourceSet> {
-        memo(&self.routes, &ns.to_string(), || {
-            ResourceSet::new(
-                translate::routes(&self.mesh, ns)
-                    .iter()
-                    .map(|r| Resource::new(TypeKind::Route, r.name.as_str(), r)),
-            )
+    /// Route configurations for proxies of `ns` whose workload has `labels` (none for a
+    /// proxy that is not a workload). Shared by every proxy of the namespace that the
+    /// same `sourceLabels` selectors pick, so the key is the namespace plus those.
+    fn namespace_routes(&self, ns: &str, labels: &BTreeMap<String, String>) -> Arc<ResourceSet> {
+        let key = translate::route_key(&self.mesh, ns, labels);
+        memo(&self.routes, &key, || {
+            ResourceSet::new(translate::routes(&self.mesh, ns, labels).iter().map(|r| {
+                // Not `Resource::new`: routes carry protobuf maps, which prost would
+                // encode in random order (see encode_route_configuration).
+                let body = translate::encode_route_configuration(r);
+                Resource::from_body(TypeKind::Route, r.name.as_str().into(), body.into())
+            }))
         })
     }
 
@@ -669,7 +674,9 @@ impl Snapshot {
             v.push_layer(TypeKind::Cluster, inbound);
         }
         v.push_layer(TypeKind::Endpoint, self.endpoints_for(cluster));
-        v.push_layer(TypeKind::Route, self.namespace_routes(ns));
+        let no_labels = BTreeMap::new();
+        let labels = workload.map_or(&no_labels, |w| &w.labels);
+        v.push_layer(TypeKind::Route, self.namespace_routes(ns, labels));
         v.push_layer(TypeKind::Listener, listeners);
         v
     }

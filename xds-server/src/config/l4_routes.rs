@@ -2,7 +2,7 @@
 //! caller's labels, with weighted destinations. Shapes as Istio's `TCPRoute`,
 //! `TLSRoute`, `L4MatchAttributes`, `TLSMatchAttributes` and `RouteDestination`.
 
-use super::model::{Destination, VirtualServiceSpec};
+use super::virtual_service::{Destination, VirtualServiceSpec};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -70,7 +70,7 @@ fn destinations(route: &[RouteDestination], f: &str) -> Result<(), FieldError> {
     let mut total = 0u64;
     for (j, d) in route.iter().enumerate() {
         let df = format!("{f}.route[{j}]");
-        super::validate::destination(&d.destination, &df)?;
+        super::virtual_service_validate::destination(&d.destination, &format!("{df}.destination"))?;
         total += u64::from(d.weight.unwrap_or(if route.len() == 1 { 100 } else { 0 }));
     }
     if total == 0 {

@@ -8,6 +8,8 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+pub use super::virtual_service::*;
+
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
@@ -111,96 +113,6 @@ pub struct WorkloadEntrySpec {
     pub weight: Option<u32>,
     #[serde(default)]
     pub service_account: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VirtualServiceSpec {
-    pub hosts: Vec<String>,
-    #[serde(default)]
-    pub gateways: Vec<String>,
-    #[serde(default)]
-    pub http: Vec<HttpRoute>,
-    #[serde(default)]
-    pub tcp: Vec<super::l4_routes::TcpRoute>,
-    #[serde(default)]
-    pub tls: Vec<super::l4_routes::TlsRoute>,
-    #[serde(default)]
-    pub export_to: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpRoute {
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default, rename = "match")]
-    pub matches: Vec<HttpMatchRequest>,
-    #[serde(default)]
-    pub route: Vec<HttpRouteDestination>,
-    #[serde(default)]
-    pub timeout: Option<String>,
-    #[serde(default)]
-    pub retries: Option<HttpRetry>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpMatchRequest {
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub uri: Option<StringMatch>,
-    #[serde(default)]
-    pub method: Option<StringMatch>,
-    #[serde(default)]
-    pub headers: BTreeMap<String, StringMatch>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct StringMatch {
-    #[serde(default)]
-    pub exact: Option<String>,
-    #[serde(default)]
-    pub prefix: Option<String>,
-    #[serde(default)]
-    pub regex: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpRouteDestination {
-    pub destination: Destination,
-    #[serde(default)]
-    pub weight: Option<u32>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Destination {
-    pub host: String,
-    #[serde(default)]
-    pub subset: Option<String>,
-    #[serde(default)]
-    pub port: Option<PortSelector>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PortSelector {
-    pub number: u32,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpRetry {
-    #[serde(default)]
-    pub attempts: u32,
-    #[serde(default)]
-    pub per_try_timeout: Option<String>,
-    #[serde(default)]
-    pub retry_on: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

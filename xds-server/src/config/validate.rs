@@ -6,9 +6,9 @@ use super::{parse_duration, ConfigObject};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-type FieldError = (String, String);
+pub(super) type FieldError = (String, String);
 
-fn fe(field: impl Into<String>, msg: impl Into<String>) -> FieldError {
+pub(super) fn fe(field: impl Into<String>, msg: impl Into<String>) -> FieldError {
     (field.into(), msg.into())
 }
 
@@ -39,7 +39,7 @@ pub fn object(obj: &ConfigObject) -> Result<(), FieldError> {
         ConfigObject::MeshConfig(o) => mesh_config(&o.spec),
         ConfigObject::ServiceEntry(o) => service_entry(&o.spec),
         ConfigObject::WorkloadEntry(o) => workload_entry(&o.spec, "spec"),
-        ConfigObject::VirtualService(o) => virtual_service(&o.spec),
+        ConfigObject::VirtualService(o) => super::virtual_service_validate::validate(&o.spec),
         ConfigObject::DestinationRule(o) => destination_rule(&o.spec),
         ConfigObject::PeerAuthentication(o) => super::peer_authentication::validate(&o.spec),
         ConfigObject::AuthorizationPolicy(o) => super::security::validate_authorization(&o.spec),
@@ -183,7 +183,7 @@ pub(super) fn port(n: u32) -> Result<(), String> {
     }
 }
 
-fn positive_duration(s: &str) -> Result<(), String> {
+pub(super) fn positive_duration(s: &str) -> Result<(), String> {
     let d = parse_duration(s)?;
     if d.is_zero() {
         return Err(format!("duration `{s}` must be greater than zero"));
@@ -191,7 +191,7 @@ fn positive_duration(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn export_to(list: &[String]) -> Result<(), FieldError> {
+pub(super) fn export_to(list: &[String]) -> Result<(), FieldError> {
     for (i, e) in list.iter().enumerate() {
         if e != "*" {
             return Err(fe(
@@ -381,147 +381,6 @@ fn workload_entry(spec: &WorkloadEntrySpec, f: &str) -> Result<(), FieldError> {
         object_name(sa).map_err(|m| fe(format!("{f}.serviceAccount"), m))?;
     }
     Ok(())
-}
-
-/// A route's destination: a host, and optionally a port and a subset.
-pub(super) fn destination(d: &Destination, df: &str) -> Result<(), FieldError> {
-    service_entry_host(&d.host).map_err(|m| fe(format!("{df}.destination.host"), m))?;
-    if let Some(p) = &d.port {
-        port(p.number).map_err(|m| fe(format!("{df}.destination.port.number"), m))?;
-    }
-    if let Some(s) = &d.subset {
-        object_name(s).map_err(|m| fe(format!("{df}.destination.subset"), m))?;
-    }
-    Ok(())
-}
-
-fn string_match(m: &StringMatch, f: &str) -> Result<(), FieldError> {
-    let set = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()]
-        .iter()
-        .filter(|b| **b)
-        .count();
-    if set != 1 {
-        return Err(fe(f, "exactly one of exact, prefix or regex must be set"));
-    }
-    if let Some(r) = &m.regex {
-        regex::Regex::new(r)
-            .map_err(|e| fe(format!("{f}.regex"), format!("invalid regex: {e}")))?;
-    }
-    Ok(())
-}
-
-/// Envoy's `retry_on` conditions (router filter docs) plus HTTP status codes, which Istio
-/// turns into `retriable_status_codes`.
-const RETRY_ON: &[&str] = &[
-    "5xx",
-    "gateway-error",
-    "reset",
-    "reset-before-request",
-    "connect-failure",
-    "envoy-ratelimited",
-    "retriable-4xx",
-    "refused-stream",
-    "retriable-status-codes",
-    "retriable-headers",
-    "http3-post-connect-failure",
-    "cancelled",
-    "deadline-exceeded",
-    "internal",
-    "resource-exhausted",
-    "unavailable",
-];
-
-fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
-    if spec.hosts.is_empty() {
-        return Err(fe("spec.hosts", "at least one host is required"));
-    }
-    for (i, h) in spec.hosts.iter().enumerate() {
-        hostname(h).map_err(|m| fe(format!("spec.hosts[{i}]"), m))?;
-    }
-    for (i, g) in spec.gateways.iter().enumerate() {
-        if g != "mesh" {
-            return Err(fe(
-                format!("spec.gateways[{i}]"),
-                format!("gateway `{g}`: gateways are not supported yet (only `mesh`)"),
-            ));
-        }
-    }
-    if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
-        return Err(fe(
-            "spec",
-            "at least one http, tcp or tls route is required",
-        ));
-    }
-    super::l4_routes::validate(spec)?;
-    for (i, r) in spec.http.iter().enumerate() {
-        let f = format!("spec.http[{i}]");
-        for (j, m) in r.matches.iter().enumerate() {
-            let mf = format!("{f}.match[{j}]");
-            if let Some(u) = &m.uri {
-                string_match(u, &format!("{mf}.uri"))?;
-                if let Some(p) = u.exact.as_ref().or(u.prefix.as_ref()) {
-                    if !p.starts_with('/') {
-                        return Err(fe(
-                            format!("{mf}.uri"),
-                            format!("path `{p}` must start with '/'"),
-                        ));
-                    }
-                }
-            }
-            if let Some(me) = &m.method {
-                string_match(me, &format!("{mf}.method"))?;
-            }
-            for (name, hm) in &m.headers {
-                let hf = format!("{mf}.headers.{name}");
-                if name.is_empty()
-                    || name
-                        .chars()
-                        .any(|c| c.is_ascii_uppercase() || c.is_whitespace())
-                {
-                    return Err(fe(hf, "header names must be lowercase and non-empty"));
-                }
-                string_match(hm, &hf)?;
-            }
-        }
-        if r.route.is_empty() {
-            return Err(fe(
-                format!("{f}.route"),
-                "at least one destination is required (redirect and direct response are not supported yet)",
-            ));
-        }
-        let mut total = 0u64;
-        for (j, d) in r.route.iter().enumerate() {
-            let df = format!("{f}.route[{j}]");
-            destination(&d.destination, &df)?;
-            total += u64::from(d.weight.unwrap_or(if r.route.len() == 1 { 100 } else { 0 }));
-        }
-        if total == 0 {
-            return Err(fe(
-                format!("{f}.route"),
-                "the weights of the destinations add up to 0",
-            ));
-        }
-        if let Some(t) = &r.timeout {
-            parse_duration(t).map_err(|m| fe(format!("{f}.timeout"), m))?;
-        }
-        if let Some(rt) = &r.retries {
-            if let Some(t) = &rt.per_try_timeout {
-                positive_duration(t).map_err(|m| fe(format!("{f}.retries.perTryTimeout"), m))?;
-            }
-            if let Some(on) = &rt.retry_on {
-                for cond in on.split(',').map(str::trim) {
-                    let is_code = cond.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
-                    if !is_code && !RETRY_ON.contains(&cond) {
-                        return Err(fe(
-                            format!("{f}.retries.retryOn"),
-                            format!("unknown retry condition `{cond}`"),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    export_to(&spec.export_to)
 }
 
 pub const LB_POLICIES: &[&str] = &[

@@ -19,6 +19,7 @@
 //! cluster.
 
 mod destination_rules;
+mod http_route;
 pub mod inputs;
 mod policies;
 mod services;
@@ -236,15 +237,37 @@ pub struct RouteDestination {
     pub subset: Option<String>,
     pub port: Option<u32>,
     pub weight: u32,
+    /// Header changes for requests to (and responses from) this destination only.
+    pub headers: Option<Headers>,
 }
 
+/// Where a copy of each request goes (`mirror` / `mirrors`), fire and forget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorTarget {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u32>,
+    /// Share of requests mirrored, 0..=100; `None`: all of them.
+    pub percentage: Option<f64>,
+}
+
+/// One `http` rule of a VirtualService, its hosts resolved and checked against the mesh;
+/// the options that need no resolving stay in their validated spec form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpRouteRule {
     pub name: Option<String>,
     pub matches: Vec<HttpMatchRequest>,
+    /// Empty when the rule redirects or answers directly.
     pub destinations: Vec<RouteDestination>,
+    pub redirect: Option<HttpRedirect>,
+    pub direct_response: Option<HttpDirectResponse>,
+    pub rewrite: Option<HttpRewrite>,
     pub timeout: Option<Duration>,
     pub retries: Option<RetryPolicy>,
+    pub fault: Option<HttpFaultInjection>,
+    pub mirrors: Vec<MirrorTarget>,
+    pub headers: Option<Headers>,
+    pub cors: Option<CorsPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -252,6 +275,8 @@ pub struct RetryPolicy {
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
     pub retry_on: Option<String>,
+    /// Retries prefer other localities than the ones already tried.
+    pub retry_remote_localities: bool,
 }
 
 /// A `tcp` or `tls` route: connections matching any of `matches` (none: all) go to the

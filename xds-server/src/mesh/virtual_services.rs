@@ -6,10 +6,10 @@ use super::inputs::KindStore;
 use super::services::Catalog;
 use super::settings::Settings;
 use super::stages::{describe, Errors, StageError};
-use super::{HttpRouteRule, L4RouteRule, RetryPolicy, RouteDestination, VirtualService};
+use super::{L4RouteRule, RouteDestination, VirtualService};
 use crate::config::l4_routes::{self, L4Match};
-use crate::config::model::{Destination, HttpRoute, VirtualServiceSpec};
-use crate::config::{parse_duration, Object, Source};
+use crate::config::model::VirtualServiceSpec;
+use crate::config::{Object, Source};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -73,46 +73,28 @@ pub fn build(
         }
         let mut http = Vec::new();
         for (i, r) in vs.spec.http.iter().enumerate() {
-            match http_rule(vs, i, r, &refs, errs) {
+            match super::http_route::http_rule(vs, i, r, &refs, errs) {
                 Some(rule) => http.push(rule),
                 None => ok = false,
             }
         }
-        let mut l4 =
-            |kind: &str, rules: Vec<(&Vec<L4Match>, &Vec<l4_routes::RouteDestination>)>| {
-                let mut out = Vec::new();
-                for (i, (matches, route)) in rules.into_iter().enumerate() {
-                    let mut destinations = Vec::new();
-                    for (j, d) in route.iter().enumerate() {
-                        let f = format!("spec.{kind}[{i}].route[{j}].destination");
-                        match destination(
-                            vs,
-                            &f,
-                            &d.destination,
-                            d.weight,
-                            route.len(),
-                            &refs,
-                            errs,
-                        ) {
-                            Some(d) => destinations.push(d),
-                            None => ok = false,
-                        }
-                    }
-                    out.push(L4RouteRule {
-                        matches: matches.clone(),
-                        destinations,
-                    });
-                }
-                out
-            };
-        let tcp = l4(
+        let tcp = l4_rules(
+            vs,
             "tcp",
-            vs.spec.tcp.iter().map(|r| (&r.matches, &r.route)).collect(),
+            vs.spec.tcp.iter().map(|r| (&r.matches, &r.route)),
+            &refs,
+            errs,
         );
-        let tls = l4(
+        let tls = l4_rules(
+            vs,
             "tls",
-            vs.spec.tls.iter().map(|r| (&r.matches, &r.route)).collect(),
+            vs.spec.tls.iter().map(|r| (&r.matches, &r.route)),
+            &refs,
+            errs,
         );
+        let (Some(tcp), Some(tls)) = (tcp, tls) else {
+            continue;
+        };
         if ok {
             let info = Arc::new(VirtualService {
                 key: vs.key(),
@@ -130,95 +112,36 @@ pub fn build(
     out
 }
 
-/// `spec.http[i]` as the mesh keeps it; `None` (with errors) when it refers to something
-/// that does not exist.
-pub(super) fn http_rule(
+/// The `tcp` or `tls` (`kind`) rules of a VirtualService with their destinations checked;
+/// `None` (with errors) when one refers to something that does not exist.
+fn l4_rules<'a>(
     vs: &Object<VirtualServiceSpec>,
-    i: usize,
-    r: &HttpRoute,
+    kind: &str,
+    rules: impl Iterator<Item = (&'a Vec<L4Match>, &'a Vec<l4_routes::RouteDestination>)>,
     refs: &Refs<'_>,
     errs: &mut Errors,
-) -> Option<HttpRouteRule> {
+) -> Option<Vec<L4RouteRule>> {
     let mut ok = true;
-    let mut destinations = Vec::new();
-    for (j, d) in r.route.iter().enumerate() {
-        let f = format!("spec.http[{i}].route[{j}].destination");
-        match destination(vs, &f, &d.destination, d.weight, r.route.len(), refs, errs) {
-            Some(d) => destinations.push(d),
-            None => ok = false,
+    let mut out = Vec::new();
+    for (i, (matches, route)) in rules.enumerate() {
+        let mut destinations = Vec::new();
+        for (j, d) in route.iter().enumerate() {
+            let f = format!("spec.{kind}[{i}].route[{j}].destination");
+            match super::http_route::destination(vs, &f, &d.destination, refs, errs) {
+                Some((host, port)) => destinations.push(RouteDestination {
+                    host,
+                    subset: d.destination.subset.clone(),
+                    port,
+                    weight: d.weight.unwrap_or(if route.len() == 1 { 100 } else { 0 }),
+                    headers: None,
+                }),
+                None => ok = false,
+            }
         }
+        out.push(L4RouteRule {
+            matches: matches.clone(),
+            destinations,
+        });
     }
-    if !ok {
-        return None;
-    }
-    Some(HttpRouteRule {
-        name: r.name.clone(),
-        matches: r.matches.clone(),
-        destinations,
-        timeout: r.timeout.as_deref().and_then(|t| parse_duration(t).ok()),
-        retries: r.retries.as_ref().map(|rt| RetryPolicy {
-            attempts: rt.attempts,
-            per_try_timeout: rt
-                .per_try_timeout
-                .as_deref()
-                .and_then(|t| parse_duration(t).ok()),
-            retry_on: rt.retry_on.clone(),
-        }),
-    })
-}
-
-/// A route destination, checked against the catalog and the DestinationRules; `None`
-/// (with errors) when it refers to something that does not exist. `f` is its field,
-/// `of` the number of destinations of its route (a lone one weighs 100).
-fn destination(
-    vs: &Object<VirtualServiceSpec>,
-    f: &str,
-    d: &Destination,
-    weight: Option<u32>,
-    of: usize,
-    refs: &Refs<'_>,
-    errs: &mut Errors,
-) -> Option<RouteDestination> {
-    let host = refs.settings.resolve_host(&d.host, &vs.namespace);
-    let Some(ports) = refs.catalog.get(&host) else {
-        errs.push(
-            vs,
-            "VirtualService",
-            format!("{f}.host"),
-            StageError::UnknownService { host },
-        );
-        return None;
-    };
-    let mut ok = true;
-    let port = d.port.as_ref().map(|p| p.number);
-    if let Some(p) = port {
-        if !ports.iter().any(|sp| sp.number == p) {
-            let e = StageError::NoSuchPort {
-                host: host.clone(),
-                port: p,
-            };
-            errs.push(vs, "VirtualService", format!("{f}.port.number"), e);
-            ok = false;
-        }
-    }
-    if let Some(subset) = &d.subset {
-        let defined = refs
-            .rules
-            .get(&host)
-            .is_some_and(|dr| dr.subsets.contains_key(subset));
-        if !defined {
-            let e = StageError::UndefinedSubset {
-                subset: subset.clone(),
-                host: host.clone(),
-            };
-            errs.push(vs, "VirtualService", format!("{f}.subset"), e);
-            ok = false;
-        }
-    }
-    ok.then(|| RouteDestination {
-        host,
-        subset: d.subset.clone(),
-        port,
-        weight: weight.unwrap_or(if of == 1 { 100 } else { 0 }),
-    })
+    ok.then_some(out)
 }

@@ -13,6 +13,8 @@ use envoy_types::pb::envoy::config::route::v3::{
     route::Action, route_action::ClusterSpecifier, route_match::PathSpecifier, Route, RouteAction,
     RouteConfiguration, RouteMatch, VirtualHost,
 };
+use envoy_types::pb::envoy::extensions::filters::http::cors::v3::Cors;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -36,12 +38,28 @@ fn router() -> HttpFilter {
     }
 }
 
+/// An HTTP filter with its default (empty) config: VirtualService rules turn it on per
+/// route through `typed_per_filter_config`.
+fn per_route_filter<M: prost::Name>(name: &str, config: &M) -> HttpFilter {
+    HttpFilter {
+        name: name.into(),
+        config_type: Some(HttpFilterConfig::TypedConfig(any(config))),
+        ..Default::default()
+    }
+}
+
+/// The outbound connection manager, with istiod's outbound filters: CORS and fault
+/// injection (inactive unless a route configures them), then the router.
 fn hcm(stat_prefix: String, route: RouteSpecifier) -> Filter {
     hcm_filter(HttpConnectionManager {
         stat_prefix,
         codec_type: CodecType::Auto as i32,
         route_specifier: Some(route),
-        http_filters: vec![router()],
+        http_filters: vec![
+            per_route_filter(super::CORS_FILTER, &Cors::default()),
+            per_route_filter(super::FAULT_FILTER, &HttpFault::default()),
+            router(),
+        ],
         ..Default::default()
     })
 }

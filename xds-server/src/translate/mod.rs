@@ -6,7 +6,9 @@
 //! outbound clusters are mesh-wide (in two variants: plaintext, and with mutual TLS for
 //! sidecars with an identity, see [`tls`]), endpoints depend on the proxy's cluster (its
 //! own cluster's endpoints first, see `endpoints.rs`), route configurations on its
-//! namespace (short host names), listeners and inbound clusters on its workload.
+//! namespace (short host names, `sourceNamespace`) and on which VirtualService
+//! `sourceLabels` selectors pick its workload ([`route_key`]), listeners and inbound
+//! clusters on its workload.
 
 pub mod authz;
 mod clusters;
@@ -23,7 +25,7 @@ pub use clusters::{
 };
 pub use endpoints::{endpoints, service_endpoints, service_endpoints_for};
 pub use listeners::listeners;
-pub use routes::routes;
+pub use routes::{encode_route_configuration, route_key, routes, CORS_FILTER, FAULT_FILTER};
 
 use envoy_types::pb::envoy::config::core::v3::{
     config_source::ConfigSourceSpecifier, AggregatedConfigSource, ApiVersion, ConfigSource,
