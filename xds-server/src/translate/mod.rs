@@ -11,6 +11,7 @@
 pub mod authz;
 mod clusters;
 mod endpoints;
+pub mod envoy_filter;
 pub mod jwt;
 mod listeners;
 mod routes;
