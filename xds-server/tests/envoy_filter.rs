@@ -26,11 +26,26 @@ fn workload(key: &str) -> ProxyScope {
 fn patched_resources_match_the_golden_files() {
     let snap = snapshot();
     let web = workload("web-v1.default");
-    check_dump("envoyfilter.web-v1.listeners", &snap, &web, TypeKind::Listener);
-    check_dump("envoyfilter.web-v1.clusters", &snap, &web, TypeKind::Cluster);
+    check_dump(
+        "envoyfilter.web-v1.listeners",
+        &snap,
+        &web,
+        TypeKind::Listener,
+    );
+    check_dump(
+        "envoyfilter.web-v1.clusters",
+        &snap,
+        &web,
+        TypeKind::Cluster,
+    );
     check_dump("envoyfilter.default.routes", &snap, &web, TypeKind::Route);
     let db = workload("db-v1.default");
-    check_dump("envoyfilter.db-v1.listeners", &snap, &db, TypeKind::Listener);
+    check_dump(
+        "envoyfilter.db-v1.listeners",
+        &snap,
+        &db,
+        TypeKind::Listener,
+    );
 }
 
 fn names(snap: &Snapshot, scope: &ProxyScope, kind: TypeKind, needle: &str) -> bool {
@@ -54,7 +69,9 @@ fn filters_apply_by_namespace_selector_and_context() {
     let web_listeners = resources(&snap, &web, TypeKind::Listener);
     let outbound = web_listeners
         .iter()
-        .find(|l| l["trafficDirection"] == "OUTBOUND" && l["name"].as_str().unwrap().ends_with("_9080"))
+        .find(|l| {
+            l["trafficDirection"] == "OUTBOUND" && l["name"].as_str().unwrap().ends_with("_9080")
+        })
         .unwrap();
     assert!(!outbound.to_string().contains(ratelimit));
     // Namespace scope: every proxy of `default`, none of `other`.
@@ -66,11 +83,16 @@ fn filters_apply_by_namespace_selector_and_context() {
     assert!(!names(&snap, &other, TypeKind::Cluster, "2.500s"));
     // The CLUSTER match picks one subset's cluster.
     let clusters = resources(&snap, &client, TypeKind::Cluster);
-    let timeout = |name: &str| {
-        clusters.iter().find(|c| c["name"] == name).unwrap()["connectTimeout"].clone()
-    };
-    assert_eq!(timeout("outbound|9080|v2|web.default.svc.cluster.local"), "2.500s");
-    assert_ne!(timeout("outbound|9080|v1|web.default.svc.cluster.local"), "2.500s");
+    let timeout =
+        |name: &str| clusters.iter().find(|c| c["name"] == name).unwrap()["connectTimeout"].clone();
+    assert_eq!(
+        timeout("outbound|9080|v2|web.default.svc.cluster.local"),
+        "2.500s"
+    );
+    assert_ne!(
+        timeout("outbound|9080|v1|web.default.svc.cluster.local"),
+        "2.500s"
+    );
     // INSERT_FIRST put the health route before the generated ones.
     let routes = resources(&snap, &client, TypeKind::Route);
     let vh = routes[0]["virtualHosts"]
@@ -81,11 +103,22 @@ fn filters_apply_by_namespace_selector_and_context() {
         .unwrap();
     assert_eq!(vh["routes"][0]["name"], "health");
     // The rate limit filter sits right before the router, in every inbound chain.
-    let inbound = web_listeners.iter().find(|l| l["name"] == "127.0.7.1_9080").unwrap();
+    let inbound = web_listeners
+        .iter()
+        .find(|l| l["name"] == "127.0.7.1_9080")
+        .unwrap();
     for chain in inbound["filterChains"].as_array().unwrap() {
-        let filters = chain["filters"][0]["typedConfig"]["httpFilters"].as_array().unwrap();
-        let names: Vec<&str> = filters.iter().map(|f| f["name"].as_str().unwrap()).collect();
-        assert_eq!(names[names.len() - 2..], [ratelimit, "envoy.filters.http.router"]);
+        let filters = chain["filters"][0]["typedConfig"]["httpFilters"]
+            .as_array()
+            .unwrap();
+        let names: Vec<&str> = filters
+            .iter()
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names[names.len() - 2..],
+            [ratelimit, "envoy.filters.http.router"]
+        );
     }
 }
 
@@ -127,7 +160,12 @@ fn without_envoy_filters_nothing_changes() {
     assert!(store.reload().unwrap().changed);
     let without = Snapshot::build_from(2, store.mesh(), Some(&with));
     let fresh = Snapshot::build(3, store.mesh());
-    for key in ["web-v1.default", "client.default", "client.other", "db-v1.default"] {
+    for key in [
+        "web-v1.default",
+        "client.default",
+        "client.other",
+        "db-v1.default",
+    ] {
         let scope = workload(key);
         for kind in [TypeKind::Cluster, TypeKind::Listener, TypeKind::Route] {
             assert_eq!(
@@ -137,7 +175,12 @@ fn without_envoy_filters_nothing_changes() {
             );
         }
     }
-    assert!(!names(&without, &workload("web-v1.default"), TypeKind::Listener, "local_ratelimit"));
+    assert!(!names(
+        &without,
+        &workload("web-v1.default"),
+        TypeKind::Listener,
+        "local_ratelimit"
+    ));
 }
 
 /// Routes go through validate mode inside a listener of their own (RDS is not fetched).
@@ -169,17 +212,25 @@ fn envoy_accepts_the_patched_config() {
     for key in ["web-v1.default", "db-v1.default", "client.default"] {
         let scope = workload(key);
         let mut listeners = resources(&snap, &scope, TypeKind::Listener);
-        for (i, rc) in resources(&snap, &scope, TypeKind::Route).into_iter().enumerate() {
+        for (i, rc) in resources(&snap, &scope, TypeKind::Route)
+            .into_iter()
+            .enumerate()
+        {
             listeners.push(route_listener(i, rc));
         }
         let mut clusters = resources(&snap, &scope, TypeKind::Cluster);
         let endpoints = resources(&snap, &scope, TypeKind::Endpoint);
         inline_endpoints(&mut clusters, &endpoints);
         let w = &snap.mesh.workloads[key];
-        let node = format!("sidecar~{}~{key}~{}.svc.cluster.local", w.address, w.namespace);
+        let node = format!(
+            "sidecar~{}~{key}~{}.svc.cluster.local",
+            w.address, w.namespace
+        );
         let yaml =
             serde_json::to_string_pretty(&ads_bootstrap(&node, "ef", listeners, clusters)).unwrap();
-        if let Err(e) = trellis_tests::envoy_validate(&envoy, dir.path(), &key.replace('.', "-"), &yaml) {
+        if let Err(e) =
+            trellis_tests::envoy_validate(&envoy, dir.path(), &key.replace('.', "-"), &yaml)
+        {
             failures.push(format!("{key}: {e:#}"));
         }
     }

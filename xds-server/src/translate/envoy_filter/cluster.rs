@@ -29,10 +29,8 @@ pub fn patch_clusters<'a>(
             }
             match (p.operation, &p.value) {
                 (Operation::Remove, _) => continue 'clusters,
-                (Operation::Merge, Some(v)) => {
-                    if !merge_transport_socket(&mut c, v) {
-                        merge(&mut c, v);
-                    }
+                (Operation::Merge, Some(v)) if !merge_transport_socket(&mut c, v) => {
+                    merge(&mut c, v)
                 }
                 _ => {}
             }
@@ -71,7 +69,7 @@ fn cluster_match(c: &DynamicMessage, p: &CompiledPatch, inbound_hosts: &[String]
     }
     if !m.service.is_empty() {
         let found = if direction == "inbound" && !inbound_hosts.is_empty() {
-            inbound_hosts.iter().any(|h| *h == m.service)
+            inbound_hosts.contains(&m.service)
         } else {
             host == m.service
         };

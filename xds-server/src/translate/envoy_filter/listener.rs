@@ -214,11 +214,7 @@ fn patch_filter_chain(l: &ListenerInfo, set: &PatchSet, fc: &mut DynamicMessage)
         }
         match (p.operation, &p.value) {
             (Operation::Remove, _) => return false,
-            (Operation::Merge, Some(v)) => {
-                if !merge_transport_socket(fc, v) {
-                    merge(fc, v);
-                }
-            }
+            (Operation::Merge, Some(v)) if !merge_transport_socket(fc, v) => merge(fc, v),
             _ => {}
         }
     }

@@ -172,10 +172,8 @@ fn patch_http_routes(
             (Operation::InsertBefore, true) => {
                 insert_at(&mut routes, v, false, matched);
             }
-            (Operation::InsertFirst, true) => {
-                if routes.iter().any(matched) {
-                    routes.insert(0, v.clone());
-                }
+            (Operation::InsertFirst, true) if routes.iter().any(matched) => {
+                routes.insert(0, v.clone());
             }
             _ => {}
         }
