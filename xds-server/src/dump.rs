@@ -7,7 +7,9 @@ use std::sync::OnceLock;
 
 static DESCRIPTORS: &[u8] = include_bytes!(env!("ENVOY_TYPES_DESCRIPTORS"));
 
-fn pool() -> Result<&'static DescriptorPool, String> {
+/// Envoy's API (every message and extension config), for rendering and for checking
+/// EnvoyFilter patches.
+pub(crate) fn pool() -> Result<&'static DescriptorPool, String> {
     static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
     POOL.get_or_init(|| {
         DescriptorPool::decode(DESCRIPTORS).map_err(|e| format!("Envoy descriptors: {e}"))

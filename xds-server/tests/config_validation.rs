@@ -230,3 +230,95 @@ fn duplicates_across_files_are_named() {
     // Nothing was half-applied.
     assert!(store.mesh().services.is_empty());
 }
+
+fn envoy_filter(patches: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1alpha3\nkind: EnvoyFilter\nmetadata: {{name: ef, namespace: default}}\nspec:\n  configPatches:\n{patches}"
+    )
+}
+
+/// An EnvoyFilter's error names the patch, and inside a typed config the very field.
+fn envoy_filter_error(patches: &str, field: &str, message: &str) {
+    let e = one_error(&envoy_filter(patches));
+    assert_eq!(e.object.as_deref(), Some("EnvoyFilter default/ef"), "{e}");
+    assert_eq!(e.field.as_deref(), Some(field), "{e}");
+    assert!(e.message.contains(message), "{e}");
+}
+
+const RATE_LIMIT: &str = r#"  - applyTo: HTTP_FILTER
+    match: {context: SIDECAR_INBOUND}
+    patch:
+      operation: INSERT_BEFORE
+      value:
+        name: envoy.filters.http.local_ratelimit
+        typed_config:
+          "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+          value: {stat_prefix: rl}
+"#;
+
+#[test]
+fn envoy_filters_are_checked_against_the_envoy_api() {
+    let objs = parse_file("t.yaml", &envoy_filter(RATE_LIMIT)).unwrap();
+    assert_eq!(objs[0].kind(), "EnvoyFilter");
+    // The third patch is the bad one: errors say which.
+    let bad = |patch: &str| format!("{RATE_LIMIT}{RATE_LIMIT}{patch}");
+    envoy_filter_error(
+        &bad("  - applyTo: LISTENERS\n    patch: {operation: MERGE, value: {}}\n"),
+        "spec.configPatches[2].applyTo",
+        "unknown variant `LISTENERS`",
+    );
+    envoy_filter_error(
+        &bad("  - applyTo: CLUSTER\n    patch: {operation: PREPEND, value: {}}\n"),
+        "spec.configPatches[2].patch.operation",
+        "unknown variant `PREPEND`",
+    );
+    envoy_filter_error(
+        &bad("  - applyTo: CLUSTER\n    patch: {operation: INSERT_FIRST, value: {}}\n"),
+        "spec.configPatches[2].patch.operation",
+        "does not apply to CLUSTER",
+    );
+    envoy_filter_error(
+        &bad("  - applyTo: CLUSTER\n    patch: {operation: MERGE}\n"),
+        "spec.configPatches[2].patch.value",
+        "missing patch value for MERGE",
+    );
+    envoy_filter_error(
+        &bad("  - applyTo: CLUSTER\n    patch: {operation: MERGE, value: {connect_timout: 1s}}\n"),
+        "spec.configPatches[2].patch.value.connect_timout",
+        "unrecognized field name",
+    );
+    envoy_filter_error(
+        &bad(
+            "  - applyTo: NETWORK_FILTER\n    patch:\n      operation: ADD\n      value:\n        name: x\n        typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.network.nope.v3.Nope}\n",
+        ),
+        "spec.configPatches[2].patch.value.typed_config",
+        "envoy.extensions.filters.network.nope.v3.Nope",
+    );
+    envoy_filter_error(
+        &bad(
+            "  - applyTo: NETWORK_FILTER\n    patch:\n      operation: ADD\n      value:\n        name: x\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          stat_prefix: a\n          idle_timeuot: 1s\n",
+        ),
+        "spec.configPatches[2].patch.value.typed_config.idle_timeuot",
+        "unrecognized field name",
+    );
+    envoy_filter_error(
+        &bad(
+            "  - applyTo: HTTP_FILTER\n    patch:\n      operation: ADD\n      value:\n        name: x\n        typed_config:\n          \"@type\": type.googleapis.com/udpa.type.v1.TypedStruct\n          type_url: type.googleapis.com/envoy.extensions.filters.http.nope.v3.Nope\n",
+        ),
+        "spec.configPatches[2].patch.value.typed_config.type_url",
+        "unknown type",
+    );
+    envoy_filter_error(
+        &bad("  - applyTo: LISTENER_FILTER\n    patch: {operation: ADD, value: {}}\n"),
+        "spec.configPatches[2].applyTo",
+        "not supported yet",
+    );
+    envoy_filter_error(
+        &bad(
+            "  - applyTo: CLUSTER\n    match: {listener: {portNumber: 80}}\n    patch: {operation: REMOVE}\n",
+        ),
+        "spec.configPatches[2].match.listener",
+        "cannot select CLUSTER",
+    );
+}

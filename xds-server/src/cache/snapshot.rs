@@ -1,5 +1,8 @@
 use super::{Resource, ResourceSet, TypeKind};
+use crate::config::envoy_filter::{ApplyTo, PatchContext};
+use crate::mesh::envoy_filters::{PatchKey, PatchSet};
 use crate::mesh::{DestinationRuleInfo, MeshState, Service, Workload};
+use crate::translate::envoy_filter::{patch_clusters, patch_listeners, patch_routes};
 use crate::translate::{self, ProxyScope};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -440,10 +443,15 @@ fn same_l4_routes(a: &MeshState, b: &MeshState) -> bool {
     l4(a) == l4(b)
 }
 
+fn same_filters(a: &MeshState, b: &MeshState) -> bool {
+    Arc::ptr_eq(&a.envoy_filters, &b.envoy_filters) || a.envoy_filters == b.envoy_filters
+}
+
 fn same_routing(a: &MeshState, b: &MeshState) -> bool {
     same_ports(a, b)
         && a.cluster_domain == b.cluster_domain
         && a.virtual_services == b.virtual_services
+        && same_filters(a, b)
 }
 
 /// Everything besides the workload itself that a class's listeners and inbound clusters
@@ -459,6 +467,7 @@ fn same_listener_inputs(a: &MeshState, b: &MeshState) -> bool {
         && a.workload_services == b.workload_services
         && a.root_namespace == b.root_namespace
         && a.security == b.security
+        && same_filters(a, b)
 }
 
 /// An immutable, fully translated state of the mesh. Streams hold an `Arc<Snapshot>`
@@ -482,7 +491,11 @@ pub struct Snapshot {
     cluster_endpoints: Memo<String, Arc<ResourceSet>>,
     /// Lazily built per proxy class: only classes with connected proxies cost anything.
     views: Memo<ProxyScope, Arc<ProxyView>>,
-    routes: Memo<String, Arc<ResourceSet>>,
+    /// By namespace and the EnvoyFilters patching its route configurations (none: the
+    /// plain set), so proxies under the same filters share the patched set.
+    routes: Memo<(String, PatchKey), Arc<ResourceSet>>,
+    /// Outbound clusters patched by EnvoyFilters: by identity variant and the filters.
+    patched_clusters: Memo<(bool, PatchKey), Arc<ResourceSet>>,
     /// Keyed by scope; the workload is part of the value so a carried-over entry is only
     /// reused for an identical workload.
     listeners: Memo<ProxyScope, WorkloadSets>,
@@ -538,6 +551,7 @@ impl Snapshot {
             cluster_endpoints: Mutex::default(),
             views: Mutex::default(),
             routes: Mutex::new(routes),
+            patched_clusters: Mutex::default(),
             listeners: Mutex::new(listeners),
         }
     }
@@ -590,18 +604,71 @@ impl Snapshot {
     }
 
     /// Route configurations for proxies of `ns` whose workload has `labels` (none for a
-    /// proxy that is not a workload). Shared by every proxy of the namespace that the
-    /// same `sourceLabels` selectors pick, so the key is the namespace plus those.
-    fn namespace_routes(&self, ns: &str, labels: &BTreeMap<String, String>) -> Arc<ResourceSet> {
+    /// proxy that is not a workload), patched by the class's route EnvoyFilter patches.
+    /// Shared by every proxy of the namespace that the same `sourceLabels` selectors pick
+    /// and the same patches apply to, so the key is the namespace, those selectors and
+    /// the patches.
+    fn namespace_routes(
+        &self,
+        ns: &str,
+        labels: &BTreeMap<String, String>,
+        patches: &PatchSet,
+    ) -> Arc<ResourceSet> {
+        let patches = patches.only(ApplyTo::is_route_class);
         let key = translate::route_key(&self.mesh, ns, labels);
-        memo(&self.routes, &key, || {
-            ResourceSet::new(translate::routes(&self.mesh, ns, labels).iter().map(|r| {
-                // Not `Resource::new`: routes carry protobuf maps, which prost would
-                // encode in random order (see encode_route_configuration).
-                let body = translate::encode_route_configuration(r);
-                Resource::from_body(TypeKind::Route, r.name.as_str().into(), body.into())
-            }))
+        memo(&self.routes, &(key, patches.key()), || {
+            let routes: Vec<Arc<Resource>> = translate::routes(&self.mesh, ns, labels)
+                .iter()
+                .map(|r| {
+                    // Not `Resource::new`: routes carry protobuf maps, which prost would
+                    // encode in random order (see encode_route_configuration).
+                    let body = translate::encode_route_configuration(r);
+                    Resource::from_body(TypeKind::Route, r.name.as_str().into(), body.into())
+                })
+                .collect();
+            ResourceSet::new(patch_routes(routes, &patches))
         })
+    }
+
+    /// The outbound clusters of a class: the shared set, or its variant patched by the
+    /// class's CLUSTER patches (shared by every class with the same ones).
+    fn outbound_clusters(&self, identity: bool, patches: &PatchSet) -> Arc<ResourceSet> {
+        let base = if identity {
+            self.identity_clusters()
+        } else {
+            self.clusters.clone()
+        };
+        let patches = patches.only(|a| a == ApplyTo::Cluster);
+        if patches.is_empty() {
+            return base;
+        }
+        memo(&self.patched_clusters, &(identity, patches.key()), || {
+            ResourceSet::new(patch_clusters(
+                base.map.values(),
+                &patches,
+                PatchContext::SidecarOutbound,
+                &[],
+            ))
+        })
+    }
+
+    /// The EnvoyFilters that apply to a class.
+    fn patches(&self, scope: &ProxyScope) -> PatchSet {
+        if self.mesh.envoy_filters.is_empty() {
+            return PatchSet::default();
+        }
+        match scope {
+            ProxyScope::Workload(id) => match self.mesh.workloads.get(id) {
+                Some(w) => self
+                    .mesh
+                    .envoy_filters
+                    .select(&w.namespace, Some(&w.labels)),
+                None => PatchSet::default(),
+            },
+            ProxyScope::Namespace { namespace, .. } => {
+                self.mesh.envoy_filters.select(namespace, None)
+            }
+        }
     }
 
     /// Listeners and inbound clusters of a class.
@@ -611,23 +678,36 @@ impl Snapshot {
             ProxyScope::Namespace { .. } => None,
         };
         let build = || {
-            let listeners = translate::listeners(&self.mesh, scope);
-            let inbound = match &workload {
-                Some(w) => translate::inbound_clusters(&self.mesh, w),
+            let patches = self.patches(scope);
+            let listeners: Vec<Arc<Resource>> = translate::listeners(&self.mesh, scope)
+                .iter()
+                .map(|l| Resource::new(TypeKind::Listener, l.name.as_str(), l))
+                .collect();
+            let inbound: Vec<Arc<Resource>> = match &workload {
+                Some(w) => translate::inbound_clusters(&self.mesh, w)
+                    .iter()
+                    .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c))
+                    .collect(),
                 None => Vec::new(),
+            };
+            let inbound = if patches.has(ApplyTo::Cluster) {
+                let hosts: Vec<String> = workload
+                    .iter()
+                    .flat_map(|w| self.mesh.services_of(w).map(|s| s.fqdn.clone()))
+                    .collect();
+                patch_clusters(
+                    inbound.iter(),
+                    &patches,
+                    PatchContext::SidecarInbound,
+                    &hosts,
+                )
+            } else {
+                inbound
             };
             (
                 workload.clone(),
-                ResourceSet::new(
-                    listeners
-                        .iter()
-                        .map(|l| Resource::new(TypeKind::Listener, l.name.as_str(), l)),
-                ),
-                ResourceSet::new(
-                    inbound
-                        .iter()
-                        .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c)),
-                ),
+                ResourceSet::new(patch_listeners(listeners, &patches)),
+                ResourceSet::new(inbound),
             )
         };
         let (w, l, c) = memo(&self.listeners, scope, build);
@@ -663,20 +743,21 @@ impl Snapshot {
             (ProxyScope::Workload(_), None) => ("", self.mesh.cluster_name.as_str()),
         };
         let (listeners, inbound) = self.workload_sets(scope);
+        let patches = self.patches(scope);
         // Only a sidecar that receives the `default` and `ROOTCA` secrets may be given
         // clusters that reference them; everyone else keeps the plaintext set.
-        if workload.is_some_and(|w| translate::tls::has_identity(&w.labels)) {
-            v.push_layer(TypeKind::Cluster, self.identity_clusters());
-        } else {
-            v.push_layer(TypeKind::Cluster, self.clusters.clone());
-        }
+        let identity = workload.is_some_and(|w| translate::tls::has_identity(&w.labels));
+        v.push_layer(
+            TypeKind::Cluster,
+            self.outbound_clusters(identity, &patches),
+        );
         if !inbound.map.is_empty() {
             v.push_layer(TypeKind::Cluster, inbound);
         }
         v.push_layer(TypeKind::Endpoint, self.endpoints_for(cluster));
         let no_labels = BTreeMap::new();
         let labels = workload.map_or(&no_labels, |w| &w.labels);
-        v.push_layer(TypeKind::Route, self.namespace_routes(ns, labels));
+        v.push_layer(TypeKind::Route, self.namespace_routes(ns, labels, &patches));
         v.push_layer(TypeKind::Listener, listeners);
         v
     }

@@ -6,6 +6,7 @@
 //! objects of all files into one consistent [`crate::mesh::MeshState`] and tells the
 //! store which changes take effect.
 
+pub mod envoy_filter;
 pub mod l4_routes;
 pub mod model;
 pub mod parse;
@@ -156,6 +157,7 @@ pub enum ConfigObject {
     PeerAuthentication(Object<peer_authentication::PeerAuthenticationSpec>),
     AuthorizationPolicy(Object<security::AuthorizationPolicySpec>),
     RequestAuthentication(Object<request_authentication::RequestAuthenticationSpec>),
+    EnvoyFilter(Object<envoy_filter::EnvoyFilterSpec>),
 }
 
 impl ConfigObject {
@@ -169,6 +171,7 @@ impl ConfigObject {
             ConfigObject::PeerAuthentication(_) => "PeerAuthentication",
             ConfigObject::AuthorizationPolicy(_) => "AuthorizationPolicy",
             ConfigObject::RequestAuthentication(_) => "RequestAuthentication",
+            ConfigObject::EnvoyFilter(_) => "EnvoyFilter",
         }
     }
 
@@ -182,6 +185,7 @@ impl ConfigObject {
             ConfigObject::PeerAuthentication(o) => &o.source,
             ConfigObject::AuthorizationPolicy(o) => &o.source,
             ConfigObject::RequestAuthentication(o) => &o.source,
+            ConfigObject::EnvoyFilter(o) => &o.source,
         }
     }
 
@@ -195,6 +199,7 @@ impl ConfigObject {
             ConfigObject::PeerAuthentication(o) => o.key(),
             ConfigObject::AuthorizationPolicy(o) => o.key(),
             ConfigObject::RequestAuthentication(o) => o.key(),
+            ConfigObject::EnvoyFilter(o) => o.key(),
         }
     }
 }

@@ -25,7 +25,6 @@ const KNOWN_UNSUPPORTED: &[&str] = &[
     "Gateway",
     "Sidecar",
     "WorkloadGroup",
-    "EnvoyFilter",
     "ProxyConfig",
     "Telemetry",
     "WasmPlugin",
@@ -212,6 +211,7 @@ fn parse_document(text: &str, source: &Source) -> Result<Option<ConfigObject>, B
         ("RequestAuthentication", _, api) if ISTIO_SECURITY.contains(&api) => {
             ConfigObject::RequestAuthentication(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?))
         }
+        ("EnvoyFilter", true, _) => ConfigObject::EnvoyFilter(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?)),
         ("MeshConfig", _, TRELLIS) => ConfigObject::MeshConfig(make(&metadata, &ns, source, typed(spec, source, &object_name, "spec")?)),
         (k, _, api) if KNOWN_UNSUPPORTED.contains(&k) => {
             return Err(err(

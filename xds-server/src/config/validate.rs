@@ -44,6 +44,7 @@ pub fn object(obj: &ConfigObject) -> Result<(), FieldError> {
         ConfigObject::PeerAuthentication(o) => super::peer_authentication::validate(&o.spec),
         ConfigObject::AuthorizationPolicy(o) => super::security::validate_authorization(&o.spec),
         ConfigObject::RequestAuthentication(o) => super::request_authentication::validate(&o.spec),
+        ConfigObject::EnvoyFilter(o) => super::envoy_filter::validate(&o.spec),
     }
 }
 

@@ -5,6 +5,7 @@
 //! pointer: an edit of a VirtualService leaves the WorkloadEntry store, and every stage
 //! that reads only it, as it was.
 
+use crate::config::envoy_filter::EnvoyFilterSpec;
 use crate::config::model::{
     DestinationRuleSpec, MeshConfigSpec, ServiceEntrySpec, VirtualServiceSpec, WorkloadEntrySpec,
 };
@@ -146,6 +147,7 @@ kinds! {
     PeerAuthentication => peer_authentications: PeerAuthenticationSpec,
     AuthorizationPolicy => authorization_policies: AuthorizationPolicySpec,
     RequestAuthentication => request_authentications: RequestAuthenticationSpec,
+    EnvoyFilter => envoy_filters: EnvoyFilterSpec,
 }
 
 impl Inputs {

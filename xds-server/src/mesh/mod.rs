@@ -19,6 +19,7 @@
 //! cluster.
 
 mod destination_rules;
+pub mod envoy_filters;
 mod http_route;
 pub mod inputs;
 mod policies;
@@ -343,6 +344,8 @@ pub struct MeshState {
     pub destination_rules: Arc<BTreeMap<String, Arc<DestinationRuleInfo>>>,
     /// Workload key -> FQDNs of the services selecting it.
     pub workload_services: Arc<BTreeMap<String, Vec<String>>>,
+    /// EnvoyFilters, in the order they apply (patches on the translated resources).
+    pub envoy_filters: Arc<envoy_filters::EnvoyFilters>,
     /// Object counts per kind, for the admin API.
     pub counts: BTreeMap<&'static str, usize>,
 }
@@ -365,6 +368,7 @@ impl Default for MeshState {
             virtual_services: Arc::default(),
             destination_rules: Arc::default(),
             workload_services: Arc::default(),
+            envoy_filters: Arc::default(),
             counts: BTreeMap::new(),
         }
     }

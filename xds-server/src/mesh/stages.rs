@@ -7,7 +7,8 @@
 //!                         ├─> destination rules <──────────────────────────────┤
 //!                         ├─> virtual services <── destination rules, catalog ─┘
 //!                         ├─> peer authentication
-//!                         └─> (security: AuthorizationPolicy, RequestAuthentication)
+//!                         ├─> (security: AuthorizationPolicy, RequestAuthentication)
+//!                         └─> envoy filters (EnvoyFilter; the root namespace orders them)
 //! inbound addresses <── workloads, services
 //! ```
 //!
@@ -19,7 +20,8 @@
 
 use super::inputs::Inputs;
 use super::{
-    destination_rules, policies, services, settings, virtual_services, workloads, MeshState,
+    destination_rules, envoy_filters, policies, services, settings, virtual_services, workloads,
+    MeshState,
 };
 use crate::config::{ConfigError, Object, Source};
 use std::any::Any;
@@ -57,6 +59,9 @@ pub enum StageError {
          mesh-wide policy"
     )]
     RootNamespaceSelector { root: String },
+    /// A check that needs the whole mesh found what the object's own check did not.
+    #[error("{message}")]
+    Invalid { message: String },
     #[error("{address}:{port} is already the inbound address of workload {other}")]
     InboundAddressTaken {
         address: std::net::IpAddr,
@@ -147,6 +152,7 @@ pub struct Outputs {
     peer_authentication: Option<Memo<crate::config::peer_authentication::PeerAuthentications>>,
     security: Option<Memo<crate::config::security::SecurityPolicies>>,
     inbound: Option<Memo<()>>,
+    envoy_filters: Option<Memo<envoy_filters::EnvoyFilters>>,
     /// Stages that ran in the build that made these outputs (the rest were reused).
     pub rebuilt: Vec<&'static str>,
 }
@@ -250,6 +256,13 @@ pub fn build(inputs: &Inputs, prev: &Outputs) -> Result<(MeshState, Outputs), Ve
         r,
         |_, e| workloads::check_inbound(&workloads.value, &services.value, e),
     );
+    let envoy_filters = stage(
+        "envoy_filters",
+        prev.envoy_filters.as_ref(),
+        vec![dep(&inputs.envoy_filters), dep(&settings.value)],
+        r,
+        |_, e| envoy_filters::build(&inputs.envoy_filters, s, e),
+    );
     if !run.errors.0.is_empty() {
         return Err(run.errors.0);
     }
@@ -271,6 +284,7 @@ pub fn build(inputs: &Inputs, prev: &Outputs) -> Result<(MeshState, Outputs), Ve
         virtual_services: virtual_services.value.clone(),
         destination_rules: destination_rules.value.clone(),
         workload_services: sv.workload_services.clone(),
+        envoy_filters: envoy_filters.value.clone(),
         counts: inputs.counts(),
     };
     let outputs = Outputs {
@@ -282,6 +296,7 @@ pub fn build(inputs: &Inputs, prev: &Outputs) -> Result<(MeshState, Outputs), Ve
         peer_authentication: Some(peer_authentication),
         security: Some(security),
         inbound: Some(inbound),
+        envoy_filters: Some(envoy_filters),
         rebuilt: run.rebuilt,
     };
     Ok((mesh, outputs))

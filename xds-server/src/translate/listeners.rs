@@ -209,7 +209,8 @@ fn inbound_filters(
     let rc = RouteConfiguration {
         name: cluster.clone(),
         virtual_hosts: vec![VirtualHost {
-            name: cluster.clone(),
+            // Istio's name for it, so EnvoyFilters written for Istio match it.
+            name: format!("inbound|http|{port}"),
             domains: vec!["*".into()],
             routes: vec![Route {
                 name: "default".into(),

@@ -13,6 +13,7 @@
 pub mod authz;
 mod clusters;
 mod endpoints;
+pub mod envoy_filter;
 pub mod external;
 pub mod jwt;
 mod l4_routes;
