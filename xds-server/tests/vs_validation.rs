@@ -234,9 +234,9 @@ fn malformed_options_name_their_field() {
 #[test]
 fn unsupported_fields_are_errors() {
     rejected(
-        &with_route("    match:\n    - gateways: [ingress]\n"),
+        &with_route("    match:\n    - gateways: [Ingress_GW]\n"),
         "spec.http[0].match[0].gateways[0]",
-        "not supported yet",
+        "gateway `Ingress_GW`",
     );
     let e = one_error(&with_route(
         "    fault: {delay: {exponentialDelay: 1s, percentage: {value: 1}}}\n",

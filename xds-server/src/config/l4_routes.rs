@@ -96,12 +96,8 @@ fn l4_match(m: &L4Match, f: &str, tls: bool) -> Result<(), FieldError> {
         super::validate::port(p).map_err(|e| (format!("{f}.port"), e))?;
     }
     for (i, g) in m.gateways.iter().enumerate() {
-        if g != "mesh" {
-            return Err((
-                format!("{f}.gateways[{i}]"),
-                format!("gateway `{g}`: gateways are not supported yet (only `mesh`)"),
-            ));
-        }
+        super::virtual_service_validate::gateway_ref(g)
+            .map_err(|e| (format!("{f}.gateways[{i}]"), e))?;
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ pub mod security;
 pub mod store;
 pub mod validate;
 pub mod virtual_service;
-pub(crate) mod virtual_service_validate;
+pub mod virtual_service_validate;
 
 use serde::Serialize;
 use std::collections::BTreeMap;

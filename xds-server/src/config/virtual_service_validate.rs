@@ -4,7 +4,7 @@
 
 use super::model::*;
 use super::parse_duration;
-use super::validate::{export_to, fe, hostname, object_name, port, FieldError};
+use super::validate::{fe, hostname, object_name, port, FieldError};
 use base64::Engine as _;
 use std::time::Duration;
 
@@ -177,11 +177,45 @@ fn http_match(m: &HttpMatchRequest, mf: &str) -> Result<(), FieldError> {
         object_name(ns).map_err(|e| fe(format!("{mf}.sourceNamespace"), e))?;
     }
     for (i, g) in m.gateways.iter().enumerate() {
-        if g != "mesh" {
-            return Err(fe(
-                format!("{mf}.gateways[{i}]"),
-                format!("gateway `{g}`: gateways are not supported yet (only `mesh`)"),
-            ));
+        gateway_ref(g).map_err(|e| fe(format!("{mf}.gateways[{i}]"), e))?;
+    }
+    Ok(())
+}
+
+/// `mesh` (the sidecars) or a Gateway, as `name` or `namespace/name`.
+pub(super) fn gateway_ref(g: &str) -> Result<(), String> {
+    if g == "mesh" {
+        return Ok(());
+    }
+    let (ns, name) = g.split_once('/').unwrap_or(("", g));
+    if !ns.is_empty() {
+        object_name(ns).map_err(|e| format!("gateway `{g}`: namespace {e}"))?;
+    }
+    object_name(name).map_err(|e| format!("gateway `{g}`: {e}"))
+}
+
+/// Whether a VirtualService with `gateways` applies to sidecars: no gateways, or `mesh`.
+pub fn applies_to_mesh(gateways: &[String]) -> bool {
+    gateways.is_empty() || gateways.iter().any(|g| g == "mesh")
+}
+
+/// A VirtualService host: a name, a wildcard `*.example.com`, or `*` (gateways only).
+fn vs_host(h: &str, mesh: bool) -> Result<(), String> {
+    if h == "*" {
+        return if mesh {
+            Err("`*` would route every host of every sidecar; Istio allows it only for gateways (drop `mesh` from gateways, or name the hosts)".into())
+        } else {
+            Ok(())
+        };
+    }
+    super::validate::service_entry_host(h)
+}
+
+/// `exportTo`: `*` (every namespace, the default), `.` (the object's own) or namespaces.
+pub(super) fn export_to_list(list: &[String]) -> Result<(), FieldError> {
+    for (i, e) in list.iter().enumerate() {
+        if e != "*" && e != "." {
+            object_name(e).map_err(|m| fe(format!("spec.exportTo[{i}]"), m))?;
         }
     }
     Ok(())
@@ -635,16 +669,12 @@ pub(super) fn validate(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
     if spec.hosts.is_empty() {
         return Err(fe("spec.hosts", "at least one host is required"));
     }
+    let mesh = applies_to_mesh(&spec.gateways);
     for (i, h) in spec.hosts.iter().enumerate() {
-        hostname(h).map_err(|m| fe(format!("spec.hosts[{i}]"), m))?;
+        vs_host(h, mesh).map_err(|m| fe(format!("spec.hosts[{i}]"), m))?;
     }
     for (i, g) in spec.gateways.iter().enumerate() {
-        if g != "mesh" {
-            return Err(fe(
-                format!("spec.gateways[{i}]"),
-                format!("gateway `{g}`: gateways are not supported yet (only `mesh`)"),
-            ));
-        }
+        gateway_ref(g).map_err(|m| fe(format!("spec.gateways[{i}]"), m))?;
     }
     if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
         return Err(fe(
@@ -656,5 +686,5 @@ pub(super) fn validate(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
         http_route(r, &format!("spec.http[{i}]"))?;
     }
     super::l4_routes::validate(spec)?;
-    export_to(&spec.export_to)
+    export_to_list(&spec.export_to)
 }

@@ -292,6 +292,8 @@ pub struct L4RouteRule {
 pub struct VirtualService {
     pub key: String,
     pub namespace: String,
+    /// Namespaces whose proxies see it (`exportTo`; empty: all).
+    pub export_to: Vec<String>,
     pub hosts: Vec<String>,
     pub http: Vec<HttpRouteRule>,
     pub tcp: Vec<L4RouteRule>,
@@ -381,7 +383,25 @@ pub(crate) fn selects(
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+impl VirtualService {
+    /// Whether proxies of `namespace` see it (`exportTo`: `*`, `.` or namespaces).
+    pub fn visible_in(&self, namespace: &str) -> bool {
+        self.export_to.is_empty()
+            || self
+                .export_to
+                .iter()
+                .any(|e| e == "*" || e == namespace || (e == "." && self.namespace == namespace))
+    }
+}
+
 impl MeshState {
+    /// The VirtualService routing `fqdn` for proxies of `namespace`, if one is visible there.
+    pub fn virtual_service_for(&self, fqdn: &str, namespace: &str) -> Option<&Arc<VirtualService>> {
+        self.virtual_services
+            .get(fqdn)
+            .filter(|vs| vs.visible_in(namespace))
+    }
+
     /// The mesh of loose objects (a single-cluster mesh, as if each came from the file its
     /// source names), built from scratch.
     pub fn build<'a>(

@@ -9,6 +9,7 @@ use super::stages::{describe, Errors, StageError};
 use super::{L4RouteRule, RouteDestination, VirtualService};
 use crate::config::l4_routes::{self, L4Match};
 use crate::config::model::VirtualServiceSpec;
+use crate::config::virtual_service_validate::applies_to_mesh;
 use crate::config::{Object, Source};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +38,14 @@ pub fn build(
     };
     let mut out = VirtualServices::new();
     let mut seen: BTreeMap<String, &Source> = BTreeMap::new();
+    // Wildcard hosts are resolved after every exact one: an exact host wins, then the
+    // most specific wildcard (as in Istio).
+    let mut wildcards: Vec<(
+        String,
+        Arc<VirtualService>,
+        &Object<VirtualServiceSpec>,
+        usize,
+    )> = Vec::new();
     for (_, vs) in store.iter() {
         if let Some(prev) = seen.insert(vs.key(), &vs.source) {
             let previous = describe(prev);
@@ -48,68 +57,109 @@ pub fn build(
             );
             continue;
         }
-        let mut hosts = Vec::new();
-        let mut ok = true;
-        for (i, h) in vs.spec.hosts.iter().enumerate() {
-            let fqdn = settings.resolve_host(h, &vs.namespace);
+        // Bound to gateways only: sidecars never use it (as in Istio); kept for gateways.
+        if !applies_to_mesh(&vs.spec.gateways) {
+            continue;
+        }
+        let Some(info) = virtual_service(vs, &refs, errs) else {
+            continue;
+        };
+        let info = Arc::new(info);
+        for (i, fqdn) in info.hosts.iter().enumerate() {
+            if fqdn.starts_with("*.") {
+                wildcards.push((fqdn.clone(), info.clone(), vs, i));
+                continue;
+            }
             let field = format!("spec.hosts[{i}]");
-            if !catalog.contains_key(&fqdn) {
-                errs.push(
-                    vs,
-                    "VirtualService",
-                    field,
-                    StageError::UnknownService { host: fqdn.clone() },
-                );
-                ok = false;
-            } else if let Some(other) = out.get(&fqdn) {
+            if !catalog.contains_key(fqdn) {
+                let e = StageError::UnknownService { host: fqdn.clone() };
+                errs.push(vs, "VirtualService", field, e);
+            } else if let Some(other) = out.get(fqdn) {
                 let e = StageError::HostRouted {
                     host: fqdn.clone(),
                     by: other.key.clone(),
                 };
                 errs.push(vs, "VirtualService", field, e);
-                ok = false;
-            }
-            hosts.push(fqdn);
-        }
-        let mut http = Vec::new();
-        for (i, r) in vs.spec.http.iter().enumerate() {
-            match super::http_route::http_rule(vs, i, r, &refs, errs) {
-                Some(rule) => http.push(rule),
-                None => ok = false,
-            }
-        }
-        let tcp = l4_rules(
-            vs,
-            "tcp",
-            vs.spec.tcp.iter().map(|r| (&r.matches, &r.route)),
-            &refs,
-            errs,
-        );
-        let tls = l4_rules(
-            vs,
-            "tls",
-            vs.spec.tls.iter().map(|r| (&r.matches, &r.route)),
-            &refs,
-            errs,
-        );
-        let (Some(tcp), Some(tls)) = (tcp, tls) else {
-            continue;
-        };
-        if ok {
-            let info = Arc::new(VirtualService {
-                key: vs.key(),
-                namespace: vs.namespace.clone(),
-                hosts: hosts.clone(),
-                http,
-                tcp,
-                tls,
-            });
-            for h in hosts {
-                out.insert(h, info.clone());
+            } else {
+                out.insert(fqdn.clone(), info.clone());
             }
         }
     }
+    wildcards.sort_by_key(|(w, ..)| std::cmp::Reverse(w.len()));
+    let mut patterns: BTreeMap<String, String> = BTreeMap::new();
+    for (pattern, info, vs, i) in wildcards {
+        let field = format!("spec.hosts[{i}]");
+        if let Some(by) = patterns.insert(pattern.clone(), info.key.clone()) {
+            let e = StageError::HostRouted { host: pattern, by };
+            errs.push(vs, "VirtualService", field, e);
+            continue;
+        }
+        let matched: Vec<&String> = catalog
+            .keys()
+            .filter(|h| **h == pattern || l4_routes::host_matches(&pattern, h))
+            .collect();
+        if matched.is_empty() {
+            errs.push(
+                vs,
+                "VirtualService",
+                field,
+                StageError::UnknownService { host: pattern },
+            );
+            continue;
+        }
+        for h in matched {
+            out.entry(h.clone()).or_insert_with(|| info.clone());
+        }
+    }
     out
+}
+
+/// One VirtualService for sidecars, its routes checked; `None` (with errors) when it
+/// refers to something that does not exist.
+fn virtual_service(
+    vs: &Object<VirtualServiceSpec>,
+    refs: &Refs<'_>,
+    errs: &mut Errors,
+) -> Option<VirtualService> {
+    let mut ok = true;
+    let mut http = Vec::new();
+    for (i, r) in vs.spec.http.iter().enumerate() {
+        match super::http_route::http_rule(vs, i, r, refs, errs) {
+            Some(rule) => http.push(rule),
+            None => ok = false,
+        }
+    }
+    let tcp = l4_rules(
+        vs,
+        "tcp",
+        vs.spec.tcp.iter().map(|r| (&r.matches, &r.route)),
+        refs,
+        errs,
+    );
+    let tls = l4_rules(
+        vs,
+        "tls",
+        vs.spec.tls.iter().map(|r| (&r.matches, &r.route)),
+        refs,
+        errs,
+    );
+    let (Some(tcp), Some(tls), true) = (tcp, tls, ok) else {
+        return None;
+    };
+    Some(VirtualService {
+        key: vs.key(),
+        namespace: vs.namespace.clone(),
+        export_to: vs.spec.export_to.clone(),
+        hosts: vs
+            .spec
+            .hosts
+            .iter()
+            .map(|h| refs.settings.resolve_host(h, &vs.namespace))
+            .collect(),
+        http,
+        tcp,
+        tls,
+    })
 }
 
 /// The `tcp` or `tls` (`kind`) rules of a VirtualService with their destinations checked;

@@ -26,7 +26,8 @@ pub struct Caller<'a> {
 }
 
 fn applies(m: &L4Match, port: u32, caller: Caller<'_>) -> bool {
-    m.port.is_none_or(|p| p == port)
+    crate::config::virtual_service_validate::applies_to_mesh(&m.gateways)
+        && m.port.is_none_or(|p| p == port)
         && m.source_namespace
             .as_deref()
             .is_none_or(|ns| ns == caller.namespace)

@@ -97,17 +97,21 @@ pub(super) fn route_match(m: &HttpMatchRequest) -> RouteMatch {
 
 /// Whether a match applies to a route configuration of `port` served to proxies of
 /// `namespace` whose workload has `labels` (istiod's `sourceMatchHTTP` plus the port
-/// check): `gateways` (only `mesh` exists here) overrides the source checks, as there.
+/// check): `gateways` overrides the source checks, as there.
 pub(super) fn applies(
     m: &HttpMatchRequest,
     namespace: &str,
     labels: &BTreeMap<String, String>,
     port: u32,
 ) -> bool {
-    let source = !m.gateways.is_empty()
-        || (selects(&m.source_labels, labels)
+    // A match naming gateways applies to sidecars only if it names `mesh`.
+    let source = if m.gateways.is_empty() {
+        selects(&m.source_labels, labels)
             && m.source_namespace
                 .as_deref()
-                .is_none_or(|ns| ns == namespace));
+                .is_none_or(|ns| ns == namespace)
+    } else {
+        m.gateways.iter().any(|g| g == "mesh")
+    };
     m.port.is_none_or(|p| p == port) && source
 }

@@ -89,7 +89,7 @@ fn virtual_host(
         domains.push(format!("{alias}:{port}"));
         domains.push(alias);
     }
-    let routes = match mesh.virtual_services.get(&svc.fqdn) {
+    let routes = match mesh.virtual_service_for(&svc.fqdn, namespace) {
         Some(vs) => vs
             .http
             .iter()
