@@ -430,6 +430,15 @@ fn security_policies() {
     }
 }
 
+/// DestinationRule policies (hash keys on routes, per subset and port level) change
+/// clusters and routes: both must follow every edit.
+#[test]
+fn traffic_policies() {
+    for seed in 1..=3 {
+        run(&fixture("traffic-policy"), None, seed, STEPS);
+    }
+}
+
 #[test]
 fn member_clusters() {
     for seed in 1..=4 {

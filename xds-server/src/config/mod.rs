@@ -6,12 +6,14 @@
 //! objects of all files into one consistent [`crate::mesh::MeshState`] and tells the
 //! store which changes take effect.
 
+pub mod destination_rule;
 pub mod model;
 pub mod parse;
 pub mod peer_authentication;
 pub mod request_authentication;
 pub mod security;
 pub mod store;
+mod traffic_policy_checks;
 pub mod validate;
 
 use serde::Serialize;

@@ -1,54 +1,22 @@
-use super::{ads, any, duration, inbound_cluster_name, outbound_cluster_name, tls};
-use crate::mesh::{MeshState, Protocol, Service, ServicePortInfo, Workload};
+use super::{ads, duration, inbound_cluster_name, outbound_cluster_name, tls, traffic_policy};
+use crate::config::model::ClusterPolicy;
+use crate::mesh::{MeshState, Protocol, Service, Workload};
 use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
-    Cluster, OutlierDetection,
+    Cluster,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    address::Address as AddressKind, socket_address::PortSpecifier, Address, Http2ProtocolOptions,
-    SocketAddress,
+    address::Address as AddressKind, socket_address::PortSpecifier, Address, SocketAddress,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
-    http_protocol_options::{
-        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
-    },
-    HttpProtocolOptions,
-};
-use envoy_types::pb::google::protobuf::UInt32Value;
 use std::net::IpAddr;
-
-fn lb_policy(name: Option<&str>) -> LbPolicy {
-    match name {
-        Some("LEAST_REQUEST") | Some("LEAST_CONN") => LbPolicy::LeastRequest,
-        Some("RANDOM") => LbPolicy::Random,
-        _ => LbPolicy::RoundRobin,
-    }
-}
-
-fn h2_options(cluster: &mut Cluster) {
-    let opts = HttpProtocolOptions {
-        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-            ExplicitHttpConfig {
-                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                    Http2ProtocolOptions::default(),
-                )),
-            },
-        )),
-        ..Default::default()
-    };
-    // A single-entry map, so the encoding (and thus the content-hash version) is deterministic.
-    cluster.typed_extension_protocol_options.insert(
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-        any(&opts),
-    );
-}
 
 /// Passive health checking, so that failing endpoints stop getting traffic and, once the
 /// proxy's own cluster has too few healthy ones, EDS priority 1 (other clusters) takes
-/// over. What makes that work in Envoy:
+/// over (`traffic_policy::default_outlier_detection`, what a DestinationRule's
+/// `outlierDetection` starts from). What makes that work in Envoy:
 /// - A connection refused, reset or timed out counts as a 503 (local-origin errors are
 ///   not split off), so an endpoint that is gone is ejected after 3 consecutive gateway
 ///   failures; Envoy's default enforcement of that detector is 0 %, hence 100 here. App
@@ -65,21 +33,12 @@ fn h2_options(cluster: &mut Cluster) {
 ///   requests per interval, and would eject by comparison with peers: off.
 ///
 /// Ejections are checked every second and last 30 s, growing with repeated ejections.
-fn outlier_detection() -> OutlierDetection {
-    let n = |value| Some(UInt32Value { value });
-    OutlierDetection {
-        consecutive_5xx: n(5),
-        consecutive_gateway_failure: n(3),
-        enforcing_consecutive_gateway_failure: n(100),
-        enforcing_success_rate: n(0),
-        interval: Some(duration(std::time::Duration::from_secs(1))),
-        base_ejection_time: Some(duration(std::time::Duration::from_secs(30))),
-        max_ejection_percent: n(100),
-        ..Default::default()
-    }
-}
-
-fn eds_cluster(mesh: &MeshState, name: String, lb: Option<&str>, protocol: Protocol) -> Cluster {
+fn eds_cluster(
+    mesh: &MeshState,
+    name: String,
+    policy: &ClusterPolicy,
+    protocol: Protocol,
+) -> Cluster {
     let mut c = Cluster {
         name,
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -88,18 +47,16 @@ fn eds_cluster(mesh: &MeshState, name: String, lb: Option<&str>, protocol: Proto
             service_name: String::new(),
         }),
         connect_timeout: Some(duration(mesh.connect_timeout)),
-        lb_policy: lb_policy(lb) as i32,
-        outlier_detection: Some(outlier_detection()),
+        lb_policy: LbPolicy::RoundRobin as i32,
+        outlier_detection: Some(traffic_policy::default_outlier_detection()),
         ..Default::default()
     };
-    if protocol.is_h2() {
-        h2_options(&mut c);
-    }
+    traffic_policy::apply(&mut c, policy, protocol);
     c
 }
 
 /// One EDS cluster per port of a service, plus one per DestinationRule subset, as
-/// proxies without an identity get them: plaintext.
+/// proxies without an identity get them: plaintext (or TLS origination).
 pub fn service_clusters(mesh: &MeshState, svc: &Service) -> Vec<Cluster> {
     build_service_clusters(mesh, svc, false)
 }
@@ -112,26 +69,25 @@ pub fn service_clusters_with_identity(mesh: &MeshState, svc: &Service) -> Vec<Cl
 
 fn build_service_clusters(mesh: &MeshState, svc: &Service, identity: bool) -> Vec<Cluster> {
     let mut out = Vec::new();
-    let dr = mesh.destination_rules.get(&svc.fqdn);
-    let default_lb = dr.and_then(|d| d.lb.as_deref());
-    let mut push = |p: &ServicePortInfo, subset: Option<&str>, lb: Option<&str>| {
-        let mut c = eds_cluster(
-            mesh,
-            outbound_cluster_name(p.number, subset, &svc.fqdn),
-            lb,
-            p.protocol,
-        );
-        if identity {
-            tls::secure_cluster(mesh, svc, p, subset, &mut c);
-        }
-        out.push(c);
-    };
+    let subsets: Vec<&String> = mesh
+        .destination_rules
+        .get(&svc.fqdn)
+        .map(|dr| dr.subsets.keys().collect())
+        .unwrap_or_default();
     for p in &svc.ports {
-        push(p, None, default_lb);
-        if let Some(dr) = dr {
-            for (subset, info) in &dr.subsets {
-                push(p, Some(subset), info.lb.as_deref().or(default_lb));
+        for subset in std::iter::once(None).chain(subsets.iter().map(|s| Some(s.as_str()))) {
+            let policy = mesh.cluster_policy(svc, subset, p.number);
+            let name = outbound_cluster_name(p.number, subset, &svc.fqdn);
+            let mut c = eds_cluster(mesh, name, &policy, p.protocol);
+            let alpn = traffic_policy::upstream_alpn(&policy, p.protocol);
+            match (&policy.tls, tls::upstream_tls(svc, &policy)) {
+                (Some(t), tls::UpstreamTls::Origination) => {
+                    c.transport_socket = Some(tls::origination_socket(t, alpn));
+                }
+                _ if identity => tls::secure_cluster(mesh, svc, (p, subset), &policy, alpn, &mut c),
+                _ => {}
             }
+            out.push(c);
         }
     }
     out
@@ -183,7 +139,7 @@ pub fn inbound_clusters(mesh: &MeshState, w: &Workload) -> Vec<Cluster> {
                 ..Default::default()
             };
             if protocol.is_h2() {
-                h2_options(&mut c);
+                traffic_policy::h2_options(&mut c);
             }
             c
         })

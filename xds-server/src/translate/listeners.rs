@@ -1,7 +1,7 @@
 use super::clusters::socket_address;
 use super::{ads, any, duration, inbound_cluster_name, tls, ProxyScope};
 use crate::config::peer_authentication::MtlsMode;
-use crate::mesh::{MeshState, Protocol, Workload};
+use crate::mesh::{MeshState, Protocol, Service, Workload};
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::listener::v3::{
     filter::ConfigType, listener_filter::ConfigType as ListenerFilterConfig, Filter, FilterChain,
@@ -51,10 +51,13 @@ fn hcm_filter(m: HttpConnectionManager) -> Filter {
     }
 }
 
-fn tcp_proxy(stat_prefix: String, cluster: String) -> Filter {
+fn tcp_proxy(stat_prefix: String, cluster: String, idle: Option<String>) -> Filter {
     let t = TcpProxy {
         stat_prefix,
         cluster_specifier: Some(TcpCluster::Cluster(cluster)),
+        idle_timeout: idle
+            .and_then(|d| crate::config::parse_duration(&d).ok())
+            .map(super::duration),
         ..Default::default()
     };
     Filter {
@@ -76,18 +79,30 @@ fn listener(ip: IpAddr, port: u32, direction: TrafficDirection, filter: Filter) 
     }
 }
 
+/// A DestinationRule's `connectionPool.tcp.idleTimeout` for a TCP port: like istiod, the
+/// outbound `tcp_proxy` closes idle connections after it (Envoy's default: 1 h).
+pub fn tcp_idle_timeout(mesh: &MeshState, svc: &Service, port: u32) -> Option<String> {
+    mesh.cluster_policy(svc, None, port)
+        .connection_pool
+        .and_then(|cp| cp.tcp)
+        .and_then(|t| t.idle_timeout)
+}
+
 /// One outbound listener per service port on the sidecar's outbound address. HTTP ports
 /// route by Host through RDS; a TCP port forwards to the service owning it (without
 /// virtual IPs a port can only mean one TCP service: the first by host name).
 fn outbound(mesh: &MeshState, bind: IpAddr) -> Vec<Listener> {
-    let mut ports: BTreeMap<u32, (bool, Option<String>)> = BTreeMap::new();
+    // Port -> (any HTTP service on it, the TCP service's cluster and idle timeout).
+    type TcpTarget = (String, Option<String>);
+    let mut ports: BTreeMap<u32, (bool, Option<TcpTarget>)> = BTreeMap::new();
     for svc in mesh.services.values() {
         for p in &svc.ports {
             let e = ports.entry(p.number).or_insert((false, None));
             if p.protocol.is_http() {
                 e.0 = true;
             } else if e.1.is_none() {
-                e.1 = Some(super::outbound_cluster_name(p.number, None, &svc.fqdn));
+                let cluster = super::outbound_cluster_name(p.number, None, &svc.fqdn);
+                e.1 = Some((cluster, tcp_idle_timeout(mesh, svc, p.number)));
             }
         }
     }
@@ -103,7 +118,8 @@ fn outbound(mesh: &MeshState, bind: IpAddr) -> Vec<Listener> {
                     }),
                 )
             } else {
-                tcp_proxy(format!("outbound_{port}"), tcp?)
+                let (cluster, idle) = tcp?;
+                tcp_proxy(format!("outbound_{port}"), cluster, idle)
             };
             Some(listener(bind, port, TrafficDirection::Outbound, filter))
         })
@@ -125,6 +141,7 @@ pub(crate) fn inbound_tcp_filters(mesh: &MeshState, w: &Workload, port: u32) -> 
     filters.push(tcp_proxy(
         format!("inbound_{port}"),
         inbound_cluster_name(port),
+        None,
     ));
     filters
 }

@@ -11,16 +11,18 @@
 pub mod authz;
 mod clusters;
 mod endpoints;
+mod hash_policy;
 pub mod jwt;
 mod listeners;
 mod routes;
 pub mod tls;
+mod traffic_policy;
 
 pub use clusters::{
     inbound_clusters, outbound_clusters, service_clusters, service_clusters_with_identity,
 };
 pub use endpoints::{endpoints, service_endpoints, service_endpoints_for};
-pub use listeners::listeners;
+pub use listeners::{listeners, tcp_idle_timeout};
 pub use routes::routes;
 
 use envoy_types::pb::envoy::config::core::v3::{

@@ -1,4 +1,4 @@
-use super::{duration, outbound_cluster_name};
+use super::{duration, hash_policy, outbound_cluster_name};
 use crate::config::model::StringMatch;
 use crate::mesh::{HttpRouteRule, MeshState, RetryPolicy as MeshRetry, Service};
 use envoy_types::pb::envoy::config::route::v3::{
@@ -170,6 +170,15 @@ fn rule_routes(
             Some(r) => retry(r),
             None => Some(default_retry()),
         },
+        hash_policy: hash_policy::for_targets(
+            mesh,
+            live.iter().map(|d| hash_policy::Target {
+                host: &d.host,
+                subset: d.subset.as_deref(),
+                port: d.port,
+                route_port: port,
+            }),
+        ),
         ..Default::default()
     };
     let name = rule
@@ -212,6 +221,15 @@ fn virtual_host(mesh: &MeshState, namespace: &str, svc: &Service, port: u32) -> 
                 ))),
                 timeout: Some(duration(Default::default())),
                 retry_policy: Some(default_retry()),
+                hash_policy: hash_policy::for_targets(
+                    mesh,
+                    [hash_policy::Target {
+                        host: &svc.fqdn,
+                        subset: None,
+                        port: Some(port),
+                        route_port: port,
+                    }],
+                ),
                 ..Default::default()
             })),
             ..Default::default()
