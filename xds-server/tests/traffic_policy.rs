@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use translated::{
     ads_bootstrap, check_dump, edit_and_reload, editable_copy, fixture, inline_endpoints,
-    open_store, resources, snapshot_of,
+    open_store, resources, snapshot_of, static_mesh_secrets, static_secret_refs,
 };
 use xds_server::cache::{Snapshot, TypeKind};
 use xds_server::translate::ProxyScope;
@@ -113,7 +113,12 @@ fn envoy_accepts_every_traffic_policy() {
             .map(route_listener)
             .collect();
         let node = format!("sidecar~127.0.4.1~{name}.shop~shop.svc.cluster.local");
-        let bootstrap = ads_bootstrap(&node, "traffic-policy", listeners, clusters);
+        // Inline endpoints and static secrets: Envoy checks the endpoints' socket matches
+        // and the secret kinds too (and validate mode does not cope with SDS over ADS
+        // on static clusters).
+        let mut bootstrap = ads_bootstrap(&node, "traffic-policy", listeners, clusters);
+        static_secret_refs(&mut bootstrap);
+        bootstrap["staticResources"]["secrets"] = static_mesh_secrets();
         let yaml = serde_json::to_string_pretty(&bootstrap).unwrap();
         if let Err(e) = trellis_tests::envoy_validate(&envoy, tmp.path(), name, &yaml) {
             failures.push(format!("{name}: {e:#}"));
@@ -133,7 +138,7 @@ fn a_policy_change_retranslates_clusters() {
     let pool = "outbound|8081||pool.shop.svc.cluster.local";
     let sticky = "outbound|8080||sticky.shop.svc.cluster.local";
 
-    edit_and_reload(&mut store, dir.path(), "rules.yaml", |t| {
+    edit_and_reload(&mut store, dir.path(), "pool-rule.yaml", |t| {
         t.replace("maxRetries: 4", "maxRetries: 5")
     });
     let b = Snapshot::build_from(2, store.mesh(), Some(&a));
@@ -148,7 +153,7 @@ fn a_policy_change_retranslates_clusters() {
     ));
     assert_eq!(va.version(TypeKind::Route), vb.version(TypeKind::Route));
 
-    edit_and_reload(&mut store, dir.path(), "rules.yaml", |t| {
+    edit_and_reload(&mut store, dir.path(), "sticky-rule.yaml", |t| {
         t.replace("httpHeaderName: x-user", "httpHeaderName: x-account")
     });
     let c = Snapshot::build_from(3, store.mesh(), Some(&b));

@@ -350,3 +350,41 @@ pub struct Subset {
     #[serde(default)]
     pub traffic_policy: Option<TrafficPolicy>,
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn policy(yaml: &str) -> TrafficPolicy {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn port_level_replaces_subset_components_override() {
+        let rule = policy(
+            "loadBalancer: {simple: RANDOM}
+outlierDetection: {consecutive5xxErrors: 7}
+portLevelSettings:
+- port: {number: 8080}
+  connectionPool: {tcp: {maxConnections: 3}}
+",
+        );
+        let subset = policy("outlierDetection: {consecutive5xxErrors: 1}\n");
+        // Another port: the rule's components.
+        let p = ClusterPolicy::resolve(Some(&rule), None, 9090);
+        assert_eq!(p.load_balancer.unwrap().simple.as_deref(), Some("RANDOM"));
+        assert_eq!(p.outlier_detection.unwrap().consecutive_5xx_errors, Some(7));
+        // The port-level entry replaces every component, inheriting nothing.
+        let p = ClusterPolicy::resolve(Some(&rule), None, 8080);
+        assert!(p.load_balancer.is_none() && p.outlier_detection.is_none());
+        assert_eq!(
+            p.connection_pool.unwrap().tcp.unwrap().max_connections,
+            Some(3)
+        );
+        // A subset overrides only the components it sets.
+        let p = ClusterPolicy::resolve(Some(&rule), Some(&subset), 8080);
+        assert!(p.connection_pool.is_some());
+        assert_eq!(p.outlier_detection.unwrap().consecutive_5xx_errors, Some(1));
+    }
+}

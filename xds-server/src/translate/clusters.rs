@@ -13,10 +13,12 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use std::net::IpAddr;
 
-/// Passive health checking, so that failing endpoints stop getting traffic and, once the
-/// proxy's own cluster has too few healthy ones, EDS priority 1 (other clusters) takes
-/// over (`traffic_policy::default_outlier_detection`, what a DestinationRule's
-/// `outlierDetection` starts from). What makes that work in Envoy:
+/// An outbound EDS cluster: Trellis's defaults, then the DestinationRule's `policy`.
+///
+/// The default passive health checking (`traffic_policy::default_outlier_detection`,
+/// which a rule's `outlierDetection` overrides field by field) makes failing endpoints
+/// stop getting traffic and, once the proxy's own cluster has too few healthy ones, EDS
+/// priority 1 (other clusters) take over. What makes that work in Envoy:
 /// - A connection refused, reset or timed out counts as a 503 (local-origin errors are
 ///   not split off), so an endpoint that is gone is ejected after 3 consecutive gateway
 ///   failures; Envoy's default enforcement of that detector is 0 %, hence 100 here. App
