@@ -33,6 +33,33 @@ pub fn start_echo_bin(
     name: &str,
     version: &str,
 ) -> anyhow::Result<ChildGuard> {
+    start_echo_with(echo_bin, dir, listen, (name, version), &[])
+}
+
+/// [`start_echo`] serving HTTPS with the PEM certificate chain and key at `tls`.
+pub fn start_echo_tls(
+    dir: &Path,
+    listen: SocketAddr,
+    name: &str,
+    version: &str,
+    tls: (&Path, &Path),
+) -> anyhow::Result<ChildGuard> {
+    let args = [
+        "--tls-cert".as_ref(),
+        tls.0.as_os_str(),
+        "--tls-key".as_ref(),
+        tls.1.as_os_str(),
+    ];
+    start_echo_with(&cargo_bin("echo"), dir, listen, (name, version), &args)
+}
+
+fn start_echo_with(
+    echo_bin: &Path,
+    dir: &Path,
+    listen: SocketAddr,
+    (name, version): (&str, &str),
+    extra: &[&std::ffi::OsStr],
+) -> anyhow::Result<ChildGuard> {
     anyhow::ensure!(
         listen.ip().is_loopback(),
         "echo must listen on a loopback address, not {listen}"
@@ -54,6 +81,7 @@ pub fn start_echo_bin(
         .arg(name)
         .arg("--version")
         .arg(version)
+        .args(extra)
         // Keep the child's log readable regardless of the developer's RUST_LOG.
         .env("RUST_LOG", "info");
     let mut guard = ChildGuard::spawn(&format!("echo-{name}-{version}"), command, dir)?;

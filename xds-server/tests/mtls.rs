@@ -320,17 +320,26 @@ fn bad_peer_authentications_are_rejected_naming_the_field() {
 }
 
 #[test]
-fn destination_rule_tls_modes_other_than_istio_mutual_and_disable_are_rejected() {
+fn destination_rule_tls_modes_are_checked() {
     let dr = |tls: &str| {
         format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: cart, namespace: shop}}\nspec:\n  host: cart\n  trafficPolicy:\n    tls: {tls}\n")
     };
-    let e = one_error(&dr("{mode: SIMPLE}"));
-    assert_eq!(e.field.as_deref(), Some("spec.trafficPolicy.tls.mode"));
-    assert!(e.message.contains("not supported"), "{e}");
+    // SIMPLE and MUTUAL originate TLS with files (see tests/traffic_policy.rs); their
+    // certificate fields are checked.
     let e = one_error(&dr("{mode: MUTUAL}"));
-    assert!(e.message.contains("not supported"), "{e}");
-    let e = one_error(&dr("{mode: ISTIO_MUTUAL, sni: x.example}"));
-    assert_eq!(e.field.as_deref(), Some("spec.trafficPolicy.tls.sni"));
+    assert_eq!(
+        e.field.as_deref(),
+        Some("spec.trafficPolicy.tls.clientCertificate")
+    );
+    assert!(e.message.contains("required with tls mode MUTUAL"), "{e}");
+    let e = one_error(&dr("{mode: SIMPLE, credentialName: cart-ca}"));
+    assert_eq!(
+        e.field.as_deref(),
+        Some("spec.trafficPolicy.tls.credentialName")
+    );
+    assert!(e.message.contains("not supported yet"), "{e}");
+    let e = one_error(&dr("{mode: DISABLE, sni: x.example}"));
+    assert_eq!(e.field.as_deref(), Some("spec.trafficPolicy.tls.mode"));
     let e = one_error(&dr("{mode: MAYBE}"));
     assert!(e.message.contains("unknown tls mode"), "{e}");
 }

@@ -13,29 +13,13 @@
 
 mod translated;
 
-use serde_json::{json, Value};
-use translated::{ads_bootstrap, fixture, inline_endpoints, open_store, resources};
+use serde_json::Value;
+use translated::{
+    ads_bootstrap, fixture, inline_endpoints, open_store, resources, static_mesh_secrets,
+    static_secret_refs,
+};
 use xds_server::cache::{Snapshot, TypeKind};
 use xds_server::translate::ProxyScope;
-
-/// Drops `sdsConfig` from every secret reference, so it names a static secret.
-fn static_secret_refs(v: &mut Value) {
-    match v {
-        Value::Object(map) => {
-            let is_secret_ref = map.contains_key("name") && map.contains_key("sdsConfig");
-            if is_secret_ref {
-                map.remove("sdsConfig");
-            }
-            map.values_mut().for_each(static_secret_refs);
-        }
-        Value::Array(items) => items.iter_mut().for_each(static_secret_refs),
-        _ => {}
-    }
-}
-
-fn pem(name: &str) -> String {
-    std::fs::read_to_string(fixture("mtls/certs").join(name)).unwrap()
-}
 
 fn bootstrap(node: &str, listeners: Vec<Value>, clusters: Vec<Value>) -> Value {
     ads_bootstrap(node, "mtls-test", listeners, clusters)
@@ -47,15 +31,7 @@ fn static_variant(snap: &Snapshot, scope: &ProxyScope, node: &str) -> Value {
     inline_endpoints(&mut clusters, &endpoints);
     let mut b = bootstrap(node, resources(snap, scope, TypeKind::Listener), clusters);
     static_secret_refs(&mut b);
-    b["staticResources"]["secrets"] = json!([
-        {"name": "default", "tlsCertificate": {
-            "certificateChain": {"inlineString": pem("cert-chain.pem")},
-            "privateKey": {"inlineString": pem("key.pem")}
-        }},
-        {"name": "ROOTCA", "validationContext": {
-            "trustedCa": {"inlineString": pem("root-cert.pem")}
-        }}
-    ]);
+    b["staticResources"]["secrets"] = static_mesh_secrets();
     b
 }
 

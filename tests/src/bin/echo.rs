@@ -4,6 +4,11 @@
 //! what arrived (so a test can see which workload and version served it, and which headers
 //! Envoy added or rewrote) plus `x-echo-workload` / `x-echo-version` response headers, and
 //! logs one line per request (method, path, authority).
+//!
+//! Requests can ask for misbehaviour, so tests drive failures through the mesh without
+//! restarting apps: `x-echo-delay-ms: N` answers after N ms (at most 30 s), and
+//! `x-echo-fail-version: V` answers `503` if this app's version is V. With `--tls-cert`
+//! and `--tls-key` the app serves HTTPS (and reports `"tls": true`).
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture as _;
@@ -13,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::{Json, Router};
 use clap::Parser;
@@ -38,7 +43,16 @@ struct Args {
     /// Workload version reported in every response.
     #[arg(long, env = "ECHO_VERSION", default_value = "v1")]
     version: String,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
+
+/// The longest delay a request may ask for, so a test cannot hang the app.
+const MAX_DELAY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 struct Identity {
@@ -46,6 +60,7 @@ struct Identity {
     version: String,
     name_header: HeaderValue,
     version_header: HeaderValue,
+    tls: bool,
 }
 
 #[tokio::main]
@@ -68,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             .context("--version is not a valid header value")?,
         name: args.name,
         version: args.version,
+        tls: args.tls_cert.is_some(),
     };
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -84,11 +100,22 @@ async fn main() -> anyhow::Result<()> {
     let app = Router::new().fallback(echo).with_state(identity);
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let stopped = async move {
         // Either a signal or the sender being dropped means stop.
         let _ = stop_rx.wait_for(|stop| *stop).await;
-    });
-    let mut server = std::pin::pin!(server.into_future());
+    };
+    let server = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let listener = tls::TlsListener::new(listener, cert, key)?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .into_future()
+        }
+        _ => axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .into_future(),
+    };
+    let mut server = std::pin::pin!(server);
 
     tokio::select! {
         result = &mut server => return result.context("server failed"),
@@ -118,6 +145,28 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 }
 
 async fn echo(State(identity): State<Identity>, request: Request) -> impl IntoResponse {
+    // Owned values only: nothing borrowed from the (non-Sync) request across the await.
+    let (delay, fail) = {
+        let header = |name: &str| -> Option<String> {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        (
+            header("x-echo-delay-ms").and_then(|v| v.parse::<u64>().ok()),
+            header("x-echo-fail-version").is_some_and(|v| v == identity.version),
+        )
+    };
+    if let Some(ms) = delay {
+        tokio::time::sleep(Duration::from_millis(ms).min(MAX_DELAY)).await;
+    }
+    let status = if fail {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     let uri = request.uri();
     // HTTP/2 carries the host in :authority, which is not in the header map; report it
     // under one name for both protocols so tests need not care which one Envoy used.
@@ -143,6 +192,7 @@ async fn echo(State(identity): State<Identity>, request: Request) -> impl IntoRe
         "query": uri.query(),
         "authority": authority,
         "protocol": format!("{:?}", request.version()),
+        "tls": identity.tls,
         "headers": headers_json(request.headers()),
     });
 
@@ -155,7 +205,70 @@ async fn echo(State(identity): State<Identity>, request: Request) -> impl IntoRe
         HeaderName::from_static("x-echo-version"),
         identity.version_header.clone(),
     );
-    (response_headers, Json(body))
+    (status, response_headers, Json(body))
+}
+
+mod tls {
+    //! HTTPS for the echo app: a listener that hands axum TLS streams.
+
+    use anyhow::Context as _;
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::Arc;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::server::TlsStream;
+    use tokio_rustls::TlsAcceptor;
+
+    pub struct TlsListener {
+        tcp: TcpListener,
+        acceptor: TlsAcceptor,
+    }
+
+    impl TlsListener {
+        pub fn new(tcp: TcpListener, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+            use rustls_pki_types::pem::PemObject as _;
+            use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+            let certs = CertificateDer::pem_file_iter(cert)
+                .with_context(|| format!("reading {}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("parsing {}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("reading {}", key.display()))?;
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .context("TLS versions")?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .context("certificate and key")?;
+            Ok(TlsListener {
+                tcp,
+                acceptor: TlsAcceptor::from(Arc::new(config)),
+            })
+        }
+    }
+
+    impl axum::serve::Listener for TlsListener {
+        type Io = TlsStream<TcpStream>;
+        type Addr = SocketAddr;
+
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            loop {
+                let Ok((tcp, peer)) = self.tcp.accept().await else {
+                    continue;
+                };
+                // A failed handshake is the client's problem; keep serving the others.
+                match self.acceptor.accept(tcp).await {
+                    Ok(tls) => return (tls, peer),
+                    Err(e) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
+                }
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<Self::Addr> {
+            self.tcp.local_addr()
+        }
+    }
 }
 
 /// Repeated headers are joined with ", " (RFC 9110 list semantics) so a test can still see

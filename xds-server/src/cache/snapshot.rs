@@ -1,5 +1,6 @@
 use super::{Resource, ResourceSet, TypeKind};
 use crate::config::envoy_filter::{ApplyTo, PatchContext};
+use crate::config::model::ConsistentHash;
 use crate::mesh::envoy_filters::{PatchKey, PatchSet};
 use crate::mesh::{DestinationRuleInfo, MeshState, Service, Workload};
 use crate::translate::envoy_filter::{patch_clusters, patch_listeners, patch_routes};
@@ -452,6 +453,27 @@ fn same_routing(a: &MeshState, b: &MeshState) -> bool {
         && a.cluster_domain == b.cluster_domain
         && a.virtual_services == b.virtual_services
         && same_filters(a, b)
+        && same_hashing(a, b)
+}
+
+/// Routes carry the hash policy of DestinationRules with a `consistentHash`; the rest
+/// of a rule shapes clusters only.
+fn same_hashing(a: &MeshState, b: &MeshState) -> bool {
+    if Arc::ptr_eq(&a.destination_rules, &b.destination_rules) {
+        return true;
+    }
+    type HashView<'a> = Vec<(
+        &'a String,
+        Vec<(Option<&'a str>, Option<u32>, &'a ConsistentHash)>,
+    )>;
+    fn view(m: &MeshState) -> HashView<'_> {
+        m.destination_rules
+            .iter()
+            .map(|(host, dr)| (host, dr.consistent_hashes()))
+            .filter(|(_, hashes)| !hashes.is_empty())
+            .collect()
+    }
+    view(a) == view(b)
 }
 
 /// Everything besides the workload itself that a class's listeners and inbound clusters
@@ -468,6 +490,27 @@ fn same_listener_inputs(a: &MeshState, b: &MeshState) -> bool {
         && a.root_namespace == b.root_namespace
         && a.security == b.security
         && same_filters(a, b)
+        && same_tcp_idle_timeouts(a, b)
+}
+
+/// Outbound TCP listeners carry the DestinationRule's `connectionPool.tcp.idleTimeout`.
+fn same_tcp_idle_timeouts(a: &MeshState, b: &MeshState) -> bool {
+    if Arc::ptr_eq(&a.destination_rules, &b.destination_rules) {
+        return true;
+    }
+    fn view(m: &MeshState) -> Vec<(&str, u32, Option<String>)> {
+        m.services
+            .values()
+            .flat_map(|svc| {
+                svc.ports.iter().filter(|p| !p.protocol.is_http()).map(|p| {
+                    let idle = translate::tcp_idle_timeout(m, svc, p.number);
+                    (svc.fqdn.as_str(), p.number, idle)
+                })
+            })
+            .filter(|(_, _, idle)| idle.is_some())
+            .collect()
+    }
+    view(a) == view(b)
 }
 
 /// An immutable, fully translated state of the mesh. Streams hold an `Arc<Snapshot>`

@@ -6,6 +6,7 @@
 //! objects of all files into one consistent [`crate::mesh::MeshState`] and tells the
 //! store which changes take effect.
 
+pub mod destination_rule;
 pub mod envoy_filter;
 pub mod l4_routes;
 pub mod model;
@@ -14,6 +15,7 @@ pub mod peer_authentication;
 pub mod request_authentication;
 pub mod security;
 pub mod store;
+mod traffic_policy_checks;
 pub mod validate;
 pub mod virtual_service;
 pub mod virtual_service_validate;

@@ -115,47 +115,5 @@ pub struct WorkloadEntrySpec {
     pub service_account: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DestinationRuleSpec {
-    pub host: String,
-    #[serde(default)]
-    pub traffic_policy: Option<TrafficPolicy>,
-    #[serde(default)]
-    pub subsets: Vec<Subset>,
-    #[serde(default)]
-    pub export_to: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TrafficPolicy {
-    #[serde(default)]
-    pub load_balancer: Option<LoadBalancerSettings>,
-    #[serde(default)]
-    pub tls: Option<ClientTlsSettings>,
-}
-
-/// Istio's `ClientTLSSettings`: only `mode` (DISABLE / ISTIO_MUTUAL), since user
-/// certificates (SIMPLE / MUTUAL) are not supported yet.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ClientTlsSettings {
-    pub mode: String,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LoadBalancerSettings {
-    pub simple: String,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Subset {
-    pub name: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub traffic_policy: Option<TrafficPolicy>,
-}
+// DestinationRule and its traffic policy: `destination_rule.rs`.
+pub use super::destination_rule::*;

@@ -2,6 +2,7 @@
 //! host a service) live in `crate::mesh`, because they need every file.
 
 use super::model::*;
+use super::traffic_policy_checks::traffic_policy;
 use super::{parse_duration, ConfigObject};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -384,52 +385,36 @@ fn workload_entry(spec: &WorkloadEntrySpec, f: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-pub const LB_POLICIES: &[&str] = &[
-    "UNSPECIFIED",
-    "ROUND_ROBIN",
-    "LEAST_REQUEST",
-    "LEAST_CONN",
-    "RANDOM",
-];
-
-fn traffic_policy(tp: &TrafficPolicy, f: &str) -> Result<(), FieldError> {
-    if let Some(lb) = &tp.load_balancer {
-        if !LB_POLICIES.contains(&lb.simple.as_str()) {
-            let msg = if lb.simple == "PASSTHROUGH" {
-                "PASSTHROUGH needs original-destination routing, which is not supported yet"
-                    .to_string()
-            } else {
-                format!(
-                    "unknown load balancer `{}` (supported: {})",
-                    lb.simple,
-                    LB_POLICIES.join(", ")
+/// `exportTo` of a DestinationRule: `*`, `.` or namespace names. Its clusters are the
+/// same for every proxy, so only a rule exported everywhere can be honoured.
+fn destination_rule_export_to(list: &[String]) -> Result<(), FieldError> {
+    for (i, e) in list.iter().enumerate() {
+        if e != "*" && e != "." {
+            dns_label(e).map_err(|m| {
+                fe(
+                    format!("spec.exportTo[{i}]"),
+                    format!("not `*`, `.` or a namespace: {m}"),
                 )
-            };
-            return Err(fe(format!("{f}.loadBalancer.simple"), msg));
+            })?;
         }
     }
-    if let Some(tls) = &tp.tls {
-        match tls.mode.as_str() {
-            "DISABLE" | "ISTIO_MUTUAL" => {}
-            m @ ("SIMPLE" | "MUTUAL") => {
-                return Err(fe(
-                    format!("{f}.tls.mode"),
-                    format!("tls mode {m} (TLS origination with user certificates) is not supported yet (supported: DISABLE, ISTIO_MUTUAL)"),
-                ))
-            }
-            m => {
-                return Err(fe(
-                    format!("{f}.tls.mode"),
-                    format!("unknown tls mode `{m}` (supported: DISABLE, ISTIO_MUTUAL)"),
-                ))
-            }
-        }
+    if list.is_empty() || list.iter().any(|e| e == "*") {
+        return Ok(());
     }
-    Ok(())
+    Err(fe(
+        "spec.exportTo",
+        "exporting a DestinationRule to some namespaces only (`.` or names) is not supported yet: every proxy gets the same clusters; use [\"*\"] or leave it out",
+    ))
 }
 
 fn destination_rule(spec: &DestinationRuleSpec) -> Result<(), FieldError> {
     hostname(&spec.host).map_err(|m| fe("spec.host", m))?;
+    if spec.workload_selector.is_some() {
+        return Err(fe(
+            "spec.workloadSelector",
+            "is not supported yet: a DestinationRule applies to every proxy",
+        ));
+    }
     if let Some(tp) = &spec.traffic_policy {
         traffic_policy(tp, "spec.trafficPolicy")?;
     }
@@ -447,5 +432,5 @@ fn destination_rule(spec: &DestinationRuleSpec) -> Result<(), FieldError> {
             traffic_policy(tp, &format!("{f}.trafficPolicy"))?;
         }
     }
-    export_to(&spec.export_to)
+    destination_rule_export_to(&spec.export_to)
 }

@@ -303,18 +303,59 @@ pub struct VirtualService {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubsetInfo {
     pub labels: BTreeMap<String, String>,
-    pub lb: Option<String>,
-    /// `trafficPolicy.tls.mode` of the subset (DISABLE / ISTIO_MUTUAL).
-    pub tls: Option<String>,
+    /// The subset's own `trafficPolicy` (validated), merged over the rule's per cluster.
+    pub policy: Option<TrafficPolicy>,
 }
 
+/// A DestinationRule in effect for one host. The validated policies are kept as written
+/// and resolved per cluster ([`DestinationRuleInfo::policy`]), so comparing two infos
+/// compares everything translation reads from them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DestinationRuleInfo {
     pub key: String,
-    pub lb: Option<String>,
-    /// `trafficPolicy.tls.mode` (DISABLE / ISTIO_MUTUAL); `None`: automatic mTLS.
-    pub tls: Option<String>,
+    pub policy: Option<TrafficPolicy>,
     pub subsets: BTreeMap<String, SubsetInfo>,
+}
+
+impl DestinationRuleInfo {
+    /// The policy of the cluster for service port `port` and `subset`.
+    pub fn policy(&self, subset: Option<&str>, port: u32) -> ClusterPolicy {
+        let sub = subset
+            .and_then(|s| self.subsets.get(s))
+            .and_then(|s| s.policy.as_ref());
+        ClusterPolicy::resolve(self.policy.as_ref(), sub, port)
+    }
+
+    /// Every `consistentHash` of the rule with where it sits (subset, port-level port):
+    /// all that routes read from a rule, so routes are rebuilt only when this changes.
+    pub fn consistent_hashes(&self) -> Vec<(Option<&str>, Option<u32>, &ConsistentHash)> {
+        fn of<'a>(
+            subset: Option<&'a str>,
+            tp: Option<&'a TrafficPolicy>,
+            out: &mut Vec<(Option<&'a str>, Option<u32>, &'a ConsistentHash)>,
+        ) {
+            let Some(tp) = tp else { return };
+            let top = tp
+                .load_balancer
+                .as_ref()
+                .and_then(|l| l.consistent_hash.as_ref());
+            out.extend(top.map(|ch| (subset, None, ch)));
+            for p in &tp.port_level_settings {
+                let ch = p
+                    .load_balancer
+                    .as_ref()
+                    .and_then(|l| l.consistent_hash.as_ref());
+                let port = p.port.as_ref().map(|p| p.number);
+                out.extend(ch.map(|ch| (subset, port, ch)));
+            }
+        }
+        let mut out = Vec::new();
+        of(None, self.policy.as_ref(), &mut out);
+        for (name, s) in &self.subsets {
+            of(Some(name), s.policy.as_ref(), &mut out);
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -492,5 +533,13 @@ impl MeshState {
             .iter()
             .filter(|e| labels.is_none_or(|l| selects(l, &e.labels)))
             .collect()
+    }
+
+    /// The DestinationRule policy of one outbound cluster of `svc`; empty without a rule.
+    pub fn cluster_policy(&self, svc: &Service, subset: Option<&str>, port: u32) -> ClusterPolicy {
+        self.destination_rules
+            .get(&svc.fqdn)
+            .map(|dr| dr.policy(subset, port))
+            .unwrap_or_default()
     }
 }

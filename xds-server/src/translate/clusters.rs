@@ -1,55 +1,24 @@
-use super::{ads, any, duration, inbound_cluster_name, outbound_cluster_name, tls};
+use super::{ads, duration, inbound_cluster_name, outbound_cluster_name, tls, traffic_policy};
+use crate::config::model::ClusterPolicy;
 use crate::mesh::{MeshState, Service, ServicePortInfo, Workload};
 use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
-    Cluster, OutlierDetection,
+    Cluster,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    address::Address as AddressKind, socket_address::PortSpecifier, Address, Http2ProtocolOptions,
-    SocketAddress,
+    address::Address as AddressKind, socket_address::PortSpecifier, Address, SocketAddress,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
-    http_protocol_options::{
-        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
-    },
-    HttpProtocolOptions,
-};
-use envoy_types::pb::google::protobuf::UInt32Value;
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-fn lb_policy(name: Option<&str>) -> LbPolicy {
-    match name {
-        Some("LEAST_REQUEST") | Some("LEAST_CONN") => LbPolicy::LeastRequest,
-        Some("RANDOM") => LbPolicy::Random,
-        _ => LbPolicy::RoundRobin,
-    }
-}
-
-fn h2_options(cluster: &mut Cluster) {
-    let opts = HttpProtocolOptions {
-        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-            ExplicitHttpConfig {
-                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                    Http2ProtocolOptions::default(),
-                )),
-            },
-        )),
-        ..Default::default()
-    };
-    // A single-entry map, so the encoding (and thus the content-hash version) is deterministic.
-    cluster.typed_extension_protocol_options.insert(
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-        any(&opts),
-    );
-}
-
-/// Passive health checking, so that failing endpoints stop getting traffic and, once the
-/// proxy's own cluster has too few healthy ones, EDS priority 1 (other clusters) takes
-/// over. What makes that work in Envoy:
+/// An outbound cluster: Trellis's defaults, then the DestinationRule's `policy`.
+///
+/// The default passive health checking (`traffic_policy::default_outlier_detection`,
+/// which a rule's `outlierDetection` overrides field by field) makes failing endpoints
+/// stop getting traffic and, once the proxy's own cluster has too few healthy ones, EDS
+/// priority 1 (other clusters) take over. What makes that work in Envoy:
 /// - A connection refused, reset or timed out counts as a 503 (local-origin errors are
 ///   not split off), so an endpoint that is gone is ejected after 3 consecutive gateway
 ///   failures; Envoy's default enforcement of that detector is 0 %, hence 100 here. App
@@ -66,54 +35,48 @@ fn h2_options(cluster: &mut Cluster) {
 ///   requests per interval, and would eject by comparison with peers: off.
 ///
 /// Ejections are checked every second and last 30 s, growing with repeated ejections.
-fn outlier_detection() -> OutlierDetection {
-    let n = |value| Some(UInt32Value { value });
-    OutlierDetection {
-        consecutive_5xx: n(5),
-        consecutive_gateway_failure: n(3),
-        enforcing_consecutive_gateway_failure: n(100),
-        enforcing_success_rate: n(0),
-        interval: Some(duration(std::time::Duration::from_secs(1))),
-        base_ejection_time: Some(duration(std::time::Duration::from_secs(30))),
-        max_ejection_percent: n(100),
-        ..Default::default()
-    }
-}
-
-/// A service port's cluster before TLS: EDS for IP endpoints, else what its resolution
-/// asks for (`external.rs`), with the load balancer and passive health checks.
+///
+/// A DNS or passthrough service's cluster comes from `external.rs` instead of EDS; a
+/// passthrough cluster picks its one host itself, so it keeps `CLUSTER_PROVIDED` and no
+/// health checking whatever the rule says.
 fn base_cluster(
     mesh: &MeshState,
     svc: &Service,
     port: &ServicePortInfo,
-    subset_labels: Option<&BTreeMap<String, String>>,
-    name: String,
-    lb: Option<&str>,
+    subset: Option<&str>,
+    policy: &ClusterPolicy,
 ) -> Cluster {
-    let mut c = super::external::cluster(mesh, svc, port, subset_labels, name.clone())
-        .unwrap_or_else(|| Cluster {
-            name,
-            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-            eds_cluster_config: Some(EdsClusterConfig {
-                eds_config: Some(ads()),
-                service_name: String::new(),
-            }),
-            connect_timeout: Some(duration(mesh.connect_timeout)),
-            ..Default::default()
+    let name = outbound_cluster_name(port.number, subset, &svc.fqdn);
+    let labels = subset
+        .and_then(|s| mesh.destination_rules.get(&svc.fqdn)?.subsets.get(s))
+        .map(|s| &s.labels);
+    let mut c =
+        super::external::cluster(mesh, svc, port, labels, name.clone()).unwrap_or_else(|| {
+            Cluster {
+                name,
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                eds_cluster_config: Some(EdsClusterConfig {
+                    eds_config: Some(ads()),
+                    service_name: String::new(),
+                }),
+                connect_timeout: Some(duration(mesh.connect_timeout)),
+                ..Default::default()
+            }
         });
-    // A passthrough cluster picks its one host itself.
-    if c.lb_policy != LbPolicy::ClusterProvided as i32 {
-        c.lb_policy = lb_policy(lb) as i32;
-        c.outlier_detection = Some(outlier_detection());
-    }
-    if port.protocol.is_h2() {
-        h2_options(&mut c);
+    let passthrough = c.lb_policy == LbPolicy::ClusterProvided as i32;
+    c.lb_policy = LbPolicy::RoundRobin as i32;
+    c.outlier_detection = Some(traffic_policy::default_outlier_detection());
+    traffic_policy::apply(&mut c, policy, port.protocol);
+    if passthrough {
+        c.lb_policy = LbPolicy::ClusterProvided as i32;
+        c.lb_config = None;
+        c.outlier_detection = None;
     }
     c
 }
 
 /// One EDS cluster per port of a service, plus one per DestinationRule subset, as
-/// proxies without an identity get them: plaintext.
+/// proxies without an identity get them: plaintext (or TLS origination).
 pub fn service_clusters(mesh: &MeshState, svc: &Service) -> Vec<Cluster> {
     build_service_clusters(mesh, svc, false)
 }
@@ -126,25 +89,24 @@ pub fn service_clusters_with_identity(mesh: &MeshState, svc: &Service) -> Vec<Cl
 
 fn build_service_clusters(mesh: &MeshState, svc: &Service, identity: bool) -> Vec<Cluster> {
     let mut out = Vec::new();
-    let dr = mesh.destination_rules.get(&svc.fqdn);
-    let default_lb = dr.and_then(|d| d.lb.as_deref());
-    let mut push = |p: &ServicePortInfo, subset: Option<&str>, lb: Option<&str>| {
-        let labels = subset
-            .and_then(|s| dr.and_then(|d| d.subsets.get(s)))
-            .map(|s| &s.labels);
-        let name = outbound_cluster_name(p.number, subset, &svc.fqdn);
-        let mut c = base_cluster(mesh, svc, p, labels, name, lb);
-        if identity {
-            tls::secure_cluster(mesh, svc, p, subset, &mut c);
-        }
-        out.push(c);
-    };
+    let subsets: Vec<&String> = mesh
+        .destination_rules
+        .get(&svc.fqdn)
+        .map(|dr| dr.subsets.keys().collect())
+        .unwrap_or_default();
     for p in &svc.ports {
-        push(p, None, default_lb);
-        if let Some(dr) = dr {
-            for (subset, info) in &dr.subsets {
-                push(p, Some(subset), info.lb.as_deref().or(default_lb));
+        for subset in std::iter::once(None).chain(subsets.iter().map(|s| Some(s.as_str()))) {
+            let policy = mesh.cluster_policy(svc, subset, p.number);
+            let mut c = base_cluster(mesh, svc, p, subset, &policy);
+            let alpn = traffic_policy::upstream_alpn(&policy, p.protocol);
+            match (&policy.tls, tls::upstream_tls(svc, &policy)) {
+                (Some(t), tls::UpstreamTls::Origination) => {
+                    c.transport_socket = Some(tls::origination_socket(t, alpn));
+                }
+                _ if identity => tls::secure_cluster(mesh, svc, (p, subset), &policy, alpn, &mut c),
+                _ => {}
             }
+            out.push(c);
         }
     }
     out
@@ -196,7 +158,7 @@ pub fn inbound_clusters(mesh: &MeshState, w: &Workload) -> Vec<Cluster> {
                 ..Default::default()
             };
             if protocol.is_h2() {
-                h2_options(&mut c);
+                traffic_policy::h2_options(&mut c);
             }
             c
         })

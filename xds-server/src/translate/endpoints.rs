@@ -133,28 +133,29 @@ pub fn service_endpoints_for(
         .map(|dr| dr.subsets.keys().collect())
         .unwrap_or_default();
     for p in &svc.ports {
-        let all = mesh.subset_endpoints(svc, None);
-        out.push(assignment(
-            mesh,
-            svc,
-            outbound_cluster_name(p.number, None, &svc.fqdn),
-            p,
-            &all,
-            proxy_cluster,
-        ));
-        for s in &subsets {
-            let eps = mesh.subset_endpoints(svc, Some(s));
+        for subset in std::iter::once(None).chain(subsets.iter().map(|s| Some(s.as_str()))) {
+            let eps = mesh.subset_endpoints(svc, subset);
             out.push(assignment(
                 mesh,
                 svc,
-                outbound_cluster_name(p.number, Some(s), &svc.fqdn),
+                outbound_cluster_name(p.number, subset, &svc.fqdn),
                 p,
                 &eps,
-                proxy_cluster,
+                proxy_cluster.filter(|_| locality_enabled(mesh, svc, subset, p.number)),
             ));
         }
     }
     out
+}
+
+/// `localityLbSetting.enabled: false` turns the ranking off: every endpoint at priority 0.
+fn locality_enabled(mesh: &MeshState, svc: &Service, subset: Option<&str>, port: u32) -> bool {
+    let policy = mesh.cluster_policy(svc, subset, port);
+    policy
+        .load_balancer
+        .and_then(|lb| lb.locality_lb_setting)
+        .and_then(|l| l.enabled)
+        != Some(false)
 }
 
 pub fn endpoints(mesh: &MeshState) -> Vec<ClusterLoadAssignment> {

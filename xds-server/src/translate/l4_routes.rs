@@ -45,10 +45,15 @@ fn cluster(mesh: &MeshState, port: u32, d: &RouteDestination) -> String {
     outbound_cluster_name(p, d.subset.as_deref(), &d.host)
 }
 
-pub(super) fn tcp_proxy(stat_prefix: String, specifier: ClusterSpecifier) -> Filter {
+pub(super) fn tcp_proxy(
+    stat_prefix: String,
+    specifier: ClusterSpecifier,
+    idle: Option<std::time::Duration>,
+) -> Filter {
     let t = TcpProxy {
         stat_prefix,
         cluster_specifier: Some(specifier),
+        idle_timeout: idle.map(super::duration),
         ..Default::default()
     };
     Filter {
@@ -94,6 +99,7 @@ fn chains(
     port: u32,
     rules: &[L4RouteRule],
     caller: Caller<'_>,
+    idle: Option<std::time::Duration>,
     base: impl Fn(&L4Match) -> FilterChainMatch,
 ) -> (Vec<FilterChain>, bool) {
     let mut out = Vec::new();
@@ -125,6 +131,7 @@ fn chains(
                 filters: vec![tcp_proxy(
                     stat.to_string(),
                     weighted(mesh, port, &rule.destinations),
+                    idle,
                 )],
                 ..Default::default()
             });
@@ -150,11 +157,12 @@ pub fn tcp_chains(
 ) -> Vec<FilterChain> {
     let stat = format!("outbound_{port}");
     let rules = mesh
-        .virtual_services
-        .get(&svc.fqdn)
+        .virtual_service_for(&svc.fqdn, caller.namespace)
         .map(|vs| vs.tcp.as_slice())
         .unwrap_or_default();
-    let (mut out, complete) = chains(mesh, &stat, port, rules, caller, |_| {
+    let idle = super::tcp_idle_timeout(mesh, svc, port)
+        .and_then(|d| crate::config::parse_duration(&d).ok());
+    let (mut out, complete) = chains(mesh, &stat, port, rules, caller, idle, |_| {
         FilterChainMatch::default()
     });
     for c in &mut out {
@@ -167,7 +175,7 @@ pub fn tcp_chains(
     }
     if !complete {
         out.push(FilterChain {
-            filters: vec![tcp_proxy(stat, own_cluster(svc, port))],
+            filters: vec![tcp_proxy(stat, own_cluster(svc, port), idle)],
             ..Default::default()
         });
     }
@@ -186,8 +194,7 @@ pub fn tls_chains(
 ) -> Vec<FilterChain> {
     let stat = format!("outbound_{port}_{}", svc.fqdn);
     let rules = mesh
-        .virtual_services
-        .get(&svc.fqdn)
+        .virtual_service_for(&svc.fqdn, caller.namespace)
         .map(|vs| vs.tls.as_slice())
         .unwrap_or_default();
     let sni = |hosts: Vec<String>| FilterChainMatch {
@@ -195,13 +202,13 @@ pub fn tls_chains(
         transport_protocol: "tls".into(),
         ..Default::default()
     };
-    let (mut out, _) = chains(mesh, &stat, port, rules, caller, |m| {
+    let (mut out, _) = chains(mesh, &stat, port, rules, caller, None, |m| {
         sni(m.sni_hosts.clone())
     });
     out.push(FilterChain {
         name: svc.fqdn.clone(),
         filter_chain_match: Some(sni(vec![svc.fqdn.clone()])),
-        filters: vec![tcp_proxy(stat, own_cluster(svc, port))],
+        filters: vec![tcp_proxy(stat, own_cluster(svc, port), None)],
         ..Default::default()
     });
     out.retain(|c| taken.insert(format!("{:?}", c.filter_chain_match)));

@@ -71,10 +71,13 @@ fn hcm_filter(m: HttpConnectionManager) -> Filter {
     }
 }
 
-fn tcp_proxy(stat_prefix: String, cluster: String) -> Filter {
+fn tcp_proxy(stat_prefix: String, cluster: String, idle: Option<String>) -> Filter {
     let t = TcpProxy {
         stat_prefix,
         cluster_specifier: Some(TcpCluster::Cluster(cluster)),
+        idle_timeout: idle
+            .and_then(|d| crate::config::parse_duration(&d).ok())
+            .map(super::duration),
         ..Default::default()
     };
     Filter {
@@ -102,6 +105,15 @@ fn tls_inspector() -> ListenerFilter {
         ))),
         ..Default::default()
     }
+}
+
+/// A DestinationRule's `connectionPool.tcp.idleTimeout` for a TCP port: like istiod, the
+/// outbound `tcp_proxy` closes idle connections after it (Envoy's default: 1 h).
+pub fn tcp_idle_timeout(mesh: &MeshState, svc: &Service, port: u32) -> Option<String> {
+    mesh.cluster_policy(svc, None, port)
+        .connection_pool
+        .and_then(|cp| cp.tcp)
+        .and_then(|t| t.idle_timeout)
 }
 
 /// One outbound listener per service port on the sidecar's outbound address. HTTP ports
@@ -182,6 +194,7 @@ pub(crate) fn inbound_tcp_filters(mesh: &MeshState, w: &Workload, port: u32) -> 
     filters.push(tcp_proxy(
         format!("inbound_{port}"),
         inbound_cluster_name(port),
+        None,
     ));
     filters
 }

@@ -15,17 +15,19 @@ mod clusters;
 mod endpoints;
 pub mod envoy_filter;
 pub mod external;
+mod hash_policy;
 pub mod jwt;
 mod l4_routes;
 mod listeners;
 mod routes;
 pub mod tls;
+mod traffic_policy;
 
 pub use clusters::{
     inbound_clusters, outbound_clusters, service_clusters, service_clusters_with_identity,
 };
 pub use endpoints::{endpoints, service_endpoints, service_endpoints_for};
-pub use listeners::listeners;
+pub use listeners::{listeners, tcp_idle_timeout};
 pub use routes::{encode_route_configuration, route_key, routes, CORS_FILTER, FAULT_FILTER};
 
 use envoy_types::pb::envoy::config::core::v3::{

@@ -8,18 +8,21 @@
 //! for those secrets forever, so nothing here is ever used for one (see `has_identity`).
 
 use super::{ads, any};
+use crate::config::model::{ClientTlsSettings, ClusterPolicy};
 use crate::config::peer_authentication::MtlsMode;
 use crate::mesh::{Endpoint, MeshState, Protocol, Service, ServicePortInfo};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster::TransportSocketMatch, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    transport_socket::ConfigType as SocketConfig, Metadata, TransportSocket,
+    data_source::Specifier, transport_socket::ConfigType as SocketConfig, DataSource, Metadata,
+    TransportSocket,
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    certificate_validation_context::SystemRootCerts,
     common_tls_context::{CombinedCertificateValidationContext, ValidationContextType},
     subject_alt_name_matcher::SanType,
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
-    SubjectAltNameMatcher, UpstreamTlsContext,
+    SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
 use envoy_types::pb::google::protobuf::{value::Kind, BoolValue, Struct, Value};
@@ -137,22 +140,82 @@ pub enum UpstreamTls {
     Auto,
     /// DestinationRule `tls.mode: ISTIO_MUTUAL`: mTLS to every endpoint.
     IstioMutual,
+    /// DestinationRule `tls.mode: SIMPLE` or `MUTUAL`: TLS with the rule's own files, for
+    /// every proxy, identity or not (see [`origination_socket`]).
+    Origination,
 }
 
-/// The DestinationRule's `tls.mode` (a subset's overrides the rule's), else automatic
-/// mTLS for services inside the mesh. Validation only lets DISABLE and ISTIO_MUTUAL through.
-pub fn upstream_tls(mesh: &MeshState, svc: &Service, subset: Option<&str>) -> UpstreamTls {
-    let dr = mesh.destination_rules.get(&svc.fqdn);
-    let mode = dr
-        .and_then(|d| subset.and_then(|s| d.subsets.get(s)))
-        .and_then(|s| s.tls.as_deref())
-        .or_else(|| dr.and_then(|d| d.tls.as_deref()));
-    match mode {
+/// The cluster policy's `tls.mode` (already resolved over subset and port), else
+/// automatic mTLS for services inside the mesh.
+pub fn upstream_tls(svc: &Service, policy: &ClusterPolicy) -> UpstreamTls {
+    match policy.tls.as_ref().map(ClientTlsSettings::mode) {
         Some("DISABLE") => UpstreamTls::Plaintext,
         Some("ISTIO_MUTUAL") => UpstreamTls::IstioMutual,
+        Some("SIMPLE") | Some("MUTUAL") => UpstreamTls::Origination,
         _ if svc.mesh_internal => UpstreamTls::Auto,
         _ => UpstreamTls::Plaintext,
     }
+}
+
+/// `subjectAltNames` of a DestinationRule: a URI (SPIFFE id) when it has a scheme, an IP
+/// address when it parses as one, a DNS name otherwise; each matched exactly.
+fn san_matchers(sans: &[String]) -> Vec<SubjectAltNameMatcher> {
+    sans.iter()
+        .map(|s| {
+            let san_type = if s.contains("://") {
+                SanType::Uri
+            } else if s.parse::<std::net::IpAddr>().is_ok() {
+                SanType::IpAddress
+            } else {
+                SanType::Dns
+            };
+            SubjectAltNameMatcher {
+                san_type: san_type as i32,
+                matcher: Some(StringMatcher {
+                    match_pattern: Some(MatchPattern::Exact(s.clone())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+fn file(path: &str) -> DataSource {
+    DataSource {
+        specifier: Some(Specifier::Filename(path.to_string())),
+        ..Default::default()
+    }
+}
+
+/// TLS origination (`SIMPLE`, `MUTUAL`) with files on the sidecar's host, as Istio's
+/// sidecars read them: the server is verified against `caCertificates` (the system's
+/// roots without it, as Istio does) and `subjectAltNames`, unless `insecureSkipVerify`.
+pub fn origination_socket(t: &ClientTlsSettings, alpn: &[&str]) -> TransportSocket {
+    let validation = (t.insecure_skip_verify != Some(true)).then(|| CertificateValidationContext {
+        trusted_ca: t.ca_certificates.as_deref().map(file),
+        system_root_certs: t.ca_certificates.is_none().then(SystemRootCerts::default),
+        match_typed_subject_alt_names: san_matchers(&t.subject_alt_names),
+        ..Default::default()
+    });
+    let certificates = match (&t.client_certificate, &t.private_key) {
+        (Some(cert), Some(key)) if t.mode() == "MUTUAL" => vec![TlsCertificate {
+            certificate_chain: Some(file(cert)),
+            private_key: Some(file(key)),
+            ..Default::default()
+        }],
+        _ => Vec::new(),
+    };
+    tls_socket(&UpstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificates: certificates,
+            validation_context_type: validation.map(ValidationContextType::ValidationContext),
+            alpn_protocols: alpn.iter().map(|p| p.to_string()).collect(),
+            ..Default::default()
+        }),
+        sni: t.sni.clone().unwrap_or_default(),
+        ..Default::default()
+    })
 }
 
 /// Istio's SNI for mesh traffic, `outbound_.PORT_.SUBSET_.FQDN`: lets the server side
@@ -200,19 +263,27 @@ fn peer_identities(
 fn upstream_socket(
     mesh: &MeshState,
     svc: &Service,
-    port: &ServicePortInfo,
-    subset: Option<&str>,
+    target: (&ServicePortInfo, Option<&str>),
     mode: UpstreamTls,
+    policy: &ClusterPolicy,
+    alpn: &[&str],
 ) -> TransportSocket {
+    let (port, subset) = target;
     let eps = mesh.subset_endpoints(svc, subset);
-    let alpn: &[&str] = match port.protocol {
-        p if p.is_h2() => &["h2"],
-        p if p.is_http() => &["http/1.1"],
-        _ => &[],
+    // ISTIO_MUTUAL may name the server's identities and SNI itself.
+    let rule = policy
+        .tls
+        .as_ref()
+        .filter(|_| mode == UpstreamTls::IstioMutual);
+    let sans = match rule.filter(|t| !t.subject_alt_names.is_empty()) {
+        Some(t) => san_matchers(&t.subject_alt_names),
+        None => peer_identities(mesh, svc, &eps, mode),
     };
     tls_socket(&UpstreamTlsContext {
-        common_tls_context: Some(common_context(peer_identities(mesh, svc, &eps, mode), alpn)),
-        sni: outbound_sni(port.number, subset, &svc.fqdn),
+        common_tls_context: Some(common_context(sans, alpn)),
+        sni: rule
+            .and_then(|t| t.sni.clone())
+            .unwrap_or_else(|| outbound_sni(port.number, subset, &svc.fqdn)),
         ..Default::default()
     })
 }
@@ -239,19 +310,21 @@ fn string_struct(fields: &[(&str, &str)]) -> Struct {
 pub fn secure_cluster(
     mesh: &MeshState,
     svc: &Service,
-    port: &ServicePortInfo,
-    subset: Option<&str>,
+    target: (&ServicePortInfo, Option<&str>),
+    policy: &ClusterPolicy,
+    alpn: &[&str],
     cluster: &mut Cluster,
 ) {
-    match upstream_tls(mesh, svc, subset) {
-        UpstreamTls::Plaintext => {}
+    match upstream_tls(svc, policy) {
+        UpstreamTls::Plaintext | UpstreamTls::Origination => {}
         UpstreamTls::IstioMutual => {
             cluster.transport_socket = Some(upstream_socket(
                 mesh,
                 svc,
-                port,
-                subset,
+                target,
                 UpstreamTls::IstioMutual,
+                policy,
+                alpn,
             ));
         }
         UpstreamTls::Auto => {
@@ -262,9 +335,10 @@ pub fn secure_cluster(
                     transport_socket: Some(upstream_socket(
                         mesh,
                         svc,
-                        port,
-                        subset,
+                        target,
                         UpstreamTls::Auto,
+                        policy,
+                        alpn,
                     )),
                 },
                 TransportSocketMatch {

@@ -171,3 +171,34 @@ pub fn ads_bootstrap(
         "staticResources": {"listeners": listeners, "clusters": clusters}
     })
 }
+
+/// Drops `sdsConfig` from every secret reference, so it names a static secret.
+pub fn static_secret_refs(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            let is_secret_ref = map.contains_key("name") && map.contains_key("sdsConfig");
+            if is_secret_ref {
+                map.remove("sdsConfig");
+            }
+            map.values_mut().for_each(static_secret_refs);
+        }
+        Value::Array(items) => items.iter_mut().for_each(static_secret_refs),
+        _ => {}
+    }
+}
+
+/// Static `default` and `ROOTCA` secrets (the test certificates in
+/// `fixtures/mtls/certs`) for a bootstrap whose references [`static_secret_refs`] made
+/// static: validate mode then checks the secret kinds too.
+pub fn static_mesh_secrets() -> Value {
+    let pem = |name: &str| std::fs::read_to_string(fixture("mtls/certs").join(name)).unwrap();
+    json!([
+        {"name": "default", "tlsCertificate": {
+            "certificateChain": {"inlineString": pem("cert-chain.pem")},
+            "privateKey": {"inlineString": pem("key.pem")}
+        }},
+        {"name": "ROOTCA", "validationContext": {
+            "trustedCa": {"inlineString": pem("root-cert.pem")}
+        }}
+    ])
+}

@@ -261,6 +261,15 @@ pub(super) fn route_action(
         }));
     }
     action.host_rewrite_specifier = authority.map(HostRewriteSpecifier::HostRewriteLiteral);
+    action.hash_policy = super::super::hash_policy::for_targets(
+        mesh,
+        live.iter().map(|d| super::super::hash_policy::Target {
+            host: &d.host,
+            subset: d.subset.as_deref(),
+            port: d.port,
+            route_port: port,
+        }),
+    );
     action
 }
 

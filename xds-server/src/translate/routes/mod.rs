@@ -105,6 +105,15 @@ fn virtual_host(
                 ))),
                 timeout: Some(duration(Default::default())),
                 retry_policy: Some(actions::default_retry()),
+                hash_policy: super::hash_policy::for_targets(
+                    mesh,
+                    [super::hash_policy::Target {
+                        host: &svc.fqdn,
+                        subset: None,
+                        port: Some(port),
+                        route_port: port,
+                    }],
+                ),
                 ..Default::default()
             })),
             ..Default::default()
