@@ -449,6 +449,13 @@ fn external_services_and_l4_routes() {
 }
 
 #[test]
+fn envoy_filters() {
+    for seed in 1..=4 {
+        run(&fixture("envoyfilter"), None, seed, STEPS);
+    }
+}
+
+#[test]
 fn member_clusters() {
     for seed in 1..=4 {
         run(

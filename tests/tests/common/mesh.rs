@@ -22,11 +22,22 @@ use trellis_tests::{
 use super::{
     bootstrap_command, check_default_split, initial_files, proxies_by_workload, reviews_version,
     run_cli, sidecar_mesh_fields, start_xds_server, stop_process, Serve, Sidecar, SidecarMesh,
-    WorkloadDef, CONVERGE_TIMEOUT, POLL, PORT,
+    WorkloadDef, CONVERGE_TIMEOUT, POLL, PORT, SIDECAR_DRAIN_ARGS,
 };
 
 /// Bound on a config edit taking effect in traffic or in the admin API.
 pub const EDIT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How the sidecars' Envoys drain a connection whose listener changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Envoy's default (gradual over 600 s): enough for tests that change routes only.
+    EnvoyDefault,
+    /// As Istio's agent runs Envoy (see [`SidecarMesh::envoy_options`]): needed when a
+    /// test changes an inbound listener (a policy, an EnvoyFilter) and expects traffic on
+    /// kept-alive connections to see the change.
+    LikeIstio,
+}
 
 /// Which xDS protocol variant the sidecars use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +70,7 @@ pub const WORKLOADS: [WorkloadDef; 4] = [
 #[derive(Debug)]
 pub struct Mesh {
     pub mode: Mode,
+    pub drain: Drain,
     pub sidecars: Vec<Sidecar>,
     pub echos: Vec<ChildGuard>,
     pub server: Option<ChildGuard>,
@@ -77,6 +89,16 @@ impl Mesh {
     /// Writes the config, starts the server, the echo apps and every sidecar, and waits
     /// until every sidecar is connected, has ACKed its config, and reviews answers.
     pub fn start(envoy_bin: &Path, test_name: &str, mode: Mode) -> anyhow::Result<Mesh> {
+        Self::start_with(envoy_bin, test_name, mode, Drain::EnvoyDefault)
+    }
+
+    /// [`Self::start`], the sidecars draining as `drain` says.
+    pub fn start_with(
+        envoy_bin: &Path,
+        test_name: &str,
+        mode: Mode,
+        drain: Drain,
+    ) -> anyhow::Result<Mesh> {
         let net = LoopbackNet::reserve(test_name).context("reserving a loopback block")?;
         let dir = test_dir(test_name)?;
         let config_dir = dir.path().join("config");
@@ -99,6 +121,7 @@ impl Mesh {
             .collect();
         let mut mesh = Mesh {
             mode,
+            drain,
             sidecars: Vec::new(),
             echos: Vec::new(),
             server: None,
@@ -353,9 +376,15 @@ impl SidecarMesh for Mesh {
         Ok(yaml)
     }
 
-    /// Envoy's defaults: these tests change routes, not policies, so how a listener drains
-    /// does not matter to them.
+    /// Envoy's defaults unless the test asked for Istio's draining: most of these tests
+    /// change routes, not listeners, so how a listener drains does not matter to them.
     fn envoy_options(&self) -> EnvoyOptions {
-        EnvoyOptions::default()
+        match self.drain {
+            Drain::EnvoyDefault => EnvoyOptions::default(),
+            Drain::LikeIstio => EnvoyOptions {
+                extra_args: SIDECAR_DRAIN_ARGS.iter().map(|a| a.to_string()).collect(),
+                ..EnvoyOptions::default()
+            },
+        }
     }
 }

@@ -174,7 +174,7 @@ pub struct Sidecar<C = ()> {
 /// runs them: with Envoy's default (`gradual` over 600 s) a connection opened before a
 /// policy change may go on serving requests under the old policy for minutes; with
 /// `immediate`, every such connection is closed after its next response.
-const SIDECAR_DRAIN_ARGS: [&str; 4] = ["--drain-strategy", "immediate", "--drain-time-s", "45"];
+pub const SIDECAR_DRAIN_ARGS: [&str; 4] = ["--drain-strategy", "immediate", "--drain-time-s", "45"];
 
 /// A fixture's workloads and their running sidecars; what is provided here is the same
 /// in every fixture.
