@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use common::{
-    call, count_versions, send, Mesh, Mode, SidecarMesh, DESTINATION_RULE_FILE, EDIT_TIMEOUT,
-    NAMESPACE, POLL, PORT, VIRTUAL_SERVICE_FILE,
+    call, count_versions, make_certs, send, Mesh, Mode, SidecarMesh, DESTINATION_RULE_FILE,
+    EDIT_TIMEOUT, NAMESPACE, POLL, PORT, VIRTUAL_SERVICE_FILE,
 };
 use trellis_tests::{eventually, http_request, require_envoy, start_echo_tls, HttpResponse};
 
@@ -244,39 +244,6 @@ fn overflow(mesh: &Mesh) {
     assert!(overflows >= 1, "pending overflow counted: {overflows}");
 }
 
-/// A CA and a certificate for `bank.example.com` signed by it, as PEM files in `dir`:
-/// (ca, cert, key).
-fn make_certs(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate().expect("ca key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // Subjects of their own: a leaf named like its issuer looks self-signed to BoringSSL.
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "trellis test CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = ca_params.self_signed(&ca_key).expect("ca");
-    let issuer = Issuer::from_ca_cert_der(ca.der(), ca_key).expect("issuer");
-    let key = KeyPair::generate().expect("server key");
-    let mut params = CertificateParams::new(vec!["bank.example.com".to_owned()]).expect("params");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "bank.example.com");
-    let cert = params.signed_by(&key, &issuer).expect("server cert");
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("bank.pem"),
-        dir.join("bank-key.pem"),
-    );
-    std::fs::write(&paths.0, ca.pem()).expect("ca.pem");
-    std::fs::write(&paths.1, cert.pem()).expect("bank.pem");
-    std::fs::write(&paths.2, key.serialize_pem()).expect("bank-key.pem");
-    paths
-}
-
 fn bank_config(server: SocketAddr, ca: &Path, san: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1
@@ -309,7 +276,7 @@ spec:
 fn tls_origination(mesh: &mut Mesh) {
     let certs = mesh.dir.path().join("certs");
     std::fs::create_dir(&certs).expect("certs dir");
-    let (ca, cert, key) = make_certs(&certs);
+    let (ca, cert, key) = make_certs(&certs, "bank.example.com");
     // An address of the block no workload uses.
     let server = SocketAddr::new(mesh.net.ip(40), PORT);
     let echo =

@@ -24,6 +24,7 @@
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
+mod certs;
 mod config;
 mod continuous;
 mod mesh;
@@ -35,7 +36,7 @@ mod traffic;
 // Each test binary uses some of these; the others would be unused imports there.
 #[allow(unused_imports)]
 pub use self::{
-    config::*, continuous::*, mesh::*, processes::*, sidecars::*, syncz::*, traffic::*,
+    certs::*, config::*, continuous::*, mesh::*, processes::*, sidecars::*, syncz::*, traffic::*,
 };
 pub(crate) use sidecars::sidecar_mesh_fields;
 
