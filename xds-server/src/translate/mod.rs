@@ -15,6 +15,7 @@ mod clusters;
 mod endpoints;
 pub mod envoy_filter;
 pub mod external;
+pub mod jwks;
 pub mod jwt;
 mod l4_routes;
 mod listeners;
