@@ -66,6 +66,7 @@ const SCENARIOS: &[&str] = &[
     "when-header",
     "jwt-claims",
     "jwt-file",
+    "jwt-remote",
     "tcp",
 ];
 
@@ -78,6 +79,58 @@ fn authorization_and_jwt_filters_per_scenario() {
             &inbound_filters(&snap, &format!("{name}.default")),
         );
     }
+}
+
+/// The clusters of remote JWKS servers: the same for every proxy (here `open`, which no
+/// RequestAuthentication selects), one per authority.
+#[test]
+fn remote_jwks_clusters() {
+    let snap = snapshot_of(&fixture());
+    let view = snap.view(&ProxyScope::Workload("open.default".into()));
+    let clusters: Vec<Value> = view
+        .iter(TypeKind::Cluster)
+        .filter(|c| c.name.starts_with("jwks|"))
+        .map(|c| resource_json(c)["resource"].clone())
+        .collect();
+    check_golden("authz/jwks-clusters", &Value::Array(clusters));
+    // The in-mesh server is reached through its service's cluster, which every sidecar has.
+    assert!(view
+        .get(
+            TypeKind::Cluster,
+            "outbound|9080||web.default.svc.cluster.local"
+        )
+        .is_some());
+}
+
+/// `MeshConfig.jwksCaCertificates` and `dnsResolvers` reach the JWKS clusters; a
+/// relative CA path is an error naming the field.
+#[test]
+fn mesh_config_shapes_jwks_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_config(&fixture(), dir.path());
+    let mesh = "apiVersion: trellis.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n  dnsResolvers: [127.0.0.53]\n  jwksCaCertificates: CA\n";
+    write(
+        dir.path(),
+        "mesh.yaml",
+        &mesh.replace("CA", "/etc/trellis/ca.pem"),
+    );
+    let snap = snapshot_of(dir.path());
+    let view = snap.view(&ProxyScope::Workload("open.default".into()));
+    let c = resource_json(
+        view.get(TypeKind::Cluster, "jwks|raw.githubusercontent.com|443")
+            .unwrap(),
+    )["resource"]
+        .clone();
+    let tls = &c["transportSocket"]["typedConfig"]["commonTlsContext"]["validationContext"];
+    assert_eq!(tls["trustedCa"]["filename"], "/etc/trellis/ca.pem");
+    assert_eq!(
+        c["typedDnsResolverConfig"]["typedConfig"]["resolvers"][0]["socketAddress"]["address"],
+        "127.0.0.53"
+    );
+
+    let errs = xds_server::config::parse::parse_file("mesh.yaml", &mesh.replace("CA", "ca.pem"))
+        .expect_err("a relative path is rejected");
+    assert_eq!(errs[0].field.as_deref(), Some("spec.jwksCaCertificates"));
 }
 
 /// The names of a list of filters, in order.

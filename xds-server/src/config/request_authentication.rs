@@ -114,10 +114,12 @@ pub fn parse_remote(uri: &str) -> Result<RemoteJwks<'_>, String> {
     if host.is_empty() {
         return Err(format!("`{uri}` has no host"));
     }
-    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    if port == 0 {
-        return Err(format!("`{uri}`: port 0 is not a valid port"));
+    // Not `port_u16()`: it reads a port out of range as no port at all.
+    let port = match authority.as_str().rsplit_once(':') {
+        Some((_, p)) if !p.ends_with(']') => p.parse::<u16>().ok().filter(|p| *p != 0),
+        _ => Some(if tls { 443 } else { 80 }),
     }
+    .ok_or_else(|| format!("`{uri}` does not name a valid port (1-65535)"))?;
     Ok(RemoteJwks {
         uri,
         tls,
