@@ -33,6 +33,33 @@ pub fn start_echo_bin(
     name: &str,
     version: &str,
 ) -> anyhow::Result<ChildGuard> {
+    spawn(echo_bin, dir, listen, name, version, &[])
+}
+
+/// Starts the echo app as a small file server as well: `GET PATH` answers the current
+/// contents of `FILE` (read per request, so a test can change them) as JSON, for each
+/// `(PATH, FILE)` of `files`; everything else is echoed. A JWKS server, say.
+pub fn start_file_server(
+    dir: &Path,
+    listen: SocketAddr,
+    name: &str,
+    files: &[(&str, &Path)],
+) -> anyhow::Result<ChildGuard> {
+    let args: Vec<String> = files
+        .iter()
+        .map(|(path, file)| format!("{path}={}", file.display()))
+        .collect();
+    spawn(&cargo_bin("echo"), dir, listen, name, "files", &args)
+}
+
+fn spawn(
+    echo_bin: &Path,
+    dir: &Path,
+    listen: SocketAddr,
+    name: &str,
+    version: &str,
+    files: &[String],
+) -> anyhow::Result<ChildGuard> {
     anyhow::ensure!(
         listen.ip().is_loopback(),
         "echo must listen on a loopback address, not {listen}"
@@ -56,6 +83,9 @@ pub fn start_echo_bin(
         .arg(version)
         // Keep the child's log readable regardless of the developer's RUST_LOG.
         .env("RUST_LOG", "info");
+    for f in files {
+        command.arg("--file").arg(f);
+    }
     let mut guard = ChildGuard::spawn(&format!("echo-{name}-{version}"), command, dir)?;
     let log_path = guard.log_path().to_path_buf();
     guard.wait_until(ECHO_START_TIMEOUT, Duration::from_millis(20), || {

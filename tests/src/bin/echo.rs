@@ -4,6 +4,9 @@
 //! what arrived (so a test can see which workload and version served it, and which headers
 //! Envoy added or rewrote) plus `x-echo-workload` / `x-echo-version` response headers, and
 //! logs one line per request (method, path, authority).
+//!
+//! `--file PATH=FILE` (repeatable) makes `GET PATH` answer the contents of `FILE` instead,
+//! read on every request: a file server for tests (a JWKS document, say).
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture as _;
@@ -38,6 +41,9 @@ struct Args {
     /// Workload version reported in every response.
     #[arg(long, env = "ECHO_VERSION", default_value = "v1")]
     version: String,
+    /// `PATH=FILE`: answer `GET PATH` with the current contents of FILE, as JSON.
+    #[arg(long = "file", value_name = "PATH=FILE")]
+    files: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,7 +87,19 @@ async fn main() -> anyhow::Result<()> {
         "echo listening"
     );
 
-    let app = Router::new().fallback(echo).with_state(identity);
+    let mut app = Router::new();
+    for spec in &args.files {
+        let (path, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--file {spec}: expected PATH=FILE"))?;
+        let file = std::path::PathBuf::from(file);
+        let served = path.to_owned();
+        app = app.route(
+            path,
+            axum::routing::get(move || serve_file(served.clone(), file.clone())),
+        );
+    }
+    let app = app.fallback(echo).with_state(identity);
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -156,6 +174,27 @@ async fn echo(State(identity): State<Identity>, request: Request) -> impl IntoRe
         identity.version_header.clone(),
     );
     (response_headers, Json(body))
+}
+
+async fn serve_file(path: String, file: std::path::PathBuf) -> axum::response::Response {
+    match tokio::fs::read(&file).await {
+        Ok(bytes) => {
+            tracing::info!(method = "GET", path = %path, file = %file.display(), "served file");
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                bytes,
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::warn!(path = %path, file = %file.display(), error = %e, "cannot read file");
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading {}: {e}\n", file.display()),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// Repeated headers are joined with ", " (RFC 9110 list semantics) so a test can still see
