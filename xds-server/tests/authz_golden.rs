@@ -133,6 +133,55 @@ fn mesh_config_shapes_jwks_clusters() {
     assert_eq!(errs[0].field.as_deref(), Some("spec.jwksCaCertificates"));
 }
 
+const EXT_JWKS: &str = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: keys, namespace: default}
+spec:
+  hosts: [keys.example]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: open-remote, namespace: default}
+spec:
+  selector: {matchLabels: {app: none}}
+  jwtRules:
+  - issuer: https://keys.example
+    jwksUri: http://keys.example/jwks.json
+"#;
+
+/// The cluster a provider of `open` fetches its keys through.
+fn open_provider_cluster(snap: &Snapshot) -> Value {
+    let filters = inbound_filters(snap, "open.default");
+    filters["127.0.5.1_9080"]["httpFilters"][0]["typedConfig"]["providers"]["origins-0"]
+        ["remoteJwks"]["httpUri"]["cluster"]
+        .clone()
+}
+
+/// A `jwksUri` on a ServiceEntry host goes through the service's cluster, unless that is
+/// ORIGINAL_DST; changing only the resolution rebuilds the listener that names it.
+#[test]
+fn jwks_uri_of_a_service_follows_its_resolution() {
+    let src = tempfile::tempdir().unwrap();
+    copy_config(&fixture(), src.path());
+    write(src.path(), "keys.yaml", EXT_JWKS);
+    let (dir, mut store) = editable_copy(src.path());
+    let a = Snapshot::build(1, store.mesh());
+    assert_eq!(open_provider_cluster(&a), "outbound|80||keys.example");
+
+    edit_and_reload(&mut store, dir.path(), "keys.yaml", |t| {
+        t.replace("resolution: DNS", "resolution: NONE")
+    });
+    let b = Snapshot::build_from(2, store.mesh(), Some(&a));
+    assert_eq!(open_provider_cluster(&b), "jwks|keys.example|80");
+    let view = b.view(&ProxyScope::Workload("open.default".into()));
+    assert!(view
+        .get(TypeKind::Cluster, "jwks|keys.example|80")
+        .is_some());
+}
+
 /// The names of a list of filters, in order.
 fn names(filters: &Value) -> Vec<&str> {
     filters

@@ -468,6 +468,7 @@ fn same_listener_inputs(a: &MeshState, b: &MeshState) -> bool {
         && a.root_namespace == b.root_namespace
         && a.security == b.security
         && same_filters(a, b)
+        && translate::jwks::provider_clusters(a) == translate::jwks::provider_clusters(b)
 }
 
 /// An immutable, fully translated state of the mesh. Streams hold an `Arc<Snapshot>`

@@ -5,7 +5,7 @@
 //! istiod, by default, fetches and inlines instead.
 //!
 //! Which cluster: an `http://` URI whose host and port are a service's
-//! (`outbound|PORT||HOST`, a ServiceEntry host) goes through that service's cluster, so
+//! (`outbound|PORT||HOST`, a ServiceEntry host not of `resolution: NONE`) goes through that service's cluster, so
 //! an in-mesh key server is reached like any other call (mutual TLS, DestinationRule).
 //! Anything else gets a dedicated `jwks|HOST|PORT` cluster: STRICT_DNS through
 //! `MeshConfig.dnsResolvers` (STATIC for an IP literal), and for `https://` TLS with
@@ -18,7 +18,7 @@
 
 use super::{any, duration, external::dns_resolver_config, outbound_cluster_name};
 use crate::config::request_authentication::{JwksSource, JwtRule, RemoteJwks as RemoteUri};
-use crate::mesh::MeshState;
+use crate::mesh::{MeshState, Resolution};
 use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily},
     Cluster,
@@ -65,9 +65,11 @@ fn dedicated_name(uri: &RemoteUri) -> String {
 }
 
 fn service_port(mesh: &MeshState, uri: &RemoteUri) -> bool {
-    mesh.services
-        .get(&uri.host)
-        .is_some_and(|s| s.ports.iter().any(|p| p.number == u32::from(uri.port)))
+    // An ORIGINAL_DST cluster (`resolution: NONE`) has no destination for a request
+    // Envoy makes itself.
+    mesh.services.get(&uri.host).is_some_and(|s| {
+        s.resolution != Resolution::None && s.ports.iter().any(|p| p.number == u32::from(uri.port))
+    })
 }
 
 /// The provider's key source for a remote `jwksUri`.
@@ -105,19 +107,30 @@ pub fn remote_jwks(mesh: &MeshState, rule: &JwtRule, uri: &RemoteUri) -> RemoteJ
     }
 }
 
+/// The cluster of every remote `jwksUri` of the mesh, in policy order: JWT providers name
+/// them, so listeners built for one mesh are only valid for another with the same list.
+pub fn provider_clusters(mesh: &MeshState) -> Vec<String> {
+    remote_uris(mesh)
+        .map(|uri| cluster_name(mesh, &uri))
+        .collect()
+}
+
+fn remote_uris(mesh: &MeshState) -> impl Iterator<Item = RemoteUri<'_>> {
+    mesh.security
+        .authentication
+        .iter()
+        .flat_map(|p| &p.spec.jwt_rules)
+        .filter_map(|rule| match rule.jwks_source() {
+            Ok(JwksSource::Remote(uri)) => Some(uri),
+            _ => None,
+        })
+}
+
 /// The dedicated clusters of every remote `jwksUri` any RequestAuthentication names,
 /// sorted by name.
 pub fn clusters(mesh: &MeshState) -> Vec<Cluster> {
     let mut out: BTreeMap<String, Cluster> = BTreeMap::new();
-    let rules = mesh
-        .security
-        .authentication
-        .iter()
-        .flat_map(|p| &p.spec.jwt_rules);
-    for rule in rules {
-        let Ok(JwksSource::Remote(uri)) = rule.jwks_source() else {
-            continue;
-        };
+    for uri in remote_uris(mesh) {
         let name = cluster_name(mesh, &uri);
         if name == dedicated_name(&uri) && !out.contains_key(&name) {
             let c = cluster(mesh, &uri, name.clone());
