@@ -53,6 +53,23 @@ pub fn start_echo_tls(
     start_echo_with(&cargo_bin("echo"), dir, listen, (name, version), &args)
 }
 
+/// Starts the echo app as a small file server as well: `GET PATH` answers the current
+/// contents of `FILE` (read per request, so a test can change them) as JSON, for each
+/// `(PATH, FILE)` of `files`; everything else is echoed. A JWKS server, say.
+pub fn start_file_server(
+    dir: &Path,
+    listen: SocketAddr,
+    name: &str,
+    files: &[(&str, &Path)],
+) -> anyhow::Result<ChildGuard> {
+    let args: Vec<std::ffi::OsString> = files
+        .iter()
+        .flat_map(|(path, file)| ["--file".into(), format!("{path}={}", file.display()).into()])
+        .collect();
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    start_echo_with(&cargo_bin("echo"), dir, listen, (name, "files"), &args)
+}
+
 fn start_echo_with(
     echo_bin: &Path,
     dir: &Path,

@@ -4,7 +4,9 @@
 //! - PeerAuthentication: PERMISSIVE serves plaintext and mutual TLS on one port, STRICT
 //!   refuses plaintext while sidecar-to-sidecar traffic (auto mTLS) keeps flowing;
 //! - AuthorizationPolicy: ALLOW by principal and method, DENY by path and header;
-//! - RequestAuthentication: JWTs checked against an inline JWKS;
+//! - RequestAuthentication: JWTs checked against an inline JWKS, and against a remote
+//!   `jwksUri` that the sidecar fetches from a key server of the test (its name resolved
+//!   through the test's DNS server, `MeshConfig.dnsResolvers`);
 //! - certificate renewal and root rotation under continuous mTLS traffic: not one failed
 //!   request.
 //!
@@ -18,13 +20,16 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    call, xfcc_uris, Probe, SidecarMesh, Traffic, TrafficReport, WorkloadDef, NAMESPACE, PORT,
+    call, mesh_yaml, xfcc_uris, Probe, SidecarMesh, Traffic, TrafficReport, WorkloadDef, MESH_FILE,
+    NAMESPACE, PORT,
 };
 use security::jwt::{claims, jwks, now, JwtKey};
 use security::{
     assert_statuses, check_mtls, peer_authentication_yaml, MeshOptions, SecureMesh, Target,
 };
-use trellis_tests::{http_get, http_request, require_envoy};
+use trellis_tests::{
+    cargo_bin, free_port, http_get, http_request, require_envoy, start_file_server, ChildGuard,
+};
 
 const CLIENT: WorkloadDef = WorkloadDef::client("client", 10);
 const CLIENT_B: WorkloadDef = WorkloadDef::client("client-b", 11);
@@ -413,6 +418,115 @@ fn jwt_rule_accepts_valid_rejects_bad_and_missing() {
     });
     assert_statuses("no token with the policy", N, Ok(403), without);
 
+    mesh.check_converged()
+        .expect("still converged, nothing NACKed");
+    mesh.assert_sidecars_running();
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// The key server's host part: no workload of the tests uses it.
+const JWKS_HOST: u8 = 240;
+const JWKS_NAME: &str = "jwks.test";
+
+fn remote_request_authentication_yaml(uri: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata:
+  name: reviews-jwt
+  namespace: {NAMESPACE}
+spec:
+  selector:
+    matchLabels: {{app: reviews}}
+  jwtRules:
+  - issuer: \"{ISSUER}\"
+    jwksUri: {uri}
+    timeout: 2s
+"
+    )
+}
+
+/// The test's DNS server on the server's address, answering `name` with `ip`.
+fn start_dns(mesh: &SecureMesh, name: &str, ip: std::net::IpAddr) -> (ChildGuard, SocketAddr) {
+    let server_ip = mesh.net.ip(1);
+    let addr = SocketAddr::new(server_ip, free_port(server_ip).expect("a free port"));
+    let mut command = std::process::Command::new(cargo_bin("dns"));
+    command
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--record")
+        .arg(format!("{name}={ip}"));
+    let dns = ChildGuard::spawn("dns", command, mesh.dir.path()).expect("dns server");
+    (dns, addr)
+}
+
+#[test]
+fn jwt_rule_with_remote_jwks_fetched_by_the_sidecar() {
+    let key = JwtKey::generate("remote-key");
+    let other = JwtKey::generate("other-key");
+    let t = now();
+    let valid = format!(
+        "Bearer {}",
+        key.sign(&claims(ISSUER, "alice", t - 10, t + 3600))
+    );
+    let foreign = format!(
+        "Bearer {}",
+        other.sign(&claims(ISSUER, "alice", t - 10, t + 3600))
+    );
+    let Some(mut mesh) = start("e2e-sec-jwks", vec![CLIENT, REVIEWS]) else {
+        return;
+    };
+    // The key server: the echo app serving a JWKS file, on its own loopback address.
+    let jwks_file = mesh.dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&[&key])).expect("writing the JWKS");
+    let jwks_ip = mesh.net.ip(JWKS_HOST);
+    let jwks_addr = SocketAddr::new(jwks_ip, free_port(jwks_ip).expect("a free port"));
+    let server = start_file_server(
+        mesh.dir.path(),
+        jwks_addr,
+        "jwks",
+        &[("/jwks.json", jwks_file.as_path())],
+    )
+    .expect("key server");
+    mesh.echos.push(server);
+    let (dns, dns_addr) = start_dns(&mesh, JWKS_NAME, jwks_ip);
+
+    mesh.apply(
+        MESH_FILE,
+        &format!("{}  dnsResolvers: [\"{dns_addr}\"]\n", mesh_yaml()),
+    );
+    let uri = format!("http://{JWKS_NAME}:{}/jwks.json", jwks_addr.port());
+    mesh.apply(
+        "reviews-jwt.yaml",
+        &remote_request_authentication_yaml(&uri),
+    );
+
+    let client = mesh.outbound("client");
+    let with = |auth: &str| call(client, "reviews", "GET", "/", &[("authorization", auth)]);
+    // Refused until the listener with the provider is in place; accepted once the
+    // sidecar has the keys.
+    mesh.wait_statuses("token of another key", Ok(401), || with(&foreign));
+    mesh.wait_statuses("token of the served key", Ok(200), || with(&valid));
+    for i in 0..N {
+        let response = with(&valid).unwrap_or_else(|e| panic!("valid token {i}: {e:#}"));
+        check_mtls(&response, "reviews", &CLIENT.spiffe_id())
+            .unwrap_or_else(|e| panic!("valid token {i}: {e:#}"));
+    }
+    assert_statuses("token of another key", N, Ok(401), || with(&foreign));
+    assert_statuses("no token", N, Ok(200), || {
+        call(client, "reviews", "GET", "/", &[])
+    });
+
+    // The reviews sidecar resolved the name through the mesh's resolver and fetched the
+    // keys itself; the control plane fetched nothing.
+    let dns_log = dns.log();
+    assert!(
+        dns_log.contains(&format!("asked {JWKS_NAME} type 1")),
+        "{dns_log}"
+    );
+    let served = mesh.echos.last().map(|s| s.log()).unwrap_or_default();
+    assert!(served.contains("served file"), "{served}");
     mesh.check_converged()
         .expect("still converged, nothing NACKed");
     mesh.assert_sidecars_running();

@@ -1,6 +1,6 @@
 //! Envoy accepts the generated authorization and JWT config: every inbound listener of
 //! every workload in `fixtures/authz/` (mTLS and plaintext chains, HTTP and TCP), with
-//! its inbound clusters, goes through `envoy --mode validate` (Envoy 1.40, installed by
+//! every cluster of its view (inbound, outbound over EDS, remote JWKS), goes through `envoy --mode validate` (Envoy 1.40, installed by
 //! `scripts/install-envoy.sh`). Skips without Envoy on a developer machine, fails under
 //! `CI=true`.
 #![allow(clippy::unwrap_used)]
@@ -18,9 +18,11 @@ fn fixture() -> PathBuf {
     translated::fixture("authz")
 }
 
-/// A static bootstrap holding a workload's inbound listeners and inbound clusters, with
-/// an ADS config so that the SDS secrets of the mTLS chains resolve (nothing connects in
-/// validate mode).
+/// A static bootstrap holding a workload's inbound listeners and all its clusters (the
+/// JWKS clusters with their TLS settings among them), with an ADS config so that the SDS
+/// secrets of the mTLS chains and the EDS of outbound clusters resolve (nothing connects
+/// in validate mode, and Envoy does not check that a JWKS provider's cluster exists:
+/// the golden files do).
 fn bootstrap(snap: &Snapshot, workload: &str) -> Value {
     let w = &snap.mesh.workloads[workload];
     let view = snap.view(&ProxyScope::Workload(workload.into()));
@@ -33,7 +35,6 @@ fn bootstrap(snap: &Snapshot, workload: &str) -> Value {
     assert!(!listeners.is_empty(), "{workload} has no inbound listener");
     let clusters: Vec<Value> = view
         .iter(TypeKind::Cluster)
-        .filter(|c| c.name.starts_with("inbound|"))
         .map(|c| resource_json(c)["resource"].clone())
         .collect();
     let node = format!(
@@ -66,6 +67,15 @@ fn envoy_accepts_every_generated_inbound_listener() {
     let snap = Snapshot::build(1, open_store(&config).mesh());
     let workloads: Vec<String> = snap.mesh.workloads.keys().cloned().collect();
     assert!(workloads.len() >= 10, "{workloads:?}");
+    let jwks_clusters = snap
+        .view(&ProxyScope::Workload("open.default".into()))
+        .iter(TypeKind::Cluster)
+        .filter(|c| c.name.starts_with("jwks|"))
+        .count();
+    assert_eq!(
+        jwks_clusters, 2,
+        "the remote JWKS clusters are validated too"
+    );
     let mut failures = Vec::new();
     for workload in &workloads {
         let name = workload.replace('.', "-");

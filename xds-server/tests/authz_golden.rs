@@ -66,6 +66,7 @@ const SCENARIOS: &[&str] = &[
     "when-header",
     "jwt-claims",
     "jwt-file",
+    "jwt-remote",
     "tcp",
 ];
 
@@ -78,6 +79,107 @@ fn authorization_and_jwt_filters_per_scenario() {
             &inbound_filters(&snap, &format!("{name}.default")),
         );
     }
+}
+
+/// The clusters of remote JWKS servers: the same for every proxy (here `open`, which no
+/// RequestAuthentication selects), one per authority.
+#[test]
+fn remote_jwks_clusters() {
+    let snap = snapshot_of(&fixture());
+    let view = snap.view(&ProxyScope::Workload("open.default".into()));
+    let clusters: Vec<Value> = view
+        .iter(TypeKind::Cluster)
+        .filter(|c| c.name.starts_with("jwks|"))
+        .map(|c| resource_json(c)["resource"].clone())
+        .collect();
+    check_golden("authz/jwks-clusters", &Value::Array(clusters));
+    // The in-mesh server is reached through its service's cluster, which every sidecar has.
+    assert!(view
+        .get(
+            TypeKind::Cluster,
+            "outbound|9080||web.default.svc.cluster.local"
+        )
+        .is_some());
+}
+
+/// `MeshConfig.jwksCaCertificates` and `dnsResolvers` reach the JWKS clusters; a
+/// relative CA path is an error naming the field.
+#[test]
+fn mesh_config_shapes_jwks_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_config(&fixture(), dir.path());
+    let mesh = "apiVersion: trellis.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n  dnsResolvers: [127.0.0.53]\n  jwksCaCertificates: CA\n";
+    write(
+        dir.path(),
+        "mesh.yaml",
+        &mesh.replace("CA", "/etc/trellis/ca.pem"),
+    );
+    let snap = snapshot_of(dir.path());
+    let view = snap.view(&ProxyScope::Workload("open.default".into()));
+    let c = resource_json(
+        view.get(TypeKind::Cluster, "jwks|raw.githubusercontent.com|443")
+            .unwrap(),
+    )["resource"]
+        .clone();
+    let tls = &c["transportSocket"]["typedConfig"]["commonTlsContext"]["validationContext"];
+    assert_eq!(tls["trustedCa"]["filename"], "/etc/trellis/ca.pem");
+    assert_eq!(
+        c["typedDnsResolverConfig"]["typedConfig"]["resolvers"][0]["socketAddress"]["address"],
+        "127.0.0.53"
+    );
+
+    let errs = xds_server::config::parse::parse_file("mesh.yaml", &mesh.replace("CA", "ca.pem"))
+        .expect_err("a relative path is rejected");
+    assert_eq!(errs[0].field.as_deref(), Some("spec.jwksCaCertificates"));
+}
+
+const EXT_JWKS: &str = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: keys, namespace: default}
+spec:
+  hosts: [keys.example]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: open-remote, namespace: default}
+spec:
+  selector: {matchLabels: {app: none}}
+  jwtRules:
+  - issuer: https://keys.example
+    jwksUri: http://keys.example/jwks.json
+"#;
+
+/// The cluster a provider of `open` fetches its keys through.
+fn open_provider_cluster(snap: &Snapshot) -> Value {
+    let filters = inbound_filters(snap, "open.default");
+    filters["127.0.5.1_9080"]["httpFilters"][0]["typedConfig"]["providers"]["origins-0"]
+        ["remoteJwks"]["httpUri"]["cluster"]
+        .clone()
+}
+
+/// A `jwksUri` on a ServiceEntry host goes through the service's cluster, unless that is
+/// ORIGINAL_DST; changing only the resolution rebuilds the listener that names it.
+#[test]
+fn jwks_uri_of_a_service_follows_its_resolution() {
+    let src = tempfile::tempdir().unwrap();
+    copy_config(&fixture(), src.path());
+    write(src.path(), "keys.yaml", EXT_JWKS);
+    let (dir, mut store) = editable_copy(src.path());
+    let a = Snapshot::build(1, store.mesh());
+    assert_eq!(open_provider_cluster(&a), "outbound|80||keys.example");
+
+    edit_and_reload(&mut store, dir.path(), "keys.yaml", |t| {
+        t.replace("resolution: DNS", "resolution: NONE")
+    });
+    let b = Snapshot::build_from(2, store.mesh(), Some(&a));
+    assert_eq!(open_provider_cluster(&b), "jwks|keys.example|80");
+    let view = b.view(&ProxyScope::Workload("open.default".into()));
+    assert!(view
+        .get(TypeKind::Cluster, "jwks|keys.example|80")
+        .is_some());
 }
 
 /// The names of a list of filters, in order.

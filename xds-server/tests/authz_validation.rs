@@ -114,10 +114,10 @@ fn unknown_fields_are_named() {
     );
     rejected(
         &authn(&format!(
-            "  jwtRules:\n  - issuer: i\n    jwks: {JWKS}\n    timeout: 5s\n"
+            "  jwtRules:\n  - issuer: i\n    jwks: {JWKS}\n    cacheDuration: 5m\n"
         )),
-        "spec.jwtRules[0].timeout",
-        "unknown field `timeout`",
+        "spec.jwtRules[0].cacheDuration",
+        "unknown field `cacheDuration`",
     );
 }
 
@@ -237,17 +237,44 @@ fn sources_and_operations_must_say_something() {
 }
 
 #[test]
-fn jwks_must_be_local() {
+fn jwks_sources() {
     let rule = |extra: &str| authn(&format!("  jwtRules:\n  - issuer: i\n{extra}"));
-    rejected(
-        &rule("    jwksUri: https://idp.example/.well-known/jwks.json\n"),
-        "spec.jwtRules[0].jwksUri",
-        "remote JWKS is not supported, inline it (jwks) or use file:///path",
-    );
+    // Istio's JWT task pages.
+    accepted(&rule(
+        "    jwksUri: https://raw.githubusercontent.com/istio/istio/release-1.24/security/tools/jwt/samples/jwks.json\n",
+    ));
+    accepted(&rule(
+        "    jwksUri: http://jwks.test:8080/jwks.json\n    timeout: 2s\n",
+    ));
     rejected(
         &rule("    jwksUri: ./jwks.json\n"),
         "spec.jwtRules[0].jwksUri",
-        "not a file:///absolute/path URI",
+        "not an http(s):// URI or a file:///absolute/path URI",
+    );
+    rejected(
+        &rule("    jwksUri: https:///jwks.json\n"),
+        "spec.jwtRules[0].jwksUri",
+        "https:///jwks.json",
+    );
+    rejected(
+        &rule("    jwksUri: https://me:secret@idp.example/jwks.json\n"),
+        "spec.jwtRules[0].jwksUri",
+        "user information in the URI is not supported",
+    );
+    rejected(
+        &rule("    jwksUri: http://idp.example:99999/jwks.json\n"),
+        "spec.jwtRules[0].jwksUri",
+        "does not name a valid port",
+    );
+    rejected(
+        &rule("    jwksUri: http://idp.example/jwks.json\n    timeout: soon\n"),
+        "spec.jwtRules[0].timeout",
+        "duration",
+    );
+    rejected(
+        &rule("    jwksUri: http://idp.example/jwks.json\n    timeout: 0s\n"),
+        "spec.jwtRules[0].timeout",
+        "greater than 0",
     );
     rejected(
         &rule(""),

@@ -9,6 +9,8 @@
 //! restarting apps: `x-echo-delay-ms: N` answers after N ms (at most 30 s), and
 //! `x-echo-fail-version: V` answers `503` if this app's version is V. With `--tls-cert`
 //! and `--tls-key` the app serves HTTPS (and reports `"tls": true`).
+//! `--file PATH=FILE` (repeatable) makes `GET PATH` answer the contents of `FILE` instead,
+//! read on every request: a file server for tests (a JWKS document, say).
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture as _;
@@ -49,6 +51,9 @@ struct Args {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// `PATH=FILE`: answer `GET PATH` with the current contents of FILE, as JSON.
+    #[arg(long = "file", value_name = "PATH=FILE")]
+    files: Vec<String>,
 }
 
 /// The longest delay a request may ask for, so a test cannot hang the app.
@@ -97,7 +102,19 @@ async fn main() -> anyhow::Result<()> {
         "echo listening"
     );
 
-    let app = Router::new().fallback(echo).with_state(identity);
+    let mut app = Router::new();
+    for spec in &args.files {
+        let (path, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--file {spec}: expected PATH=FILE"))?;
+        let file = std::path::PathBuf::from(file);
+        let served = path.to_owned();
+        app = app.route(
+            path,
+            axum::routing::get(move || serve_file(served.clone(), file.clone())),
+        );
+    }
+    let app = app.fallback(echo).with_state(identity);
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let stopped = async move {
@@ -267,6 +284,27 @@ mod tls {
 
         fn local_addr(&self) -> std::io::Result<Self::Addr> {
             self.tcp.local_addr()
+        }
+    }
+}
+
+async fn serve_file(path: String, file: std::path::PathBuf) -> axum::response::Response {
+    match tokio::fs::read(&file).await {
+        Ok(bytes) => {
+            tracing::info!(method = "GET", path = %path, file = %file.display(), "served file");
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                bytes,
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::warn!(path = %path, file = %file.display(), error = %e, "cannot read file");
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading {}: {e}\n", file.display()),
+            )
+                .into_response()
         }
     }
 }

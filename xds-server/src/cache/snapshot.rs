@@ -490,6 +490,7 @@ fn same_listener_inputs(a: &MeshState, b: &MeshState) -> bool {
         && a.root_namespace == b.root_namespace
         && a.security == b.security
         && same_filters(a, b)
+        && translate::jwks::provider_clusters(a) == translate::jwks::provider_clusters(b)
         && same_tcp_idle_timeouts(a, b)
 }
 
@@ -523,6 +524,9 @@ pub struct Snapshot {
     pub mesh: Arc<MeshState>,
     services: BTreeMap<String, Arc<ServiceResources>>,
     clusters: Arc<ResourceSet>,
+    /// Clusters of the remote JWKS servers RequestAuthentications name, for every proxy
+    /// (see `translate::jwks`); rebuilt per snapshot, they are few.
+    jwks_clusters: Arc<ResourceSet>,
     /// Outbound clusters for proxies with an identity; built when the first such view is.
     identity_clusters: OnceLock<Arc<ResourceSet>>,
     /// Every endpoint at priority 0: what proxies of a cluster outside `split_clusters` get.
@@ -569,6 +573,11 @@ impl Snapshot {
             })
             .collect();
         let clusters = ResourceSet::new(services.values().flat_map(|s| s.clusters.iter().cloned()));
+        let jwks_clusters = ResourceSet::new(
+            translate::jwks::clusters(&mesh)
+                .iter()
+                .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c)),
+        );
         let endpoints =
             ResourceSet::new(services.values().flat_map(|s| s.endpoints.iter().cloned()));
         let split_clusters = services
@@ -588,6 +597,7 @@ impl Snapshot {
             mesh,
             services,
             clusters,
+            jwks_clusters,
             identity_clusters: OnceLock::new(),
             endpoints,
             split_clusters,
@@ -796,6 +806,9 @@ impl Snapshot {
         );
         if !inbound.map.is_empty() {
             v.push_layer(TypeKind::Cluster, inbound);
+        }
+        if !self.jwks_clusters.map.is_empty() {
+            v.push_layer(TypeKind::Cluster, self.jwks_clusters.clone());
         }
         v.push_layer(TypeKind::Endpoint, self.endpoints_for(cluster));
         let no_labels = BTreeMap::new();

@@ -50,6 +50,11 @@ pub struct MeshConfigSpec {
     /// ServiceEntries; empty: the resolvers of each sidecar's host (`/etc/resolv.conf`).
     #[serde(default)]
     pub dns_resolvers: Vec<String>,
+    /// PEM file of the CAs sidecars trust when they fetch an `https://` `jwksUri`
+    /// (a path on the sidecar's host; default `/etc/ssl/certs/ca-certificates.crt`,
+    /// the system bundle of Debian, Ubuntu and Alpine, and of Istio's proxy image).
+    #[serde(default)]
+    pub jwks_ca_certificates: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

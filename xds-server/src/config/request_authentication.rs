@@ -1,7 +1,8 @@
 //! `RequestAuthentication` (security.istio.io/v1, v1beta1): JWT rules a workload's
-//! sidecar verifies. Keys come from the rule itself (`jwks`) or a local file
-//! (`jwksUri: file:///path`); Trellis never fetches keys over the network, so remote
-//! `jwksUri`s and OpenID discovery are errors, not silently unverified tokens.
+//! sidecar verifies. Keys come from the rule itself (`jwks`), a local file
+//! (`jwksUri: file:///path`) or an `http(s)://` `jwksUri` that each sidecar's Envoy
+//! fetches itself (the control plane makes no outbound requests for users). OpenID
+//! discovery from the issuer is an error, not silently unverified tokens.
 
 use super::peer_authentication::PolicySelector;
 use super::security::{header_name, selector};
@@ -44,6 +45,10 @@ pub struct JwtRule {
     pub forward_original_token: bool,
     #[serde(default)]
     pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// How long a sidecar waits for a remote `jwksUri` (Go duration, Istio's default 5s);
+    /// accepted and unused for local keys, as in Istio.
+    #[serde(default)]
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -61,11 +66,66 @@ pub struct ClaimToHeader {
     pub claim: String,
 }
 
-/// Where a rule's keys come from: Envoy reads both forms locally, never over the network.
+/// Where a rule's keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwksSource<'a> {
     Inline(&'a str),
     File(&'a str),
+    /// Fetched by the sidecar's Envoy from this URI.
+    Remote(RemoteJwks<'a>),
+}
+
+/// An `http(s)://` `jwksUri`, split into what the sidecar's cluster for it needs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteJwks<'a> {
+    pub uri: &'a str,
+    /// `https`: the sidecar originates TLS and verifies the server's certificate.
+    pub tls: bool,
+    /// Lower case, without brackets for an IPv6 literal.
+    pub host: String,
+    /// Explicit, or the scheme's default (80, 443).
+    pub port: u16,
+}
+
+/// Parses an `http(s)://host[:port]/path` URI; anything else is an error message.
+pub fn parse_remote(uri: &str) -> Result<RemoteJwks<'_>, String> {
+    let parsed: http::Uri = uri
+        .parse()
+        .map_err(|e| format!("`{uri}` is not a valid URI: {e}"))?;
+    let tls = match parsed.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(format!("`{uri}` must be an http:// or https:// URI")),
+    };
+    let authority = parsed
+        .authority()
+        .ok_or_else(|| format!("`{uri}` has no host"))?;
+    // Credentials in a URI would end up in every sidecar's config dump.
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "`{uri}`: user information in the URI is not supported"
+        ));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(format!("`{uri}` has no host"));
+    }
+    // Not `port_u16()`: it reads a port out of range as no port at all.
+    let port = match authority.as_str().rsplit_once(':') {
+        Some((_, p)) if !p.ends_with(']') => p.parse::<u16>().ok().filter(|p| *p != 0),
+        _ => Some(if tls { 443 } else { 80 }),
+    }
+    .ok_or_else(|| format!("`{uri}` does not name a valid port (1-65535)"))?;
+    Ok(RemoteJwks {
+        uri,
+        tls,
+        host,
+        port,
+    })
 }
 
 impl JwtRule {
@@ -75,14 +135,13 @@ impl JwtRule {
             (Some(_), Some(_)) => Err("set either jwks or jwksUri, not both".into()),
             (Some(j), None) => Ok(JwksSource::Inline(j)),
             (None, Some(uri)) => {
-                if uri.starts_with("http://") || uri.starts_with("https://") {
-                    return Err(format!(
-                        "`{uri}`: remote JWKS is not supported, inline it (jwks) or use file:///path"
-                    ));
+                let lower = uri.to_ascii_lowercase();
+                if lower.starts_with("http://") || lower.starts_with("https://") {
+                    return parse_remote(uri).map(JwksSource::Remote);
                 }
-                let path = uri
-                    .strip_prefix("file://")
-                    .ok_or_else(|| format!("`{uri}` is not a file:///absolute/path URI"))?;
+                let path = uri.strip_prefix("file://").ok_or_else(|| {
+                    format!("`{uri}` is not an http(s):// URI or a file:///absolute/path URI")
+                })?;
                 if !path.starts_with('/') || path.split('/').any(|s| s == "..") {
                     return Err(format!(
                         "`{uri}` must name an absolute path without `..` (file:///etc/jwks.json)"
@@ -91,7 +150,7 @@ impl JwtRule {
                 Ok(JwksSource::File(path))
             }
             (None, None) => Err(
-                "jwks or jwksUri (file://) is required; OpenID discovery from the issuer is not supported"
+                "jwks or jwksUri is required; OpenID discovery from the issuer is not supported"
                     .into(),
             ),
         }
@@ -124,7 +183,14 @@ pub fn validate(spec: &RequestAuthenticationSpec) -> Result<(), FieldError> {
             .map_err(|m| fe(format!("{f}.{field}"), m))?
         {
             JwksSource::Inline(j) => jwks(j).map_err(|m| fe(format!("{f}.jwks"), m))?,
-            JwksSource::File(_) => {}
+            JwksSource::File(_) | JwksSource::Remote(_) => {}
+        }
+        if let Some(t) = &rule.timeout {
+            match crate::config::parse_duration(t) {
+                Ok(d) if !d.is_zero() => {}
+                Ok(_) => return Err(fe(format!("{f}.timeout"), "must be greater than 0")),
+                Err(m) => return Err(fe(format!("{f}.timeout"), m)),
+            }
         }
         for (j, h) in rule.from_headers.iter().enumerate() {
             header_name(&h.name).map_err(|m| fe(format!("{f}.fromHeaders[{j}].name"), m))?;
@@ -179,10 +245,32 @@ mod tests {
             rule("file:///etc/jwks.json").jwks_source(),
             Ok(JwksSource::File("/etc/jwks.json"))
         );
-        assert!(rule("https://example.com/jwks")
-            .jwks_source()
-            .unwrap_err()
-            .contains("remote JWKS is not supported"));
+        assert_eq!(
+            rule("https://Example.com/jwks").jwks_source(),
+            Ok(JwksSource::Remote(RemoteJwks {
+                uri: "https://Example.com/jwks",
+                tls: true,
+                host: "example.com".into(),
+                port: 443,
+            }))
+        );
+        let Ok(r) = parse_remote("http://127.0.0.7:8080/k.json") else {
+            panic!("not remote")
+        };
+        assert_eq!((r.tls, r.host.as_str(), r.port), (false, "127.0.0.7", 8080));
+        let Ok(r) = parse_remote("http://[::1]/k.json") else {
+            panic!("not remote")
+        };
+        assert_eq!((r.host.as_str(), r.port), ("::1", 80));
+        for bad in [
+            "http:///jwks.json",
+            "https://user:pw@idp.example/jwks",
+            "http://idp.example:0/jwks",
+            "http://idp example/jwks",
+            "ftp://idp.example/jwks",
+        ] {
+            assert!(rule(bad).jwks_source().is_err(), "{bad}");
+        }
         assert!(rule("file://host/etc/jwks.json").jwks_source().is_err());
         assert!(rule("file:///etc/../jwks.json").jwks_source().is_err());
     }

@@ -71,6 +71,14 @@ fn mesh_config(spec: &MeshConfigSpec) -> Result<(), FieldError> {
     for (i, r) in spec.dns_resolvers.iter().enumerate() {
         dns_resolver(r).map_err(|m| fe(format!("spec.dnsResolvers[{i}]"), m))?;
     }
+    if let Some(p) = &spec.jwks_ca_certificates {
+        if !p.starts_with('/') {
+            return Err(fe(
+                "spec.jwksCaCertificates",
+                format!("`{p}` must be an absolute path on the sidecars' hosts"),
+            ));
+        }
+    }
     Ok(())
 }
 

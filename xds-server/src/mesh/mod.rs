@@ -46,6 +46,9 @@ use std::time::Duration;
 
 /// The mesh control plane's own cluster when `MeshConfig.clusterName` is not set.
 pub const DEFAULT_CLUSTER_NAME: &str = "primary";
+/// The system CA bundle sidecars verify `https://` JWKS servers with, unless MeshConfig
+/// names another (`jwksCaCertificates`).
+pub const DEFAULT_JWKS_CA_CERTIFICATES: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Annotations that place a sidecar in explicit interception mode (DESIGN.md): where the
 /// application listens and where the sidecar binds its outbound listeners.
@@ -372,6 +375,9 @@ pub struct MeshState {
     /// DNS servers sidecars resolve DNS ServiceEntries with (`MeshConfig.dnsResolvers`);
     /// empty: each sidecar's host resolvers.
     pub dns_resolvers: Vec<std::net::SocketAddr>,
+    /// CA bundle (a path on the sidecars' hosts) for `https://` `jwksUri`s
+    /// (`MeshConfig.jwksCaCertificates`).
+    pub jwks_ca_certificates: String,
     /// Istio's root namespace: where mesh-wide policies live.
     pub root_namespace: String,
     /// Mutual TLS modes by workload and port (PeerAuthentication).
@@ -403,6 +409,7 @@ impl Default for MeshState {
             cluster_domain: "cluster.local".into(),
             connect_timeout: Duration::from_secs(10),
             dns_resolvers: Vec::new(),
+            jwks_ca_certificates: DEFAULT_JWKS_CA_CERTIFICATES.into(),
             root_namespace: "istio-system".into(),
             peer_authentication: Arc::default(),
             security: Arc::default(),

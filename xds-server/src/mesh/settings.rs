@@ -17,6 +17,7 @@ pub struct Settings {
     pub cluster_name: String,
     pub network: String,
     pub dns_resolvers: Vec<std::net::SocketAddr>,
+    pub jwks_ca_certificates: String,
     /// The MeshConfig in effect, for errors about its fields found by later stages.
     pub object: Option<Arc<Object<MeshConfigSpec>>>,
 }
@@ -31,6 +32,7 @@ impl Default for Settings {
             cluster_name: DEFAULT_CLUSTER_NAME.into(),
             network: DEFAULT_CLUSTER_NAME.into(),
             dns_resolvers: Vec::new(),
+            jwks_ca_certificates: super::DEFAULT_JWKS_CA_CERTIFICATES.into(),
             object: None,
         }
     }
@@ -93,6 +95,9 @@ pub fn build(store: &KindStore<MeshConfigSpec>, errs: &mut Errors) -> Settings {
         .iter()
         .filter_map(|r| crate::config::validate::dns_resolver(r).ok())
         .collect();
+    if let Some(p) = &spec.jwks_ca_certificates {
+        out.jwks_ca_certificates = p.clone();
+    }
     out.object = Some(mc.clone());
     out
 }

@@ -276,6 +276,7 @@ pub fn build(inputs: &Inputs, prev: &Outputs) -> Result<(MeshState, Outputs), Ve
         cluster_domain: s.cluster_domain.clone(),
         connect_timeout: s.connect_timeout,
         dns_resolvers: s.dns_resolvers.clone(),
+        jwks_ca_certificates: s.jwks_ca_certificates.clone(),
         root_namespace: s.root_namespace.clone(),
         peer_authentication: peer_authentication.value.clone(),
         security: security.value.clone(),

@@ -461,7 +461,7 @@ pub fn http_filters(mesh: &MeshState, w: &Workload) -> Vec<HttpFilter> {
     let jwt_rules = jwt::rules_for(mesh, w);
     let issuers = jwt::issuers(&jwt_rules);
     let policies = applicable_policies(mesh, w);
-    let mut out: Vec<HttpFilter> = jwt::filter(&jwt_rules).into_iter().collect();
+    let mut out: Vec<HttpFilter> = jwt::filter(mesh, &jwt_rules).into_iter().collect();
     for action in [AuthzAction::Deny, AuthzAction::Allow] {
         if let Some(rules) = rbac(&policies, action, false, &issuers) {
             let config = HttpRbac { rules: Some(rules) };

@@ -75,13 +75,22 @@ pub fn issuers<'a>(rules: &[&'a JwtRule]) -> Vec<&'a str> {
     out
 }
 
-fn provider(rule: &JwtRule) -> JwtProvider {
-    let local = match rule.jwks_source() {
-        Ok(JwksSource::Inline(text)) => Specifier::InlineString(text.to_string()),
-        Ok(JwksSource::File(path)) => Specifier::Filename(path.to_string()),
+fn provider(mesh: &MeshState, rule: &JwtRule) -> JwtProvider {
+    let local = |specifier| {
+        JwksSourceSpecifier::LocalJwks(DataSource {
+            specifier: Some(specifier),
+            ..Default::default()
+        })
+    };
+    let keys = match rule.jwks_source() {
+        Ok(JwksSource::Inline(text)) => local(Specifier::InlineString(text.to_string())),
+        Ok(JwksSource::File(path)) => local(Specifier::Filename(path.to_string())),
+        Ok(JwksSource::Remote(uri)) => {
+            JwksSourceSpecifier::RemoteJwks(super::jwks::remote_jwks(mesh, rule, &uri))
+        }
         // Validation rejected every other form; an empty key set rejects every token
         // (fails closed) should one ever get here.
-        Err(_) => Specifier::InlineString(r#"{"keys":[]}"#.into()),
+        Err(_) => local(Specifier::InlineString(r#"{"keys":[]}"#.into())),
     };
     JwtProvider {
         issuer: rule.issuer.clone(),
@@ -113,10 +122,7 @@ fn provider(rule: &JwtRule) -> JwtProvider {
                 ..Default::default()
             })
             .collect(),
-        jwks_source_specifier: Some(JwksSourceSpecifier::LocalJwks(DataSource {
-            specifier: Some(local),
-            ..Default::default()
-        })),
+        jwks_source_specifier: Some(keys),
         ..Default::default()
     }
 }
@@ -156,7 +162,7 @@ fn requirement(names: &[String]) -> JwtRequirement {
 }
 
 /// The jwt_authn filter for `rules`, `None` without any.
-pub fn filter(rules: &[&JwtRule]) -> Option<HttpFilter> {
+pub fn filter(mesh: &MeshState, rules: &[&JwtRule]) -> Option<HttpFilter> {
     if rules.is_empty() {
         return None;
     }
@@ -165,7 +171,7 @@ pub fn filter(rules: &[&JwtRule]) -> Option<HttpFilter> {
         providers: names
             .iter()
             .cloned()
-            .zip(rules.iter().map(|r| provider(r)))
+            .zip(rules.iter().map(|r| provider(mesh, r)))
             .collect(),
         rules: vec![RequirementRule {
             r#match: Some(RouteMatch {
@@ -350,7 +356,7 @@ mod tests {
     #[test]
     fn sorted_config_decodes_as_envoys_type() {
         let (a, b) = (rule("https://a.example"), rule("https://b.example"));
-        let f = filter(&[&a, &b]).unwrap();
+        let f = filter(&MeshState::default(), &[&a, &b]).unwrap();
         let Some(HttpFilterConfig::TypedConfig(any)) = f.config_type else {
             panic!("no typed config")
         };
@@ -363,8 +369,8 @@ mod tests {
         );
         assert!(envoy.bypass_cors_preflight);
         // Deterministic bytes: equal configs encode equally.
-        let again = filter(&[&a, &b]).unwrap();
-        assert_eq!(again, filter(&[&a, &b]).unwrap());
+        let again = filter(&MeshState::default(), &[&a, &b]).unwrap();
+        assert_eq!(again, filter(&MeshState::default(), &[&a, &b]).unwrap());
     }
 
     #[test]

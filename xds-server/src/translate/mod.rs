@@ -16,6 +16,7 @@ mod endpoints;
 pub mod envoy_filter;
 pub mod external;
 mod hash_policy;
+pub mod jwks;
 pub mod jwt;
 mod l4_routes;
 mod listeners;
