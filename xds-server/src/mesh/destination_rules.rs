@@ -3,10 +3,9 @@
 use super::inputs::KindStore;
 use super::services::Catalog;
 use super::settings::Settings;
-use super::stages::{describe, Errors, StageError};
+use super::stages::{unique, Errors, StageError};
 use super::{DestinationRuleInfo, ServicePortInfo, SubsetInfo};
 use crate::config::model::DestinationRuleSpec;
-use crate::config::Source;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -45,18 +44,7 @@ pub fn build(
     errs: &mut Errors,
 ) -> DestinationRules {
     let mut out = DestinationRules::new();
-    let mut seen: BTreeMap<String, &Source> = BTreeMap::new();
-    for (_, dr) in store.iter() {
-        if let Some(prev) = seen.insert(dr.key(), &dr.source) {
-            let previous = describe(prev);
-            errs.push(
-                dr,
-                "DestinationRule",
-                "metadata.name",
-                StageError::Duplicate { previous },
-            );
-            continue;
-        }
+    for dr in unique(store, "DestinationRule", errs) {
         let host = settings.resolve_host(&dr.spec.host, &dr.namespace);
         if !catalog.contains_key(&host) {
             let e = StageError::UnknownService { host };

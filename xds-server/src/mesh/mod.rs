@@ -110,13 +110,21 @@ pub struct Endpoint {
     pub cluster: Option<String>,
 }
 
+impl ServicePortInfo {
+    /// The port an endpoint with `ports` (by port name) takes this service port on: its
+    /// own, else the `targetPort`, else the service port.
+    pub fn endpoint_port(&self, ports: &BTreeMap<String, u32>) -> u32 {
+        ports
+            .get(&self.name)
+            .copied()
+            .or(self.target_port)
+            .unwrap_or(self.number)
+    }
+}
+
 impl Endpoint {
     pub fn port_for(&self, p: &ServicePortInfo) -> u32 {
-        self.ports
-            .get(&p.name)
-            .copied()
-            .or(p.target_port)
-            .unwrap_or(p.number)
+        p.endpoint_port(&self.ports)
     }
 }
 
@@ -162,11 +170,7 @@ pub struct DnsEndpoint {
 
 impl DnsEndpoint {
     pub fn port_for(&self, p: &ServicePortInfo) -> u32 {
-        self.ports
-            .get(&p.name)
-            .copied()
-            .or(p.target_port)
-            .unwrap_or(p.number)
+        p.endpoint_port(&self.ports)
     }
 }
 

@@ -3,27 +3,11 @@
 
 use super::inputs::KindStore;
 use super::settings::Settings;
-use super::stages::{describe, Errors, StageError};
+use super::stages::{unique, Errors, StageError};
 use crate::config::peer_authentication::{PeerAuthenticationSpec, PeerAuthentications};
 use crate::config::request_authentication::RequestAuthenticationSpec;
 use crate::config::security::{AuthorizationPolicySpec, Named, SecurityPolicies};
-use crate::config::{Object, Source};
-use std::collections::BTreeMap;
-
-/// Objects of a store without duplicates (a later one with the same key is an error).
-fn unique<'a, T>(store: &'a KindStore<T>, kind: &str, errs: &mut Errors) -> Vec<&'a Object<T>> {
-    let mut seen: BTreeMap<String, &Source> = BTreeMap::new();
-    let mut out = Vec::with_capacity(store.len());
-    for (_, o) in store.iter() {
-        if let Some(prev) = seen.insert(o.key(), &o.source) {
-            let previous = describe(prev);
-            errs.push(o, kind, "metadata.name", StageError::Duplicate { previous });
-            continue;
-        }
-        out.push(&**o);
-    }
-    out
-}
+use crate::config::Object;
 
 pub fn peer_authentication(
     store: &KindStore<PeerAuthenticationSpec>,

@@ -4,7 +4,7 @@
 
 use super::inputs::KindStore;
 use super::settings::Settings;
-use super::stages::{describe, Errors, StageError};
+use super::stages::{describe, unique, Errors, StageError};
 use super::workloads::{LabelIndex, Workloads};
 use super::{
     selects, DnsEndpoint, Endpoint, Protocol, Resolution, Service, ServicePortInfo, Workload,
@@ -42,12 +42,7 @@ pub(super) fn inbound_ports(
     let selecting = workload_services.get(&w.key).into_iter().flatten();
     for s in selecting.filter_map(|fqdn| services.get(fqdn)) {
         for p in &s.ports {
-            let ep_port = w
-                .ports
-                .get(&p.name)
-                .copied()
-                .or(p.target_port)
-                .unwrap_or(p.number);
+            let ep_port = p.endpoint_port(&w.ports);
             out.insert((ep_port, p.protocol));
         }
     }
@@ -66,19 +61,8 @@ pub fn build(
     let by_label = LabelIndex::new(workloads.map.values());
     let mut selected: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut host_owner: BTreeMap<String, &Source> = BTreeMap::new();
-    let mut seen: BTreeMap<String, &Source> = BTreeMap::new();
     let mut services = BTreeMap::new();
-    for (_, se) in store.iter() {
-        if let Some(prev) = seen.insert(se.key(), &se.source) {
-            let previous = describe(prev);
-            errs.push(
-                se,
-                "ServiceEntry",
-                "metadata.name",
-                StageError::Duplicate { previous },
-            );
-            continue;
-        }
+    for se in unique(store, "ServiceEntry", errs) {
         for (i, host) in se.spec.hosts.iter().enumerate() {
             let fqdn = settings.resolve_host(host, &se.namespace);
             if let Some(prev) = host_owner.get(&fqdn) {

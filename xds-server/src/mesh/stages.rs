@@ -18,13 +18,14 @@
 //! the routing stages, which read only the catalog of hosts and ports. Every stage
 //! reports its own cross-object errors; the build fails if any stage has one.
 
-use super::inputs::Inputs;
+use super::inputs::{Inputs, KindStore};
 use super::{
     destination_rules, envoy_filters, policies, services, settings, virtual_services, workloads,
     MeshState,
 };
 use crate::config::{ConfigError, Object, Source};
 use std::any::Any;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// A cross-object error: a rule that needs more than one object to check.
@@ -87,6 +88,21 @@ impl Errors {
 
 pub fn describe(s: &Source) -> String {
     format!("{} document {}", s.file, s.document)
+}
+
+/// Objects of a store without duplicates (a later one with the same key is an error).
+pub fn unique<'a, T>(store: &'a KindStore<T>, kind: &str, errs: &mut Errors) -> Vec<&'a Object<T>> {
+    let mut seen: BTreeMap<String, &Source> = BTreeMap::new();
+    let mut out = Vec::with_capacity(store.len());
+    for (_, o) in store.iter() {
+        if let Some(prev) = seen.insert(o.key(), &o.source) {
+            let previous = describe(prev);
+            errs.push(o, kind, "metadata.name", StageError::Duplicate { previous });
+            continue;
+        }
+        out.push(&**o);
+    }
+    out
 }
 
 type Dep = Arc<dyn Any + Send + Sync>;

@@ -5,12 +5,12 @@ use super::destination_rules::DestinationRules;
 use super::inputs::KindStore;
 use super::services::Catalog;
 use super::settings::Settings;
-use super::stages::{describe, Errors, StageError};
+use super::stages::{unique, Errors, StageError};
 use super::{L4RouteRule, RouteDestination, VirtualService};
 use crate::config::l4_routes::{self, L4Match};
 use crate::config::model::VirtualServiceSpec;
 use crate::config::virtual_service_validate::applies_to_mesh;
-use crate::config::{Object, Source};
+use crate::config::Object;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -37,7 +37,6 @@ pub fn build(
         settings,
     };
     let mut out = VirtualServices::new();
-    let mut seen: BTreeMap<String, &Source> = BTreeMap::new();
     // Wildcard hosts are resolved after every exact one: an exact host wins, then the
     // most specific wildcard (as in Istio).
     let mut wildcards: Vec<(
@@ -46,17 +45,7 @@ pub fn build(
         &Object<VirtualServiceSpec>,
         usize,
     )> = Vec::new();
-    for (_, vs) in store.iter() {
-        if let Some(prev) = seen.insert(vs.key(), &vs.source) {
-            let previous = describe(prev);
-            errs.push(
-                vs,
-                "VirtualService",
-                "metadata.name",
-                StageError::Duplicate { previous },
-            );
-            continue;
-        }
+    for vs in unique(store, "VirtualService", errs) {
         // Bound to gateways only: sidecars never use it (as in Istio); kept for gateways.
         if !applies_to_mesh(&vs.spec.gateways) {
             continue;
