@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+mod dns;
 mod echo;
 mod envoy;
 mod envoy_stats;
@@ -41,6 +42,7 @@ mod paths;
 mod process;
 mod wait;
 
+pub use dns::start_dns;
 pub use echo::{start_echo, start_echo_bin, start_echo_tls, start_file_server, ECHO_START_TIMEOUT};
 pub use envoy::{
     envoy_admin_get, envoy_admin_post, envoy_validate, start_envoy, start_envoy_with,

@@ -19,11 +19,8 @@ use common::{
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
-use trellis_tests::{
-    cargo_bin, eventually, free_port, require_envoy, start_echo, start_echo_tls, ChildGuard,
-};
+use trellis_tests::{eventually, require_envoy, start_dns, start_echo, start_echo_tls};
 
 /// The external services' addresses: host parts no workload of the fixture uses.
 const EXTERNAL_HOST: u8 = 240;
@@ -33,23 +30,6 @@ const SECURE_HOST: u8 = 243;
 /// The ports of the HTTPS and the TCP service (the app reaches them on its sidecar).
 const HTTPS_PORT: u16 = 9443;
 const TCP_PORT: u16 = 9300;
-
-fn start_dns(
-    mesh: &Mesh,
-    records: &[(&str, SocketAddr)],
-) -> anyhow::Result<(ChildGuard, SocketAddr)> {
-    let ip = mesh.net.ip(1);
-    let addr = SocketAddr::new(ip, free_port(ip)?);
-    let mut command = Command::new(cargo_bin("dns"));
-    command.arg("--listen").arg(addr.to_string());
-    for (name, target) in records {
-        command
-            .arg("--record")
-            .arg(format!("{name}={}", target.ip()));
-    }
-    let dns = ChildGuard::spawn("dns", command, mesh.dir.path())?;
-    Ok((dns, addr))
-}
 
 const EXTERNAL: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -192,11 +172,12 @@ fn egress_by_dns_tls_passthrough_and_tcp_split() {
         mesh.echos.push(app.expect("echo"));
     }
     let (dns, dns_addr) = start_dns(
-        &mesh,
+        mesh.dir.path(),
+        mesh.net.ip(1),
         &[
-            ("httpbin.test", external),
-            ("backend.test", external),
-            ("secure.test", secure),
+            ("httpbin.test", external.ip()),
+            ("backend.test", external.ip()),
+            ("secure.test", secure.ip()),
         ],
     )
     .expect("dns server");

@@ -28,7 +28,7 @@ use security::{
     assert_statuses, check_mtls, peer_authentication_yaml, MeshOptions, SecureMesh, Target,
 };
 use trellis_tests::{
-    cargo_bin, free_port, http_get, http_request, require_envoy, start_file_server, ChildGuard,
+    free_port, http_get, http_request, require_envoy, start_dns, start_file_server,
 };
 
 const CLIENT: WorkloadDef = WorkloadDef::client("client", 10);
@@ -339,8 +339,9 @@ fn authorization_allows_one_principal_and_denies_another() {
 
 const ISSUER: &str = "https://issuer.trellis.test";
 
-fn request_authentication_yaml(jwks: &str) -> String {
-    // The JWKS is JSON without single quotes: a single-quoted YAML scalar holds it as is.
+/// The reviews RequestAuthentication of [`ISSUER`] with its keys given by `keys`: the
+/// rule's `jwks: ...` or `jwksUri: ...` lines.
+fn request_authentication_with(keys: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1
 kind: RequestAuthentication
@@ -352,9 +353,18 @@ spec:
     matchLabels: {{app: reviews}}
   jwtRules:
   - issuer: \"{ISSUER}\"
-    jwks: '{jwks}'
+    {keys}
 "
     )
+}
+
+fn request_authentication_yaml(jwks: &str) -> String {
+    // The JWKS is JSON without single quotes: a single-quoted YAML scalar holds it as is.
+    request_authentication_with(&format!("jwks: '{jwks}'"))
+}
+
+fn remote_request_authentication_yaml(uri: &str) -> String {
+    request_authentication_with(&format!("jwksUri: {uri}\n    timeout: 2s"))
 }
 
 fn require_jwt_yaml() -> String {
@@ -429,38 +439,6 @@ fn jwt_rule_accepts_valid_rejects_bad_and_missing() {
 const JWKS_HOST: u8 = 240;
 const JWKS_NAME: &str = "jwks.test";
 
-fn remote_request_authentication_yaml(uri: &str) -> String {
-    format!(
-        "apiVersion: security.istio.io/v1
-kind: RequestAuthentication
-metadata:
-  name: reviews-jwt
-  namespace: {NAMESPACE}
-spec:
-  selector:
-    matchLabels: {{app: reviews}}
-  jwtRules:
-  - issuer: \"{ISSUER}\"
-    jwksUri: {uri}
-    timeout: 2s
-"
-    )
-}
-
-/// The test's DNS server on the server's address, answering `name` with `ip`.
-fn start_dns(mesh: &SecureMesh, name: &str, ip: std::net::IpAddr) -> (ChildGuard, SocketAddr) {
-    let server_ip = mesh.net.ip(1);
-    let addr = SocketAddr::new(server_ip, free_port(server_ip).expect("a free port"));
-    let mut command = std::process::Command::new(cargo_bin("dns"));
-    command
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--record")
-        .arg(format!("{name}={ip}"));
-    let dns = ChildGuard::spawn("dns", command, mesh.dir.path()).expect("dns server");
-    (dns, addr)
-}
-
 #[test]
 fn jwt_rule_with_remote_jwks_fetched_by_the_sidecar() {
     let key = JwtKey::generate("remote-key");
@@ -490,7 +468,8 @@ fn jwt_rule_with_remote_jwks_fetched_by_the_sidecar() {
     )
     .expect("key server");
     mesh.echos.push(server);
-    let (dns, dns_addr) = start_dns(&mesh, JWKS_NAME, jwks_ip);
+    let (dns, dns_addr) =
+        start_dns(mesh.dir.path(), mesh.net.ip(1), &[(JWKS_NAME, jwks_ip)]).expect("dns server");
 
     mesh.apply(
         MESH_FILE,

@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    call, served_version, Mesh, Mode, EDIT_TIMEOUT, NAMESPACE, POLL, VIRTUAL_SERVICE_FILE,
+    call, reviews_virtual_service, served_version, Mesh, Mode, EDIT_TIMEOUT, POLL,
+    VIRTUAL_SERVICE_FILE,
 };
 use trellis_tests::{eventually, require_envoy, HttpResponse};
 
@@ -20,16 +21,8 @@ const TIMER_GRANULARITY: Duration = Duration::from_millis(2);
 
 /// reviews with one rule per feature; plain requests still split 80/20 (`default`).
 fn features_yaml() -> String {
-    format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: reviews
-  namespace: {NAMESPACE}
-spec:
-  hosts: [reviews]
-  http:
-  - name: delay
+    reviews_virtual_service(&format!(
+        r#"  - name: delay
     match: [{{headers: {{x-fault: {{exact: delay}}}}}}]
     fault: {{delay: {{fixedDelay: {delay}ms, percentage: {{value: 100}}}}}}
     route: [{{destination: {{host: reviews, subset: v1}}}}]
@@ -96,7 +89,7 @@ spec:
       weight: 20
 "#,
         delay = DELAY.as_millis()
-    )
+    ))
 }
 
 fn get(client: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {

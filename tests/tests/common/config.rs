@@ -161,7 +161,7 @@ pub const BETA_MATCH: &str = "uri: {prefix: /beta}";
 pub const V1_WEIGHT: &str = "weight: 80";
 
 /// The VirtualService `reviews` with `http`, its list of routes.
-fn reviews_virtual_service(http: &str) -> String {
+pub fn reviews_virtual_service(http: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1
 kind: VirtualService
