@@ -145,3 +145,74 @@ pub fn fingerprint_pem(pem_text: &str) -> Option<String> {
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8], private: bool) -> Result<(), CaError> {
     fsutil::write_atomic(path, bytes, if private { 0o600 } else { 0o644 })
 }
+
+/// What [`check_tls_files`] found in a TLS credential (a Kubernetes TLS secret's files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialFacts {
+    /// Certificates in the chain file (0 when there is none).
+    pub chain_len: usize,
+    /// Certificates in the CA file (0 when there is none).
+    pub ca_len: usize,
+    /// When the first certificate of the chain expires (unix seconds).
+    pub not_after: Option<u64>,
+}
+
+/// Checks a TLS credential before a proxy is given it: the chain and CA files hold
+/// X.509 certificates, the key is a usable private key that belongs to the chain's first
+/// certificate. `(name, text)` pairs; the names are what errors cite. The key text is
+/// never part of an error.
+pub fn check_tls_files(
+    chain: Option<(&str, &str)>,
+    key: Option<(&str, &str)>,
+    ca: Option<(&str, &str)>,
+) -> Result<CredentialFacts, CaError> {
+    let mut facts = CredentialFacts {
+        chain_len: 0,
+        ca_len: 0,
+        not_after: None,
+    };
+    if let Some((what, text)) = ca {
+        let certs = pem::certificates(what, text)?;
+        for der in &certs {
+            pem::parse_cert(what, der)?;
+        }
+        facts.ca_len = certs.len();
+    }
+    let Some((chain_what, chain_text)) = chain else {
+        return match key {
+            Some((what, _)) => Err(CaError::bad_pem(
+                what,
+                "a private key without a certificate chain (add tls.crt)",
+            )),
+            None => Ok(facts),
+        };
+    };
+    let certs = pem::certificates(chain_what, chain_text)?;
+    let parsed = certs
+        .iter()
+        .map(|der| pem::parse_cert(chain_what, der))
+        .collect::<Result<Vec<_>, _>>()?;
+    facts.chain_len = certs.len();
+    facts.not_after = parsed
+        .first()
+        .map(|c| u64::try_from(c.validity().not_after.timestamp()).unwrap_or(0));
+    match (key, parsed.first()) {
+        (Some((key_what, key_text)), Some(leaf)) => {
+            let pair = keys::load_key_pair(key_what, key_text)?;
+            if !keys::key_matches_cert(&pair, leaf) {
+                return Err(CaError::KeyMismatch {
+                    key: key_what.into(),
+                    cert: chain_what.into(),
+                });
+            }
+        }
+        (None, _) => {
+            return Err(CaError::bad_pem(
+                chain_what,
+                "a certificate chain without its private key (add tls.key)",
+            ))
+        }
+        (Some(_), None) => {}
+    }
+    Ok(facts)
+}

@@ -53,6 +53,26 @@ pub fn start_echo_tls(
     start_echo_with(&cargo_bin("echo"), dir, listen, (name, version), &args)
 }
 
+/// [`start_echo_tls`] that also requires a client certificate issued by a CA of the PEM
+/// file `client_ca` (mutual TLS); responses say `"client_auth": true`.
+pub fn start_echo_mtls(
+    dir: &Path,
+    listen: SocketAddr,
+    name: &str,
+    tls: (&Path, &Path),
+    client_ca: &Path,
+) -> anyhow::Result<ChildGuard> {
+    let args = [
+        "--tls-cert".as_ref(),
+        tls.0.as_os_str(),
+        "--tls-key".as_ref(),
+        tls.1.as_os_str(),
+        "--tls-client-ca".as_ref(),
+        client_ca.as_os_str(),
+    ];
+    start_echo_with(&cargo_bin("echo"), dir, listen, (name, "v1"), &args)
+}
+
 /// Starts the echo app as a small file server as well: `GET PATH` answers the current
 /// contents of `FILE` (read per request, so a test can change them) as JSON, for each
 /// `(PATH, FILE)` of `files`; everything else is echoed. A JWKS server, say.

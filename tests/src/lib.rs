@@ -43,7 +43,10 @@ mod process;
 mod wait;
 
 pub use dns::start_dns;
-pub use echo::{start_echo, start_echo_bin, start_echo_tls, start_file_server, ECHO_START_TIMEOUT};
+pub use echo::{
+    start_echo, start_echo_bin, start_echo_mtls, start_echo_tls, start_file_server,
+    ECHO_START_TIMEOUT,
+};
 pub use envoy::{
     envoy_admin_get, envoy_admin_post, envoy_validate, start_envoy, start_envoy_with,
     static_proxy_bootstrap, wait_envoy_admin, wait_envoy_live, AdsBootstrap, EnvoyOptions,

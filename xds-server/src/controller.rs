@@ -41,6 +41,9 @@ pub struct ConfigStatus {
     /// Errors of the config folder's files and of member clusters' registry files
     /// (named `cluster NAME: FILE`).
     pub errors: Vec<ConfigErrorView>,
+    /// Credentials DestinationRules name (`credentialName`), each with whether it can be
+    /// used (its folder may be missing still). Never their contents.
+    pub credentials: Vec<crate::translate::credentials::CredentialUse>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +128,7 @@ impl Controller {
             cluster: snap.mesh.cluster_name.clone(),
             clusters: store.cluster_status(),
             errors,
+            credentials: crate::translate::credentials::uses(&snap.mesh),
         }));
     }
 

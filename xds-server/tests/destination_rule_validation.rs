@@ -155,9 +155,9 @@ fn consistent_hash() {
 #[test]
 fn tls() {
     rejected(
-        &tp("    tls: {mode: SIMPLE, credentialName: bank-ca}\n"),
-        "spec.trafficPolicy.tls.credentialName",
-        "not supported yet",
+        &tp("    tls: {mode: SIMPLE, credentialName: bank-ca, caCertificates: /ca.pem}\n"),
+        "spec.trafficPolicy.tls.caCertificates",
+        "credentialName and certificate files are alternatives",
     );
     rejected(
         &tp("    tls: {mode: MUTUAL, caCertificates: /certs/ca.pem}\n"),

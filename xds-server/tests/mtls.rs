@@ -332,12 +332,12 @@ fn destination_rule_tls_modes_are_checked() {
         Some("spec.trafficPolicy.tls.clientCertificate")
     );
     assert!(e.message.contains("required with tls mode MUTUAL"), "{e}");
-    let e = one_error(&dr("{mode: SIMPLE, credentialName: cart-ca}"));
+    let e = one_error(&dr("{mode: ISTIO_MUTUAL, credentialName: cart-ca}"));
     assert_eq!(
         e.field.as_deref(),
         Some("spec.trafficPolicy.tls.credentialName")
     );
-    assert!(e.message.contains("not supported yet"), "{e}");
+    assert!(e.message.contains("only SIMPLE and MUTUAL"), "{e}");
     let e = one_error(&dr("{mode: DISABLE, sni: x.example}"));
     assert_eq!(e.field.as_deref(), Some("spec.trafficPolicy.tls.mode"));
     let e = one_error(&dr("{mode: MAYBE}"));

@@ -51,6 +51,9 @@ struct Args {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Require a client certificate issued by a CA of this file (PEM): mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
     /// `PATH=FILE`: answer `GET PATH` with the current contents of FILE, as JSON.
     #[arg(long = "file", value_name = "PATH=FILE")]
     files: Vec<String>,
@@ -66,6 +69,8 @@ struct Identity {
     name_header: HeaderValue,
     version_header: HeaderValue,
     tls: bool,
+    /// Clients had to present a certificate of `--tls-client-ca`.
+    client_auth: bool,
 }
 
 #[tokio::main]
@@ -89,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         name: args.name,
         version: args.version,
         tls: args.tls_cert.is_some(),
+        client_auth: args.tls_client_ca.is_some(),
     };
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -123,7 +129,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let server = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
-            let listener = tls::TlsListener::new(listener, cert, key)?;
+            let listener =
+                tls::TlsListener::new(listener, cert, key, args.tls_client_ca.as_deref())?;
             axum::serve(listener, app)
                 .with_graceful_shutdown(stopped)
                 .into_future()
@@ -210,6 +217,7 @@ async fn echo(State(identity): State<Identity>, request: Request) -> impl IntoRe
         "authority": authority,
         "protocol": format!("{:?}", request.version()),
         "tls": identity.tls,
+        "client_auth": identity.client_auth,
         "headers": headers_json(request.headers()),
     });
 
@@ -242,7 +250,12 @@ mod tls {
     }
 
     impl TlsListener {
-        pub fn new(tcp: TcpListener, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        pub fn new(
+            tcp: TcpListener,
+            cert: &Path,
+            key: &Path,
+            client_ca: Option<&Path>,
+        ) -> anyhow::Result<Self> {
             use rustls_pki_types::pem::PemObject as _;
             use rustls_pki_types::{CertificateDer, PrivateKeyDer};
             let certs = CertificateDer::pem_file_iter(cert)
@@ -252,10 +265,30 @@ mod tls {
             let key = PrivateKeyDer::from_pem_file(key)
                 .with_context(|| format!("reading {}", key.display()))?;
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ServerConfig::builder_with_provider(provider)
+            let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()
-                .context("TLS versions")?
-                .with_no_client_auth()
+                .context("TLS versions")?;
+            let builder = match client_ca {
+                None => builder.with_no_client_auth(),
+                Some(ca) => {
+                    let mut roots = rustls::RootCertStore::empty();
+                    for c in CertificateDer::pem_file_iter(ca)
+                        .with_context(|| format!("reading {}", ca.display()))?
+                    {
+                        roots
+                            .add(c.with_context(|| format!("parsing {}", ca.display()))?)
+                            .context("adding a client CA")?;
+                    }
+                    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        Arc::new(roots),
+                        provider,
+                    )
+                    .build()
+                    .context("client certificate verifier")?;
+                    builder.with_client_cert_verifier(verifier)
+                }
+            };
+            let config = builder
                 .with_single_cert(certs, key)
                 .context("certificate and key")?;
             Ok(TlsListener {

@@ -10,7 +10,7 @@ use super::service::Caller;
 use super::source::ConfigSource;
 use super::status::ProxyStatus;
 use super::{AdsShared, ConnectedGauge};
-use crate::cache::{ProxyView, TypeKind};
+use crate::cache::{ProxyView, ResourceSet, TypeKind};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use std::future::Future;
 use std::sync::Arc;
@@ -131,6 +131,15 @@ pub(crate) async fn run<P: Protocol>(
     // `None`: the source has nothing for this class yet (a relay still fetching it):
     // answer nothing rather than an empty config that would wipe a reconnecting proxy's.
     let mut view = snap.view_for(&node);
+    // The proxy's own secrets, plus its namespace's credentials when it has an identity.
+    let authenticated = secrets.is_some();
+    let credentials = |snap: &dyn ConfigSource| {
+        authenticated
+            .then(|| snap.credential_secrets(&node))
+            .flatten()
+    };
+    let mut shared_secrets = credentials(&*snap);
+    let mut own_view = secret_view(&own, shared_secrets.as_ref());
     let mut stream = P::new(status.clone());
     stream.on_request(first, &shared);
     loop {
@@ -138,7 +147,7 @@ pub(crate) async fn run<P: Protocol>(
             let secret_pushes = status.type_status(TypeKind::Secret).map(|t| t.pushes);
             let views = Views {
                 class,
-                own: &own.view,
+                own: &own_view,
                 // Without a provider nothing will come: answer (empty) at once.
                 own_ready: own.ready || secrets.is_none(),
             };
@@ -170,6 +179,16 @@ pub(crate) async fn run<P: Protocol>(
                     break;
                 }
                 view = snap.view_for(&node);
+                let next = credentials(&*snap);
+                let same = match (&next, &shared_secrets) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a.version == b.version,
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !same {
+                    shared_secrets = next;
+                    own_view = secret_view(&own, shared_secrets.as_ref());
+                }
             }
             changed = async {
                 match secrets.as_mut() {
@@ -178,7 +197,10 @@ pub(crate) async fn run<P: Protocol>(
                 }
             } => {
                 match (changed, secrets.as_mut()) {
-                    (Ok(()), Some(rx)) => own = rx.borrow_and_update().clone(),
+                    (Ok(()), Some(rx)) => {
+                        own = rx.borrow_and_update().clone();
+                        own_view = secret_view(&own, shared_secrets.as_ref());
+                    }
                     // The provider gave up on this proxy (its task ended): better to
                     // drop the stream than to serve a certificate nobody renews.
                     _ => break,
@@ -187,6 +209,16 @@ pub(crate) async fn run<P: Protocol>(
         }
     }
     info!(node = %node.id, mode = P::MODE, "proxy disconnected");
+}
+
+/// The secrets a stream serves: its own, with its namespace's credentials on top.
+fn secret_view(own: &ProxySecrets, shared: Option<&Arc<ResourceSet>>) -> Arc<ProxyView> {
+    match shared {
+        Some(set) if !set.map.is_empty() => {
+            Arc::new(own.view.layered(TypeKind::Secret, set.clone()))
+        }
+        _ => own.view.clone(),
+    }
 }
 
 /// Keeps the proxy's secret epochs right after a flush. A push means the proxy was sent

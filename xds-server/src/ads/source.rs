@@ -5,7 +5,7 @@
 
 use super::node::NodeInfo;
 use super::Caller;
-use crate::cache::{ProxyView, Snapshot};
+use crate::cache::{ProxyView, ResourceSet, Snapshot};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,6 +25,12 @@ pub trait ConfigSource: Send + Sync + std::fmt::Debug {
     fn admission_error(&self, _node: &NodeInfo) -> Option<tonic::Status> {
         None
     }
+    /// Secrets shared by the proxies of `node`'s namespace that hold a mesh identity (the
+    /// credentials DestinationRules name), served beside the proxy's own; `None`: none.
+    /// Only asked for authenticated proxies.
+    fn credential_secrets(&self, _node: &NodeInfo) -> Option<Arc<ResourceSet>> {
+        None
+    }
 }
 
 impl ConfigSource for Snapshot {
@@ -42,6 +48,10 @@ impl ConfigSource for Snapshot {
             &node.namespace,
             node.cluster_id.as_deref(),
         )))
+    }
+
+    fn credential_secrets(&self, node: &NodeInfo) -> Option<Arc<ResourceSet>> {
+        Snapshot::credential_secrets(self, &node.namespace)
     }
 
     fn claim_error(&self, node: &NodeInfo, caller: Option<&Caller>) -> Option<String> {

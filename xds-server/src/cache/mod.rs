@@ -5,6 +5,8 @@
 
 mod resource;
 mod snapshot;
+mod view;
 
 pub use resource::{wire, Resource, ResourceSet, TypeKind};
-pub use snapshot::{subscription_key, DeltaUpdate, ProxyView, Snapshot, SotwBody, SubscriptionKey};
+pub use snapshot::Snapshot;
+pub use view::{subscription_key, DeltaUpdate, ProxyView, SotwBody, SubscriptionKey};

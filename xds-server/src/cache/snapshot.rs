@@ -1,231 +1,13 @@
-use super::{Resource, ResourceSet, TypeKind};
+use super::{ProxyView, Resource, ResourceSet, TypeKind};
 use crate::config::envoy_filter::{ApplyTo, PatchContext};
 use crate::config::model::ConsistentHash;
 use crate::mesh::envoy_filters::{PatchKey, PatchSet};
 use crate::mesh::{DestinationRuleInfo, MeshState, Service, Workload};
 use crate::translate::envoy_filter::{patch_clusters, patch_listeners, patch_routes};
 use crate::translate::{self, ProxyScope};
-use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use xxhash_rust::xxh3::Xxh3;
-
-fn idx(kind: TypeKind) -> usize {
-    match kind {
-        TypeKind::Cluster => 0,
-        TypeKind::Endpoint => 1,
-        TypeKind::Listener => 2,
-        TypeKind::Route => 3,
-        TypeKind::Secret => 4,
-    }
-}
-
-/// The resources of a SotW response for one subscription, and their concatenated wire
-/// fragments: built once per (class, type, subscription) and snapshot, then every stream
-/// of that class sends `body` behind its own few header bytes.
-#[derive(Debug)]
-pub struct SotwBody {
-    pub resources: Vec<Arc<Resource>>,
-    pub version: String,
-    pub body: Bytes,
-}
-
-impl SotwBody {
-    pub fn new(resources: Vec<Arc<Resource>>) -> SotwBody {
-        let mut h = Xxh3::new();
-        let mut body = BytesMut::with_capacity(resources.iter().map(|r| r.sotw_field.len()).sum());
-        for r in &resources {
-            h.update(r.name.as_bytes());
-            h.update(&[0]);
-            h.update(r.version.as_bytes());
-            body.extend_from_slice(&r.sotw_field);
-        }
-        SotwBody {
-            version: format!("{:016x}", h.digest()),
-            body: body.freeze(),
-            resources,
-        }
-    }
-}
-
-/// A Delta response's content between two [`SotwBody`]s of one subscription: the
-/// resources that are new or changed (pre-concatenated wire fragments) and the names
-/// that are gone. Computed once per (previous body, class, subscription) and shared by
-/// every Delta stream that moves between the same two states.
-#[derive(Debug)]
-pub struct DeltaUpdate {
-    pub resources: usize,
-    pub body: Bytes,
-    pub removed: Vec<String>,
-    /// Names the proxy held in another version (not new ones): for CDS, the clusters Envoy
-    /// rebuilds, whose endpoints it then waits for again.
-    pub updated: Vec<Arc<str>>,
-}
-
-impl DeltaUpdate {
-    /// `known(name) -> version` is what the proxy holds; `wanted` its subscription
-    /// (`None`: wildcard), so names it unsubscribed are not reported removed.
-    pub fn between<'a>(
-        known: impl Iterator<Item = (&'a str, &'a str)>,
-        known_version: impl Fn(&str) -> Option<&'a str>,
-        next: &SotwBody,
-        wanted: Option<&BTreeSet<String>>,
-    ) -> DeltaUpdate {
-        let mut body = BytesMut::new();
-        let mut resources = 0;
-        let mut updated = Vec::new();
-        for r in &next.resources {
-            let held = known_version(&r.name);
-            if held != Some(&*r.version) {
-                body.extend_from_slice(&r.delta_field);
-                resources += 1;
-                if held.is_some() {
-                    updated.push(r.name.clone());
-                }
-            }
-        }
-        let present: BTreeSet<&str> = next.resources.iter().map(|r| &*r.name).collect();
-        let mut removed: Vec<String> = known
-            .filter(|(n, _)| !present.contains(n) && wanted.is_none_or(|w| w.contains(*n)))
-            .map(|(n, _)| n.to_string())
-            .collect();
-        removed.sort();
-        DeltaUpdate {
-            resources,
-            body: body.freeze(),
-            removed,
-            updated,
-        }
-    }
-}
-
-/// Identifies a subscription (a set of resource names) compactly; `None` is wildcard.
-pub type SubscriptionKey = Option<u128>;
-
-/// Key of a (sorted, distinct) list of names.
-pub fn subscription_key<'a>(names: impl IntoIterator<Item = &'a str>) -> SubscriptionKey {
-    let mut h = Xxh3::new();
-    for name in names {
-        h.update(name.as_bytes());
-        h.update(&[0]);
-    }
-    Some(h.digest128())
-}
-
-/// What one proxy class receives: per type, a few shared sets layered together
-/// (mesh-wide outbound clusters plus the workload's own inbound clusters, say).
-#[derive(Debug, Default)]
-pub struct ProxyView {
-    layers: [Vec<Arc<ResourceSet>>; 5],
-    sotw: Mutex<HashMap<(TypeKind, SubscriptionKey), Arc<SotwBody>>>,
-    /// Keyed by the previous body's address; the value holds that body, so the address
-    /// cannot be reused by another body while the entry exists.
-    deltas: Mutex<DeltaMemo>,
-}
-
-type DeltaMemo = HashMap<(TypeKind, SubscriptionKey, usize), (Arc<SotwBody>, Arc<DeltaUpdate>)>;
-
-impl ProxyView {
-    pub fn get(&self, kind: TypeKind, name: &str) -> Option<&Arc<Resource>> {
-        self.layers[idx(kind)].iter().find_map(|s| s.map.get(name))
-    }
-
-    pub fn iter(&self, kind: TypeKind) -> impl Iterator<Item = &Arc<Resource>> {
-        self.layers[idx(kind)].iter().flat_map(|s| s.map.values())
-    }
-
-    pub fn len(&self, kind: TypeKind) -> usize {
-        self.layers[idx(kind)].iter().map(|s| s.map.len()).sum()
-    }
-
-    pub fn is_empty(&self, kind: TypeKind) -> bool {
-        self.len(kind) == 0
-    }
-
-    /// Version of everything of `kind` in this view: changes iff any member changes.
-    pub fn version(&self, kind: TypeKind) -> u64 {
-        let layers = &self.layers[idx(kind)];
-        if layers.len() == 1 {
-            return layers[0].version;
-        }
-        let mut h = Xxh3::new();
-        for s in layers {
-            h.update(&s.version.to_le_bytes());
-        }
-        h.digest()
-    }
-
-    pub fn push_layer(&mut self, kind: TypeKind, set: Arc<ResourceSet>) {
-        self.layers[idx(kind)].push(set);
-    }
-
-    /// The SotW response content for a subscription (`None`: wildcard), shared by every
-    /// stream of this class with the same subscription.
-    pub fn sotw_body(
-        &self,
-        kind: TypeKind,
-        names: Option<&BTreeSet<String>>,
-        key: SubscriptionKey,
-    ) -> Arc<SotwBody> {
-        if let Some(b) = self
-            .sotw
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(kind, key))
-        {
-            return b.clone();
-        }
-        let resources: Vec<Arc<Resource>> = match names {
-            None => self.iter(kind).cloned().collect(),
-            Some(names) => names
-                .iter()
-                .filter_map(|n| self.get(kind, n).cloned())
-                .collect(),
-        };
-        let body = Arc::new(SotwBody::new(resources));
-        // Two streams may build the same body concurrently; either result is identical.
-        self.sotw
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((kind, key))
-            .or_insert(body)
-            .clone()
-    }
-}
-
-impl ProxyView {
-    /// The Delta update from `prev` (what the proxy holds) to this view's `next`.
-    pub fn delta_update(
-        &self,
-        kind: TypeKind,
-        key: SubscriptionKey,
-        prev: &Arc<SotwBody>,
-        next: &SotwBody,
-        wanted: Option<&BTreeSet<String>>,
-    ) -> Arc<DeltaUpdate> {
-        let memo_key = (kind, key, Arc::as_ptr(prev) as usize);
-        let mut memo = self.deltas.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((p, u)) = memo.get(&memo_key) {
-            if Arc::ptr_eq(p, prev) {
-                return u.clone();
-            }
-        }
-        let had: HashMap<&str, &str> = prev
-            .resources
-            .iter()
-            .map(|r| (&*r.name, &*r.version))
-            .collect();
-        let update = Arc::new(DeltaUpdate::between(
-            had.iter().map(|(n, v)| (*n, *v)),
-            |n| had.get(n).copied(),
-            next,
-            wanted,
-        ));
-        memo.insert(memo_key, (prev.clone(), update.clone()));
-        update
-    }
-}
 
 /// A service's translated resources with the inputs they came from, so the next
 /// snapshot can reuse them when those inputs are unchanged (incremental translation).
@@ -373,15 +155,19 @@ impl ServiceResources {
     /// `mesh` is any mesh this entry is valid for: the result is the same for all.
     fn identity_clusters(&self, mesh: &MeshState) -> &[Arc<Resource>] {
         self.identity_clusters.get_or_init(|| {
+            // By name: the plaintext set lacks the clusters that use a credential.
+            let plain: HashMap<&str, &Arc<Resource>> =
+                self.clusters.iter().map(|r| (&*r.name, r)).collect();
             translate::service_clusters_with_identity(mesh, &self.service)
                 .iter()
-                .zip(&self.clusters)
-                .map(|(c, plain)| {
-                    if c.transport_socket.is_none() && c.transport_socket_matches.is_empty() {
-                        plain.clone()
-                    } else {
-                        Resource::new(TypeKind::Cluster, c.name.as_str(), c)
+                .map(|c| match plain.get(c.name.as_str()) {
+                    Some(p)
+                        if c.transport_socket.is_none()
+                            && c.transport_socket_matches.is_empty() =>
+                    {
+                        (*p).clone()
                     }
+                    _ => Resource::new(TypeKind::Cluster, c.name.as_str(), c),
                 })
                 .collect()
         })
@@ -541,8 +327,16 @@ pub struct Snapshot {
     /// By namespace and the EnvoyFilters patching its route configurations (none: the
     /// plain set), so proxies under the same filters share the patched set.
     routes: Memo<(String, PatchKey), Arc<ResourceSet>>,
-    /// Outbound clusters patched by EnvoyFilters: by identity variant and the filters.
-    patched_clusters: Memo<(bool, PatchKey), Arc<ResourceSet>>,
+    /// Outbound clusters patched by EnvoyFilters: by identity variant, the namespace when
+    /// it matters (see `credential_clusters`), and the filters.
+    patched_clusters: Memo<(bool, Option<String>, PatchKey), Arc<ResourceSet>>,
+    /// Clusters whose TLS uses a credential: name -> (the rule's namespace, credential).
+    /// Only proxies of that namespace get them (`translate::credentials`).
+    credential_clusters: BTreeMap<String, (String, String)>,
+    /// Identity clusters without other namespaces' credential clusters, by namespace.
+    namespace_clusters: Memo<String, Arc<ResourceSet>>,
+    /// Credential secrets by namespace (for proxies with an identity).
+    credential_secrets: Memo<String, Arc<ResourceSet>>,
     /// Keyed by scope; the workload is part of the value so a carried-over entry is only
     /// reused for an identical workload.
     listeners: Memo<ProxyScope, WorkloadSets>,
@@ -584,6 +378,7 @@ impl Snapshot {
             .values()
             .flat_map(|s| s.spans.iter().cloned())
             .collect();
+        let credential_clusters = translate::credentials::credential_clusters(&mesh);
         let (routes, listeners) = match prev {
             Some(p) => (
                 carry(&p.routes, same_routing(&p.mesh, &mesh)),
@@ -605,6 +400,9 @@ impl Snapshot {
             views: Mutex::default(),
             routes: Mutex::new(routes),
             patched_clusters: Mutex::default(),
+            credential_clusters,
+            namespace_clusters: Mutex::default(),
+            credential_secrets: Mutex::default(),
             listeners: Mutex::new(listeners),
         }
     }
@@ -685,24 +483,62 @@ impl Snapshot {
 
     /// The outbound clusters of a class: the shared set, or its variant patched by the
     /// class's CLUSTER patches (shared by every class with the same ones).
-    fn outbound_clusters(&self, identity: bool, patches: &PatchSet) -> Arc<ResourceSet> {
-        let base = if identity {
-            self.identity_clusters()
+    fn outbound_clusters(&self, identity: bool, ns: &str, patches: &PatchSet) -> Arc<ResourceSet> {
+        let (base, scoped) = if identity {
+            self.identity_clusters_for(ns)
         } else {
-            self.clusters.clone()
+            (self.clusters.clone(), None)
         };
         let patches = patches.only(|a| a == ApplyTo::Cluster);
         if patches.is_empty() {
             return base;
         }
-        memo(&self.patched_clusters, &(identity, patches.key()), || {
-            ResourceSet::new(patch_clusters(
-                base.map.values(),
-                &patches,
-                PatchContext::SidecarOutbound,
-                &[],
-            ))
-        })
+        memo(
+            &self.patched_clusters,
+            &(identity, scoped, patches.key()),
+            || {
+                ResourceSet::new(patch_clusters(
+                    base.map.values(),
+                    &patches,
+                    PatchContext::SidecarOutbound,
+                    &[],
+                ))
+            },
+        )
+    }
+
+    /// The identity clusters a proxy of `ns` gets, and `Some(ns)` when that set is its
+    /// namespace's own: without the clusters using credentials of other namespaces.
+    fn identity_clusters_for(&self, ns: &str) -> (Arc<ResourceSet>, Option<String>) {
+        let foreign = |(_, (owner, _)): (&String, &(String, String))| owner != ns;
+        if !self.credential_clusters.iter().any(foreign) {
+            return (self.identity_clusters(), None);
+        }
+        let set = memo(&self.namespace_clusters, &ns.to_string(), || {
+            let all = self.identity_clusters();
+            ResourceSet::new(
+                all.map
+                    .iter()
+                    .filter(|(name, _)| {
+                        self.credential_clusters
+                            .get(name.as_ref())
+                            .is_none_or(|(owner, _)| owner == ns)
+                    })
+                    .map(|(_, r)| r.clone()),
+            )
+        });
+        (set, Some(ns.to_string()))
+    }
+
+    /// The credential secrets proxies with an identity in `ns` get (`None`: no rule of
+    /// the mesh names a credential).
+    pub fn credential_secrets(&self, ns: &str) -> Option<Arc<ResourceSet>> {
+        if self.credential_clusters.is_empty() {
+            return None;
+        }
+        Some(memo(&self.credential_secrets, &ns.to_string(), || {
+            translate::credentials::namespace_secrets(&self.mesh, ns)
+        }))
     }
 
     /// The EnvoyFilters that apply to a class.
@@ -802,7 +638,7 @@ impl Snapshot {
         let identity = workload.is_some_and(|w| translate::tls::has_identity(&w.labels));
         v.push_layer(
             TypeKind::Cluster,
-            self.outbound_clusters(identity, &patches),
+            self.outbound_clusters(identity, ns, &patches),
         );
         if !inbound.map.is_empty() {
             v.push_layer(TypeKind::Cluster, inbound);

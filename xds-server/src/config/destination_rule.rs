@@ -117,8 +117,8 @@ impl ClusterPolicy {
     }
 }
 
-/// Istio's `ClientTLSSettings`. `credentialName` is parsed only to be rejected with a
-/// clear message (see `validate`).
+/// Istio's `ClientTLSSettings`. `credentialName` names a folder of the config folder's
+/// `credentials/` (see `super::credentials`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClientTlsSettings {
@@ -144,6 +144,13 @@ impl ClientTlsSettings {
     /// Istio's default mode is DISABLE.
     pub fn mode(&self) -> &str {
         self.mode.as_deref().unwrap_or("DISABLE")
+    }
+
+    /// The credential's name (`kubernetes://` is optional, as in Istio).
+    pub fn credential(&self) -> Option<&str> {
+        self.credential_name
+            .as_deref()
+            .map(|n| n.strip_prefix("kubernetes://").unwrap_or(n))
     }
 }
 

@@ -6,6 +6,7 @@
 //! objects of all files into one consistent [`crate::mesh::MeshState`] and tells the
 //! store which changes take effect.
 
+pub mod credentials;
 pub mod destination_rule;
 pub mod envoy_filter;
 pub mod l4_routes;

@@ -15,6 +15,7 @@ mod registry;
 
 pub use registry::{member_kind_error, ClusterStatus, RegistryError, RegistryOutcome};
 
+use super::credentials::{self, Credential, CREDENTIALS_DIR};
 use super::parse::parse_file;
 use super::{ClusterMeta, ConfigError, ConfigObject};
 use std::collections::BTreeMap;
@@ -72,11 +73,21 @@ impl std::fmt::Display for FileKey {
     }
 }
 
-/// A proposed change: per changed file its new objects (`None`: deleted), and the member
-/// clusters as they would be.
+/// A credential folder as last seen (see [`credentials`]).
+#[derive(Debug, Default)]
+struct CredentialState {
+    seen: Option<u64>,
+    good: Option<Arc<Credential>>,
+    error: Option<ConfigError>,
+}
+
+/// A proposed change: per changed file its new objects (`None`: deleted), per changed
+/// credential folder its new contents (`None`: deleted), and the member clusters as they
+/// would be.
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
     pub files: BTreeMap<FileKey, Option<Arc<Vec<ConfigObject>>>>,
+    pub credentials: BTreeMap<String, Option<Arc<Credential>>>,
     pub clusters: BTreeMap<String, ClusterMeta>,
     /// Files that did not parse or validate on their own: already recorded against their
     /// file (which keeps its last good version), reported here once.
@@ -86,7 +97,17 @@ pub struct Changes {
 impl Changes {
     /// Nothing to decide: no file changed and the member clusters are as they were.
     pub fn is_empty(&self, current: &BTreeMap<String, ClusterMeta>) -> bool {
-        self.files.is_empty() && self.clusters == *current
+        self.files.is_empty() && self.credentials.is_empty() && self.clusters == *current
+    }
+
+    /// The part of this change no mesh can reject (credentials and member clusters), to
+    /// apply alone when the files of the change are held back.
+    pub fn without_files(&self) -> Changes {
+        Changes {
+            credentials: self.credentials.clone(),
+            clusters: self.clusters.clone(),
+            ..Default::default()
+        }
     }
 }
 
@@ -94,6 +115,7 @@ impl Changes {
 pub struct FileStore {
     dir: PathBuf,
     files: BTreeMap<FileKey, FileState>,
+    credentials: BTreeMap<String, CredentialState>,
     /// Member clusters with a registry, and where they run (in effect).
     clusters: BTreeMap<String, ClusterMeta>,
 }
@@ -111,6 +133,7 @@ impl FileStore {
         Ok(FileStore {
             dir,
             files: BTreeMap::new(),
+            credentials: BTreeMap::new(),
             clusters: BTreeMap::new(),
         })
     }
@@ -136,11 +159,22 @@ impl FileStore {
             .filter_map(|(k, f)| f.good.as_ref().map(|g| (k, g)))
     }
 
+    /// The credentials in effect.
+    pub fn credentials(&self) -> impl Iterator<Item = &Arc<Credential>> {
+        self.credentials.values().filter_map(|c| c.good.as_ref())
+    }
+
     /// Every error currently keeping a file from taking effect, each once (a cross-file
     /// error is held by every file of the batch it rejected).
     pub fn errors(&self) -> Vec<ConfigError> {
         let mut out: Vec<ConfigError> = Vec::new();
-        for e in self.files.values().flat_map(|f| f.errors.iter()) {
+        let credentials = self.credentials.values().filter_map(|c| c.error.as_ref());
+        for e in self
+            .files
+            .values()
+            .flat_map(|f| f.errors.iter())
+            .chain(credentials)
+        {
             if !out.contains(e) {
                 out.push(e.clone());
             }
@@ -150,6 +184,7 @@ impl FileStore {
 
     fn list(&self) -> Result<Vec<PathBuf>, StoreError> {
         let mut out = Vec::new();
+        let credentials = self.dir.join(CREDENTIALS_DIR);
         let mut stack = vec![self.dir.clone()];
         while let Some(d) = stack.pop() {
             let entries = std::fs::read_dir(&d).map_err(|source| StoreError::Unreadable {
@@ -163,6 +198,10 @@ impl FileStore {
                     .and_then(|n| n.to_str())
                     .is_some_and(|n| n.starts_with('.'));
                 if hidden {
+                    continue;
+                }
+                if p == credentials {
+                    // TLS material, never config (see `scan_credentials`).
                     continue;
                 }
                 if p.is_dir() {
@@ -221,7 +260,41 @@ impl FileStore {
                 changes.files.insert(k.clone(), None);
             }
         }
+        self.scan_credentials(&mut changes);
         Ok(changes)
+    }
+
+    /// Adds the credential folders that changed since the last scan to `changes`; a bad
+    /// one is recorded against its folder (its last good version stays).
+    fn scan_credentials(&mut self, changes: &mut Changes) {
+        let folders = credentials::list(&self.dir);
+        for (name, dir) in &folders {
+            let seen = credentials::fingerprint(dir);
+            let state = self.credentials.entry(name.clone()).or_default();
+            if state.seen == Some(seen) {
+                continue;
+            }
+            state.seen = Some(seen);
+            match credentials::read(name, dir) {
+                Ok(c) if state.good.as_deref() == Some(&c) => state.error = None,
+                Ok(c) => {
+                    changes.credentials.insert(name.clone(), Some(Arc::new(c)));
+                }
+                Err(e) => {
+                    // The message names files, never their contents.
+                    let err = ConfigError::file(&dir.display().to_string(), e.to_string());
+                    state.error = Some(err.clone());
+                    changes.errors.push(err);
+                }
+            }
+        }
+        self.credentials.retain(|name, state| {
+            let present = folders.iter().any(|(n, _)| n == name);
+            if !present && state.good.is_some() {
+                changes.credentials.insert(name.clone(), None);
+            }
+            present || state.good.is_some()
+        });
     }
 
     /// Puts `changes` into effect (the mesh they make was accepted).
@@ -238,7 +311,23 @@ impl FileStore {
                 }
             }
         }
+        self.commit_credentials(changes.credentials);
         self.clusters = changes.clusters;
+    }
+
+    fn commit_credentials(&mut self, credentials: BTreeMap<String, Option<Arc<Credential>>>) {
+        for (name, new) in credentials {
+            match new {
+                Some(c) => {
+                    let state = self.credentials.entry(name).or_default();
+                    state.good = Some(c);
+                    state.error = None;
+                }
+                None => {
+                    self.credentials.remove(&name);
+                }
+            }
+        }
     }
 
     /// Keeps `changes`' files out of effect, each carrying `errors` (the mesh they make
@@ -264,10 +353,11 @@ impl FileStore {
         }
     }
 
-    /// Puts only the member clusters of `changes` into effect: a cluster's new network or
-    /// locality needs no file, so it still applies when the batch's files are held back.
-    pub fn commit_clusters(&mut self, clusters: BTreeMap<String, ClusterMeta>) {
-        self.clusters = clusters;
+    /// Puts only the credentials and member clusters of `changes` into effect: neither
+    /// needs a file, so they still apply when the batch's files are held back.
+    pub fn commit_without_files(&mut self, changes: Changes) {
+        self.commit_credentials(changes.credentials);
+        self.clusters = changes.clusters;
     }
 
     /// Registry files of `cluster`, in order.

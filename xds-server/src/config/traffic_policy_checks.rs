@@ -313,6 +313,46 @@ fn absolute_path(p: &Option<String>, f: &str) -> Result<(), FieldError> {
     }
 }
 
+/// `credentialName`: the material comes from `credentials/NAME/` and replaces the files.
+fn credential_name(
+    t: &ClientTlsSettings,
+    name: &str,
+    mode: &str,
+    f: &str,
+) -> Result<(), FieldError> {
+    let field = format!("{f}.credentialName");
+    if !matches!(mode, "SIMPLE" | "MUTUAL") {
+        return Err(fe(
+            field,
+            format!("tls mode {mode} takes no credential (only SIMPLE and MUTUAL)"),
+        ));
+    }
+    let secret_name = name.strip_prefix("kubernetes://").unwrap_or(name);
+    let valid = !secret_name.is_empty()
+        && secret_name.len() <= 253
+        && secret_name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !valid {
+        return Err(fe(
+            field,
+            format!("`{name}` is not a secret name (lowercase letters, digits, '-' and '.')"),
+        ));
+    }
+    let files = [
+        ("clientCertificate", &t.client_certificate),
+        ("privateKey", &t.private_key),
+        ("caCertificates", &t.ca_certificates),
+    ];
+    if let Some((other, _)) = files.iter().find(|(_, v)| v.is_some()) {
+        return Err(fe(
+            format!("{f}.{other}"),
+            "credentialName and certificate files are alternatives, set one",
+        ));
+    }
+    Ok(())
+}
+
 fn tls(t: &ClientTlsSettings, f: &str) -> Result<(), FieldError> {
     let mode = t.mode();
     if !TLS_MODES.contains(&mode) {
@@ -324,11 +364,8 @@ fn tls(t: &ClientTlsSettings, f: &str) -> Result<(), FieldError> {
             ),
         ));
     }
-    if t.credential_name.is_some() {
-        return Err(fe(
-            format!("{f}.credentialName"),
-            "is not supported yet: give the files (caCertificates, clientCertificate, privateKey)",
-        ));
+    if let Some(name) = &t.credential_name {
+        credential_name(t, name, mode, f)?;
     }
     let files = [
         ("clientCertificate", &t.client_certificate),
@@ -368,6 +405,7 @@ fn tls(t: &ClientTlsSettings, f: &str) -> Result<(), FieldError> {
                 }
             }
         }
+        _ if t.credential_name.is_some() => {}
         _ => {
             for name in ["clientCertificate", "privateKey"] {
                 if !set(name) {

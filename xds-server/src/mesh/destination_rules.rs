@@ -80,6 +80,7 @@ pub fn build(
             .collect();
         let info = DestinationRuleInfo {
             key: dr.key(),
+            namespace: dr.namespace.clone(),
             policy: dr.spec.traffic_policy.as_deref().cloned(),
             subsets,
         };

@@ -5,6 +5,7 @@
 //! pointer: an edit of a VirtualService leaves the WorkloadEntry store, and every stage
 //! that reads only it, as it was.
 
+use crate::config::credentials::Credential;
 use crate::config::envoy_filter::EnvoyFilterSpec;
 use crate::config::model::{
     DestinationRuleSpec, MeshConfigSpec, ServiceEntrySpec, VirtualServiceSpec, WorkloadEntrySpec,
@@ -92,6 +93,8 @@ macro_rules! kinds {
             $(pub $field: Arc<KindStore<$spec>>,)*
             /// Member clusters with a registry, and where they run.
             pub clusters: Arc<BTreeMap<String, ClusterMeta>>,
+            /// Credential folders by name (`credentialName`).
+            pub credentials: Arc<BTreeMap<String, Arc<Credential>>>,
         }
 
         /// One file's objects, split by kind.

@@ -320,6 +320,7 @@ pub struct SubsetInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DestinationRuleInfo {
     pub key: String,
+    pub namespace: String,
     pub policy: Option<TrafficPolicy>,
     pub subsets: BTreeMap<String, SubsetInfo>,
 }
@@ -363,6 +364,30 @@ impl DestinationRuleInfo {
         }
         out
     }
+
+    /// Every `credentialName` of the rule with its tls mode, in rule order.
+    pub fn credentials(&self) -> Vec<(&str, &str)> {
+        let policies = std::iter::once(self.policy.as_ref())
+            .chain(self.subsets.values().map(|s| s.policy.as_ref()))
+            .flatten();
+        let mut out = Vec::new();
+        for tp in policies {
+            let tls = tp
+                .tls
+                .iter()
+                .chain(tp.port_level_settings.iter().filter_map(|p| p.tls.as_ref()));
+            for t in tls {
+                if let Some(name) = t.credential() {
+                    out.push((t.mode(), name));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn names_credentials(&self) -> bool {
+        !self.credentials().is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -399,6 +424,8 @@ pub struct MeshState {
     pub workload_services: Arc<BTreeMap<String, Vec<String>>>,
     /// EnvoyFilters, in the order they apply (patches on the translated resources).
     pub envoy_filters: Arc<envoy_filters::EnvoyFilters>,
+    /// Credential folders by name (`credentialName`), served over SDS only.
+    pub credentials: Arc<BTreeMap<String, Arc<crate::config::credentials::Credential>>>,
     /// Object counts per kind, for the admin API.
     pub counts: BTreeMap<&'static str, usize>,
 }
@@ -423,6 +450,7 @@ impl Default for MeshState {
             destination_rules: Arc::default(),
             workload_services: Arc::default(),
             envoy_filters: Arc::default(),
+            credentials: Arc::default(),
             counts: BTreeMap::new(),
         }
     }

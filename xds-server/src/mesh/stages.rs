@@ -302,6 +302,7 @@ pub fn build(inputs: &Inputs, prev: &Outputs) -> Result<(MeshState, Outputs), Ve
         destination_rules: destination_rules.value.clone(),
         workload_services: sv.workload_services.clone(),
         envoy_filters: envoy_filters.value.clone(),
+        credentials: inputs.credentials.clone(),
         counts: inputs.counts(),
     };
     let outputs = Outputs {

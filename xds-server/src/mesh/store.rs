@@ -69,6 +69,12 @@ impl MeshStore {
     pub fn build_from_scratch(&self) -> Result<MeshState, Vec<ConfigError>> {
         let mut inputs = Inputs {
             clusters: Arc::new(self.files.clusters().clone()),
+            credentials: Arc::new(
+                self.files
+                    .credentials()
+                    .map(|c| (c.name.clone(), c.clone()))
+                    .collect(),
+            ),
             ..Default::default()
         };
         for (key, objects) in self.files.in_effect() {
@@ -103,14 +109,11 @@ impl MeshStore {
             Err(errs) => {
                 self.files.hold_back(&changes, &errs);
                 outcome.new_errors.extend(errs);
-                if changes.clusters != *self.files.clusters() {
-                    let clusters_only = Changes {
-                        clusters: changes.clusters,
-                        ..Default::default()
-                    };
-                    if let Ok(changed) = self.try_build(&clusters_only) {
+                let rest = changes.without_files();
+                if !rest.is_empty(self.files.clusters()) {
+                    if let Ok(changed) = self.try_build(&rest) {
                         outcome.changed = changed;
-                        self.files.commit_clusters(clusters_only.clusters);
+                        self.files.commit_without_files(rest);
                     }
                 }
             }
@@ -127,6 +130,15 @@ impl MeshStore {
         }
         if *next.clusters != changes.clusters {
             next.clusters = Arc::new(changes.clusters.clone());
+        }
+        if !changes.credentials.is_empty() {
+            let credentials = Arc::make_mut(&mut next.credentials);
+            for (name, c) in &changes.credentials {
+                match c {
+                    Some(c) => credentials.insert(name.clone(), c.clone()),
+                    None => credentials.remove(name),
+                };
+            }
         }
         let (mesh, outputs) = stages::build(&next, &self.outputs)?;
         // Stages keep their `Arc`s when their result is unchanged, so this is cheap.

@@ -76,13 +76,15 @@ fn base_cluster(
 }
 
 /// One EDS cluster per port of a service, plus one per DestinationRule subset, as
-/// proxies without an identity get them: plaintext (or TLS origination).
+/// proxies without an identity get them: plaintext (or TLS origination with files; a
+/// cluster whose TLS needs a credential's secrets is left out).
 pub fn service_clusters(mesh: &MeshState, svc: &Service) -> Vec<Cluster> {
     build_service_clusters(mesh, svc, false)
 }
 
-/// The same clusters (same names, same order) for proxies with an identity: with the
-/// client side of mutual TLS where automatic mTLS or the DestinationRule asks for it.
+/// The same clusters (same order, plus those using a credential) for proxies with an
+/// identity: with the client side of mutual TLS where automatic mTLS or the
+/// DestinationRule asks for it.
 pub fn service_clusters_with_identity(mesh: &MeshState, svc: &Service) -> Vec<Cluster> {
     build_service_clusters(mesh, svc, true)
 }
@@ -100,6 +102,12 @@ fn build_service_clusters(mesh: &MeshState, svc: &Service, identity: bool) -> Ve
             let mut c = base_cluster(mesh, svc, p, subset, &policy);
             let alpn = traffic_policy::upstream_alpn(&policy, p.protocol);
             match (&policy.tls, tls::upstream_tls(svc, &policy)) {
+                // Its secrets go to proxies with an identity only (see `credentials`).
+                (Some(t), tls::UpstreamTls::Origination)
+                    if !identity && t.credential().is_some() =>
+                {
+                    continue;
+                }
                 (Some(t), tls::UpstreamTls::Origination) => {
                     c.transport_socket = Some(tls::origination_socket(t, alpn));
                 }

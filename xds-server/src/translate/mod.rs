@@ -12,6 +12,7 @@
 
 pub mod authz;
 mod clusters;
+pub mod credentials;
 mod endpoints;
 pub mod envoy_filter;
 pub mod external;

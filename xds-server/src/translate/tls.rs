@@ -189,29 +189,60 @@ fn file(path: &str) -> DataSource {
 }
 
 /// TLS origination (`SIMPLE`, `MUTUAL`) with files on the sidecar's host, as Istio's
-/// sidecars read them: the server is verified against `caCertificates` (the system's
+/// sidecars read them, or with a credential's SDS secrets (`credentialName`, see
+/// `super::credentials`): the server is verified against `caCertificates` (the system's
 /// roots without it, as Istio does) and `subjectAltNames`, unless `insecureSkipVerify`.
 pub fn origination_socket(t: &ClientTlsSettings, alpn: &[&str]) -> TransportSocket {
-    let validation = (t.insecure_skip_verify != Some(true)).then(|| CertificateValidationContext {
-        trusted_ca: t.ca_certificates.as_deref().map(file),
-        system_root_certs: t.ca_certificates.is_none().then(SystemRootCerts::default),
-        match_typed_subject_alt_names: san_matchers(&t.subject_alt_names),
-        ..Default::default()
-    });
-    let certificates = match (&t.client_certificate, &t.private_key) {
-        (Some(cert), Some(key)) if t.mode() == "MUTUAL" => vec![TlsCertificate {
-            certificate_chain: Some(file(cert)),
-            private_key: Some(file(key)),
+    let sans = san_matchers(&t.subject_alt_names);
+    let verify = t.insecure_skip_verify != Some(true);
+    let mutual = t.mode() == "MUTUAL";
+    let common = match t.credential() {
+        Some(name) => CommonTlsContext {
+            tls_certificate_sds_secret_configs: if mutual {
+                vec![sds(&super::credentials::certificate_secret(name))]
+            } else {
+                Vec::new()
+            },
+            validation_context_type: verify.then(|| {
+                ValidationContextType::CombinedValidationContext(
+                    CombinedCertificateValidationContext {
+                        default_validation_context: Some(CertificateValidationContext {
+                            match_typed_subject_alt_names: sans,
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds(
+                            &super::credentials::ca_secret(name),
+                        )),
+                        ..Default::default()
+                    },
+                )
+            }),
             ..Default::default()
-        }],
-        _ => Vec::new(),
+        },
+        None => CommonTlsContext {
+            tls_certificates: match (&t.client_certificate, &t.private_key) {
+                (Some(cert), Some(key)) if mutual => vec![TlsCertificate {
+                    certificate_chain: Some(file(cert)),
+                    private_key: Some(file(key)),
+                    ..Default::default()
+                }],
+                _ => Vec::new(),
+            },
+            validation_context_type: verify.then(|| {
+                ValidationContextType::ValidationContext(CertificateValidationContext {
+                    trusted_ca: t.ca_certificates.as_deref().map(file),
+                    system_root_certs: t.ca_certificates.is_none().then(SystemRootCerts::default),
+                    match_typed_subject_alt_names: sans,
+                    ..Default::default()
+                })
+            }),
+            ..Default::default()
+        },
     };
     tls_socket(&UpstreamTlsContext {
         common_tls_context: Some(CommonTlsContext {
-            tls_certificates: certificates,
-            validation_context_type: validation.map(ValidationContextType::ValidationContext),
             alpn_protocols: alpn.iter().map(|p| p.to_string()).collect(),
-            ..Default::default()
+            ..common
         }),
         sni: t.sni.clone().unwrap_or_default(),
         ..Default::default()

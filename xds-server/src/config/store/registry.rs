@@ -198,6 +198,7 @@ impl FileStore {
                 .map(|k| (k, None))
                 .collect(),
             clusters,
+            credentials: Default::default(),
             errors: Vec::new(),
         }
     }
