@@ -22,12 +22,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::ensure;
 use common::{
     call, count_versions, make_certs, send, Mesh, Mode, SidecarMesh, DESTINATION_RULE_FILE,
-    EDIT_TIMEOUT, NAMESPACE, POLL, PORT, VIRTUAL_SERVICE_FILE,
+    NAMESPACE, PORT, VIRTUAL_SERVICE_FILE,
 };
-use trellis_tests::{eventually, http_request, require_envoy, start_echo_tls, HttpResponse};
+use trellis_tests::{http_request, require_envoy, start_echo_tls, HttpResponse};
 
 /// Requests per check that something always goes one way (see e2e_routing.rs).
 const ALWAYS: usize = 50;
@@ -68,33 +67,12 @@ spec:
     )
 }
 
-fn generation(mesh: &Mesh) -> u64 {
-    mesh.syncz().expect("syncz")["generation"]
-        .as_u64()
-        .expect("generation")
-}
-
-/// Writes a config file and waits until the server published a new generation and
-/// every sidecar ACKed everything it was sent.
-fn apply(mesh: &Mesh, file: &str, text: &str) {
-    let before = generation(mesh);
-    mesh.replace_config(file, text);
-    eventually(EDIT_TIMEOUT, POLL, || {
-        let now = generation(mesh);
-        ensure!(now > before, "generation still {now}");
-        mesh.check_converged(true)
-    });
-    let configz = mesh.configz().expect("configz");
-    assert_eq!(configz["errors"], serde_json::json!([]), "{configz}");
-}
-
 fn header_stickiness(mesh: &Mesh) {
-    apply(
-        mesh,
+    mesh.apply(
         DESTINATION_RULE_FILE,
         &reviews_rule("    loadBalancer:\n      consistentHash: {httpHeaderName: x-user}\n"),
     );
-    apply(mesh, VIRTUAL_SERVICE_FILE, &all_reviews_no_retries());
+    mesh.apply(VIRTUAL_SERVICE_FILE, &all_reviews_no_retries());
     let client = mesh.client();
     let mut by_user = BTreeMap::new();
     // 16 users: the chance that a working ring puts them all on one endpoint is 2^-15.
@@ -120,8 +98,7 @@ fn header_stickiness(mesh: &Mesh) {
 }
 
 fn cookie_stickiness(mesh: &Mesh) {
-    apply(
-        mesh,
+    mesh.apply(
         DESTINATION_RULE_FILE,
         &reviews_rule(
             "    loadBalancer:\n      consistentHash:\n        httpCookie: {name: trellis-session, path: /, ttl: 3600s}\n",
@@ -157,8 +134,7 @@ fn cookie_stickiness(mesh: &Mesh) {
 }
 
 fn outlier_ejection(mesh: &Mesh) {
-    apply(
-        mesh,
+    mesh.apply(
         DESTINATION_RULE_FILE,
         &reviews_rule(
             "    loadBalancer: {simple: ROUND_ROBIN}
@@ -195,8 +171,7 @@ fn outlier_ejection(mesh: &Mesh) {
 }
 
 fn overflow(mesh: &Mesh) {
-    apply(
-        mesh,
+    mesh.apply(
         DESTINATION_RULE_FILE,
         &reviews_rule(
             "    connectionPool:
@@ -283,11 +258,7 @@ fn tls_origination(mesh: &mut Mesh) {
         start_echo_tls(mesh.dir.path(), server, "bank", "v1", (&cert, &key)).expect("https echo");
     mesh.echos.push(echo);
 
-    apply(
-        mesh,
-        "bank.yaml",
-        &bank_config(server, &ca, "bank.example.com"),
-    );
+    mesh.apply("bank.yaml", &bank_config(server, &ca, "bank.example.com"));
     let client = mesh.client();
     for _ in 0..5 {
         let r = call(client, "bank.example.com", "GET", "/accounts", &[]).expect("request");
@@ -299,11 +270,7 @@ fn tls_origination(mesh: &mut Mesh) {
     }
 
     // A server that is not who the rule expects is refused.
-    apply(
-        mesh,
-        "bank.yaml",
-        &bank_config(server, &ca, "other.example.com"),
-    );
+    mesh.apply("bank.yaml", &bank_config(server, &ca, "other.example.com"));
     let r = call(client, "bank.example.com", "GET", "/", &[]).expect("request");
     assert_eq!(r.status, 503, "{}", r.text());
     let failed = mesh

@@ -145,10 +145,170 @@ fn consistent_hash() {
         "spec.trafficPolicy.loadBalancer.simple",
         "PASSTHROUGH",
     );
+}
+
+/// `localityLbSetting` under `trafficPolicy.loadBalancer`, `body` indented under it.
+fn locality(body: &str) -> String {
+    tp(&format!(
+        "    loadBalancer:\n      localityLbSetting:\n{body}"
+    ))
+}
+
+const LOCALITY: &str = "spec.trafficPolicy.loadBalancer.localityLbSetting";
+
+#[test]
+fn locality_settings_that_load() {
+    for body in [
+        "        failover: [{from: us-east, to: eu-west}, {from: eu-west, to: us-east}]\n",
+        "        distribute:\n        - from: us-east/*\n          to: {\"us-east/zone1/*\": 70, \"us-east/zone2\": 20, eu-west: 10}\n        - {from: \"eu-west/*\", to: {\"*\": 100}}\n",
+        "        failoverPriority: [topology.istio.io/network, topology.kubernetes.io/region, version, example.com/tier=gold]\n",
+        "        failoverPriority: [topology.istio.io/network, topology.istio.io/cluster]\n        failover: [{from: us-east, to: eu-west}]\n",
+        "        enabled: false\n        failover: [{from: us-east, to: eu-west}]\n",
+    ] {
+        let text = locality(body);
+        parse_file("dr.yaml", &text).unwrap_or_else(|e| panic!("{text}: {e:?}"));
+    }
+}
+
+#[test]
+fn distribute_and_failover_are_alternatives() {
     rejected(
-        &tp("    loadBalancer:\n      localityLbSetting:\n        failover: [{from: us-east, to: eu-west}]\n"),
-        "spec.trafficPolicy.loadBalancer.localityLbSetting.failover",
-        "not supported yet",
+        &locality("        distribute: [{from: us-east, to: {us-east: 100}}]\n        failover: [{from: us-east, to: eu-west}]\n"),
+        &format!("{LOCALITY}.failover"),
+        "distribute and failover are alternatives",
+    );
+    rejected(
+        &locality("        distribute: [{from: us-east, to: {us-east: 100}}]\n        failoverPriority: [version]\n"),
+        &format!("{LOCALITY}.failoverPriority"),
+        "distribute and failoverPriority are alternatives",
+    );
+}
+
+#[test]
+fn distribute_weights_and_patterns() {
+    let d = |to: &str| {
+        locality(&format!(
+            "        distribute:\n        - from: us-east/*\n          to: {to}\n"
+        ))
+    };
+    rejected(
+        &d("{us-east: 70, eu-west: 20}"),
+        &format!("{LOCALITY}.distribute[0].to"),
+        "add up to 90, not 100",
+    );
+    rejected(
+        &d("{us-east: 0, eu-west: 100}"),
+        &format!("{LOCALITY}.distribute[0].to.us-east"),
+        "out of range 1-100",
+    );
+    rejected(
+        &d("{}"),
+        &format!("{LOCALITY}.distribute[0].to"),
+        "at least one locality",
+    );
+    rejected(
+        &d("{\"us-east/*/a\": 100}"),
+        &format!("{LOCALITY}.distribute[0].to.us-east/*/a"),
+        "`*` stands for a whole part",
+    );
+    rejected(
+        &d("{\"us-east/zo*\": 100}"),
+        &format!("{LOCALITY}.distribute[0].to.us-east/zo*"),
+        "`*` stands for a whole part",
+    );
+    rejected(
+        &d("{\"us-east//a\": 100}"),
+        &format!("{LOCALITY}.distribute[0].to.us-east//a"),
+        "an empty part",
+    );
+    rejected(
+        &d("{\"a/b/c/d\": 100}"),
+        &format!("{LOCALITY}.distribute[0].to.a/b/c/d"),
+        "more than three parts",
+    );
+    rejected(
+        &d("{\"us-east/*\": 50, \"us-east/zone1\": 50}"),
+        &format!("{LOCALITY}.distribute[0].to.us-east/zone1"),
+        "overlaps `us-east/*`",
+    );
+    rejected(
+        &locality("        distribute:\n        - {from: \"us-east/zone1/*\", to: {us-east: 100}}\n        - {from: us-east, to: {eu-west: 100}}\n"),
+        &format!("{LOCALITY}.distribute[1].from"),
+        "overlaps distribute[0].from",
+    );
+    rejected(
+        &locality("        distribute:\n        - {from: \"\", to: {us-east: 100}}\n"),
+        &format!("{LOCALITY}.distribute[0].from"),
+        "not a locality",
+    );
+}
+
+#[test]
+fn failover_regions() {
+    let f = |list: &str| locality(&format!("        failover: {list}\n"));
+    rejected(
+        &f("[{from: us-east, to: us-east}]"),
+        &format!("{LOCALITY}.failover[0].to"),
+        "another region",
+    );
+    rejected(
+        &f("[{from: us-east/zone1, to: eu-west}]"),
+        &format!("{LOCALITY}.failover[0].from"),
+        "not a region",
+    );
+    rejected(
+        &f("[{from: us-east, to: \"*\"}]"),
+        &format!("{LOCALITY}.failover[0].to"),
+        "not a region",
+    );
+    rejected(
+        &f("[{from: us-east, to: eu-west}, {from: us-east, to: ap-south}]"),
+        &format!("{LOCALITY}.failover[1].from"),
+        "fails over to failover[0].to already",
+    );
+    rejected(
+        &f("[{from: us-east}]"),
+        &format!("{LOCALITY}.failover[0]"),
+        "missing field `to`",
+    );
+}
+
+#[test]
+fn failover_priority_labels() {
+    let p = |list: &str| locality(&format!("        failoverPriority: {list}\n"));
+    rejected(
+        &p("[\"bad key\"]"),
+        &format!("{LOCALITY}.failoverPriority[0]"),
+        "not a label key",
+    );
+    rejected(
+        &p("[version, \"-x.io/tier\"]"),
+        &format!("{LOCALITY}.failoverPriority[1]"),
+        "not a label key",
+    );
+    rejected(
+        &p("[\"version=v 1\"]"),
+        &format!("{LOCALITY}.failoverPriority[0]"),
+        "not a label value",
+    );
+    rejected(
+        &p("[version, version=v1]"),
+        &format!("{LOCALITY}.failoverPriority[1]"),
+        "listed already",
+    );
+    rejected(
+        &locality("        failoverPriority: [topology.kubernetes.io/zone]\n        failover: [{from: us-east, to: eu-west}]\n"),
+        &format!("{LOCALITY}.failoverPriority[0]"),
+        "not together with failover",
+    );
+}
+
+#[test]
+fn subset_and_port_level_locality_settings_are_checked() {
+    rejected(
+        &dr("  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      portLevelSettings:\n      - port: {number: 9080}\n        loadBalancer:\n          localityLbSetting:\n            failover: [{from: a, to: a}]\n"),
+        "spec.subsets[0].trafficPolicy.portLevelSettings[0].loadBalancer.localityLbSetting.failover[0].to",
+        "another region",
     );
 }
 

@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context as _};
 use serde_json::Value;
 use trellis_tests::{
-    envoy_admin_get, free_port, http_get_json, start_echo, test_dir, wait_envoy_live, ChildGuard,
-    EnvoyOptions, LoopbackNet, Signal, ENVOY_START_TIMEOUT,
+    envoy_admin_get, eventually, free_port, http_get_json, start_echo, test_dir, wait_envoy_live,
+    ChildGuard, EnvoyOptions, LoopbackNet, Signal, ENVOY_START_TIMEOUT,
 };
 
 use super::{
@@ -209,6 +209,27 @@ impl Mesh {
 
     pub fn syncz(&self) -> anyhow::Result<Value> {
         http_get_json(self.admin_addr, "/debug/syncz")
+    }
+
+    /// The generation of the server's current snapshot.
+    pub fn generation(&self) -> u64 {
+        self.syncz().expect("syncz")["generation"]
+            .as_u64()
+            .expect("generation")
+    }
+
+    /// Replaces a config file and waits until the server published a new generation and
+    /// every sidecar ACKed everything it was sent; the config must then hold no errors.
+    pub fn apply(&self, file: &str, text: &str) {
+        let before = self.generation();
+        self.replace_config(file, text);
+        eventually(EDIT_TIMEOUT, POLL, || {
+            let now = self.generation();
+            ensure!(now > before, "generation still {now}");
+            self.check_converged(true)
+        });
+        let configz = self.configz().expect("configz");
+        assert_eq!(configz["errors"], serde_json::json!([]), "{configz}");
     }
 
     pub fn configz(&self) -> anyhow::Result<Value> {

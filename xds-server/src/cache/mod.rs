@@ -4,6 +4,7 @@
 //! bookkeeping; everything that costs CPU per resource happens here, once per snapshot.
 
 mod resource;
+mod service_resources;
 mod snapshot;
 mod view;
 

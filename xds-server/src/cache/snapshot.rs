@@ -1,185 +1,21 @@
+use super::service_resources::{MeshInputs, ServiceResources};
 use super::{ProxyView, Resource, ResourceSet, TypeKind};
 use crate::config::envoy_filter::{ApplyTo, PatchContext};
 use crate::config::model::ConsistentHash;
 use crate::mesh::envoy_filters::{PatchKey, PatchSet};
-use crate::mesh::{DestinationRuleInfo, MeshState, Service, Workload};
+use crate::mesh::{MeshState, Workload};
 use crate::translate::envoy_filter::{patch_clusters, patch_listeners, patch_routes};
-use crate::translate::{self, ProxyScope};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use crate::translate::{self, EdsClass, EdsNeeds, ProxyLocality, ProxyScope};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
-
-/// A service's translated resources with the inputs they came from, so the next
-/// snapshot can reuse them when those inputs are unchanged (incremental translation).
-#[derive(Debug)]
-struct ServiceResources {
-    service: Arc<Service>,
-    rule: Option<Arc<DestinationRuleInfo>>,
-    connect_timeout: Duration,
-    /// DNS clusters name the mesh's resolvers.
-    dns_resolvers: Vec<std::net::SocketAddr>,
-    /// For proxies without an identity (plaintext).
-    clusters: Vec<Arc<Resource>>,
-    /// For proxies with an identity (mTLS-capable): built on first use only, since a
-    /// mesh without labelled workloads never needs them. A cluster that comes out the
-    /// same as its plaintext twin (DISABLE, MESH_EXTERNAL) is that same `Resource`.
-    identity_clusters: OnceLock<Vec<Arc<Resource>>>,
-    /// Every endpoint at priority 0: for proxies of clusters not in `spans`.
-    endpoints: Vec<Arc<Resource>>,
-    /// The clusters its endpoints run in, when there are two or more: only proxies of
-    /// these clusters rank its endpoints (their own first), so only they need their own
-    /// assignments. Empty in a single-cluster mesh.
-    spans: Vec<String>,
-    /// Per proxy cluster of `spans`, built on first use; an assignment that comes out as
-    /// in `endpoints` (a subset all in one cluster) is that same `Resource`.
-    cluster_endpoints: Memo<String, Arc<Vec<Arc<Resource>>>>,
-}
-
-/// What a carried-over [`ServiceResources`] depends on beyond its own service and rule;
-/// compared once per snapshot rather than once per service.
-#[derive(Debug, Clone, Copy)]
-struct MeshInputs {
-    /// Trust domain unchanged: the identity clusters' SAN checks still hold.
-    trust_domain: bool,
-    /// PeerAuthentication unchanged: endpoint metadata (which ports take mTLS) still holds.
-    peer_authentication: bool,
-}
-
-impl MeshInputs {
-    fn between(prev: &MeshState, next: &MeshState) -> MeshInputs {
-        MeshInputs {
-            trust_domain: prev.trust_domain == next.trust_domain,
-            peer_authentication: prev.peer_authentication == next.peer_authentication,
-        }
-    }
-}
-
-impl ServiceResources {
-    /// Translates `svc`, reusing from `prev` (the same service's resources in the last
-    /// snapshot) whatever part did not change.
-    fn build(
-        mesh: &MeshState,
-        svc: &Arc<Service>,
-        prev: Option<(&ServiceResources, MeshInputs)>,
-    ) -> ServiceResources {
-        let rule = mesh.destination_rules.get(&svc.fqdn).cloned();
-        let clusters_valid = prev.filter(|(p, _)| {
-            *p.service == **svc
-                && p.rule.as_deref() == rule.as_deref()
-                && p.connect_timeout == mesh.connect_timeout
-                && p.dns_resolvers == mesh.dns_resolvers
-        });
-        let (clusters, identity_clusters) = match clusters_valid {
-            Some((p, inputs)) => (
-                p.clusters.clone(),
-                if inputs.trust_domain {
-                    p.identity_clusters.clone()
-                } else {
-                    OnceLock::new()
-                },
-            ),
-            None => (
-                translate::service_clusters(mesh, svc)
-                    .iter()
-                    .map(|c| Resource::new(TypeKind::Cluster, c.name.as_str(), c))
-                    .collect(),
-                OnceLock::new(),
-            ),
-        };
-        let (endpoints, cluster_endpoints) = match clusters_valid {
-            Some((p, inputs)) if inputs.peer_authentication => {
-                (p.endpoints.clone(), carry(&p.cluster_endpoints, true))
-            }
-            _ => (
-                translate::service_endpoints(mesh, svc)
-                    .iter()
-                    .map(|c| Resource::new(TypeKind::Endpoint, c.cluster_name.as_str(), c))
-                    .collect(),
-                HashMap::new(),
-            ),
-        };
-        let in_clusters: BTreeSet<&str> = svc
-            .endpoints
-            .iter()
-            .filter_map(|e| e.cluster.as_deref())
-            .collect();
-        let spans = if in_clusters.len() < 2 {
-            Vec::new()
-        } else {
-            in_clusters.into_iter().map(str::to_string).collect()
-        };
-        ServiceResources {
-            service: svc.clone(),
-            rule,
-            connect_timeout: mesh.connect_timeout,
-            dns_resolvers: mesh.dns_resolvers.clone(),
-            clusters,
-            identity_clusters,
-            endpoints,
-            spans,
-            cluster_endpoints: Mutex::new(cluster_endpoints),
-        }
-    }
-
-    /// The assignments proxies of `cluster` get. `mesh` is any mesh this entry is valid
-    /// for: the result is the same for all.
-    fn endpoints_for(&self, mesh: &MeshState, cluster: &str) -> Arc<Vec<Arc<Resource>>> {
-        memo(&self.cluster_endpoints, &cluster.to_string(), || {
-            let ranked = translate::service_endpoints_for(mesh, &self.service, Some(cluster));
-            Arc::new(
-                ranked
-                    .iter()
-                    .zip(&self.endpoints)
-                    .map(|(cla, base)| {
-                        let r = Resource::new(TypeKind::Endpoint, cla.cluster_name.as_str(), cla);
-                        if r.version == base.version {
-                            base.clone()
-                        } else {
-                            r
-                        }
-                    })
-                    .collect(),
-            )
-        })
-    }
-
-    fn still_valid(&self, mesh: &MeshState, svc: &Service, inputs: MeshInputs) -> bool {
-        *self.service == *svc
-            && self.rule.as_deref() == mesh.destination_rules.get(&svc.fqdn).map(|r| &**r)
-            && self.connect_timeout == mesh.connect_timeout
-            && self.dns_resolvers == mesh.dns_resolvers
-            && inputs.trust_domain
-            && inputs.peer_authentication
-    }
-
-    /// `mesh` is any mesh this entry is valid for: the result is the same for all.
-    fn identity_clusters(&self, mesh: &MeshState) -> &[Arc<Resource>] {
-        self.identity_clusters.get_or_init(|| {
-            // By name: the plaintext set lacks the clusters that use a credential.
-            let plain: HashMap<&str, &Arc<Resource>> =
-                self.clusters.iter().map(|r| (&*r.name, r)).collect();
-            translate::service_clusters_with_identity(mesh, &self.service)
-                .iter()
-                .map(|c| match plain.get(c.name.as_str()) {
-                    Some(p)
-                        if c.transport_socket.is_none()
-                            && c.transport_socket_matches.is_empty() =>
-                    {
-                        (*p).clone()
-                    }
-                    _ => Resource::new(TypeKind::Cluster, c.name.as_str(), c),
-                })
-                .collect()
-        })
-    }
-}
+use std::time::Instant;
 
 /// A class's listeners and inbound clusters, with the workload they were built for.
 type WorkloadSets = (Option<Arc<Workload>>, Arc<ResourceSet>, Arc<ResourceSet>);
 
-type Memo<K, V> = Mutex<HashMap<K, Arc<OnceLock<V>>>>;
+pub(super) type Memo<K, V> = Mutex<HashMap<K, Arc<OnceLock<V>>>>;
 
-fn carry<K: Clone, V>(m: &Memo<K, V>, ok: bool) -> HashMap<K, Arc<OnceLock<V>>> {
+pub(super) fn carry<K: Clone, V>(m: &Memo<K, V>, ok: bool) -> HashMap<K, Arc<OnceLock<V>>> {
     if ok {
         m.lock().unwrap_or_else(|e| e.into_inner()).clone()
     } else {
@@ -187,7 +23,7 @@ fn carry<K: Clone, V>(m: &Memo<K, V>, ok: bool) -> HashMap<K, Arc<OnceLock<V>>> 
     }
 }
 
-fn memo<K: std::hash::Hash + Eq + Clone, V: Clone>(
+pub(super) fn memo<K: std::hash::Hash + Eq + Clone, V: Clone>(
     m: &Memo<K, V>,
     key: &K,
     build: impl FnOnce() -> V,
@@ -315,13 +151,17 @@ pub struct Snapshot {
     jwks_clusters: Arc<ResourceSet>,
     /// Outbound clusters for proxies with an identity; built when the first such view is.
     identity_clusters: OnceLock<Arc<ResourceSet>>,
-    /// Every endpoint at priority 0: what proxies of a cluster outside `split_clusters` get.
+    /// The assignments for no proxy in particular (every endpoint at priority 0 where
+    /// they are ranked by cluster): what proxies whose class of `eds_needs` is empty get.
     endpoints: Arc<ResourceSet>,
-    /// Clusters where some service has endpoints and other clusters have more: their
-    /// proxies get their own EDS set (theirs first). Empty in a single-cluster mesh.
-    split_clusters: BTreeSet<String>,
-    /// EDS per cluster of `split_clusters`, built when its first proxy's view is.
-    cluster_endpoints: Memo<String, Arc<ResourceSet>>,
+    /// What of a proxy some service's assignments depend on (the union of the services'
+    /// needs): the clusters where some service has endpoints and other clusters have
+    /// more, and the locality and labels `localityLbSetting`s look at. Empty in a
+    /// single-cluster mesh without such settings.
+    eds_needs: EdsNeeds,
+    /// EDS per proxy class of `eds_needs`, built when its first proxy's view is: one
+    /// set for every proxy of one locality, say.
+    class_endpoints: Memo<EdsClass, Arc<ResourceSet>>,
     /// Lazily built per proxy class: only classes with connected proxies cost anything.
     views: Memo<ProxyScope, Arc<ProxyView>>,
     /// By namespace and the EnvoyFilters patching its route configurations (none: the
@@ -374,10 +214,10 @@ impl Snapshot {
         );
         let endpoints =
             ResourceSet::new(services.values().flat_map(|s| s.endpoints.iter().cloned()));
-        let split_clusters = services
-            .values()
-            .flat_map(|s| s.spans.iter().cloned())
-            .collect();
+        let mut eds_needs = EdsNeeds::default();
+        for s in services.values() {
+            eds_needs.merge(&s.needs);
+        }
         let credential_clusters = translate::credentials::credential_clusters(&mesh);
         let (routes, listeners) = match prev {
             Some(p) => (
@@ -395,8 +235,8 @@ impl Snapshot {
             jwks_clusters,
             identity_clusters: OnceLock::new(),
             endpoints,
-            split_clusters,
-            cluster_endpoints: Mutex::default(),
+            eds_needs,
+            class_endpoints: Mutex::default(),
             views: Mutex::default(),
             routes: Mutex::new(routes),
             patched_clusters: Mutex::default(),
@@ -422,18 +262,19 @@ impl Snapshot {
         }
     }
 
-    /// The EDS set of proxies in `cluster`.
-    fn endpoints_for(&self, cluster: &str) -> Arc<ResourceSet> {
-        if !self.split_clusters.contains(cluster) {
+    /// The EDS set of `proxy`: shared by its class, since every service's class is a
+    /// part of it.
+    fn endpoints_for(&self, proxy: &ProxyLocality) -> Arc<ResourceSet> {
+        let class = self.eds_needs.class(proxy);
+        if class == EdsClass::default() {
             return self.endpoints.clone();
         }
-        memo(&self.cluster_endpoints, &cluster.to_string(), || {
+        memo(&self.class_endpoints, &class, || {
             let mut all = Vec::with_capacity(self.endpoints.map.len());
             for s in self.services.values() {
-                if s.spans.iter().any(|c| c == cluster) {
-                    all.extend(s.endpoints_for(&self.mesh, cluster).iter().cloned());
-                } else {
-                    all.extend(s.endpoints.iter().cloned());
+                match s.endpoints_for(&self.mesh, proxy) {
+                    Some(own) => all.extend(own.iter().cloned()),
+                    None => all.extend(s.endpoints.iter().cloned()),
                 }
             }
             ResourceSet::new(all)
@@ -646,7 +487,11 @@ impl Snapshot {
         if !self.jwks_clusters.map.is_empty() {
             v.push_layer(TypeKind::Cluster, self.jwks_clusters.clone());
         }
-        v.push_layer(TypeKind::Endpoint, self.endpoints_for(cluster));
+        let proxy = match workload {
+            Some(w) => ProxyLocality::of_workload(w),
+            None => ProxyLocality::of_cluster(&self.mesh, cluster),
+        };
+        v.push_layer(TypeKind::Endpoint, self.endpoints_for(&proxy));
         let no_labels = BTreeMap::new();
         let labels = workload.map_or(&no_labels, |w| &w.labels);
         v.push_layer(TypeKind::Route, self.namespace_routes(ns, labels, &patches));

@@ -1,8 +1,11 @@
 //! Checks on a DestinationRule `trafficPolicy` (rule, subset and port level), named by
-//! field. What Istio accepts but Trellis cannot honour yet is an error that says so.
+//! field. What Istio accepts but Trellis cannot honour yet is an error that says so, and
+//! so is what Istio would silently ignore (a `failoverPriority` beside `distribute`, a
+//! second `failover` entry for one region).
 
 use super::destination_rule::*;
 use super::parse_duration;
+use super::validate::{dns_label, label_value};
 use std::collections::BTreeSet;
 
 type FieldError = (String, String);
@@ -166,21 +169,185 @@ fn consistent_hash(ch: &ConsistentHash, f: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn locality(l: &LocalityLbSetting, f: &str) -> Result<(), FieldError> {
-    let unsupported = if !l.distribute.is_empty() {
-        Some("distribute")
-    } else if !l.failover.is_empty() {
-        Some("failover")
-    } else if !l.failover_priority.is_empty() {
-        Some("failoverPriority")
-    } else {
-        None
+/// A `distribute` locality: `region[/zone[/subzone]]`, the last part possibly `*`
+/// (`*` alone: everywhere). Returns the fixed parts, which say what it overlaps.
+fn locality_pattern<'a>(p: &'a str, f: &str) -> Result<Vec<&'a str>, FieldError> {
+    let parts: Vec<&str> = p.split('/').collect();
+    let bad = |why: &str| {
+        Err(fe(
+            f,
+            format!("`{p}` is not a locality (region[/zone[/subzone]], the last part may be `*`): {why}"),
+        ))
     };
-    if let Some(field) = unsupported {
+    if parts.len() > 3 {
+        return bad("more than three parts");
+    }
+    if parts.iter().any(|s| s.is_empty()) {
+        return bad("an empty part");
+    }
+    let (last, fixed) = parts.split_last().unwrap_or((&"", &[]));
+    if fixed.iter().any(|s| s.contains('*')) || (last.contains('*') && *last != "*") {
+        return bad("`*` stands for a whole part, the last one");
+    }
+    let mut fixed = fixed.to_vec();
+    if *last != "*" {
+        fixed.push(last);
+    }
+    Ok(fixed)
+}
+
+/// Two patterns overlap when some locality matches both: one's fixed parts begin the
+/// other's.
+fn overlaps(a: &[&str], b: &[&str]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+/// A `failover` region: one part, no wildcard.
+fn region(r: &str, f: &str) -> Result<(), FieldError> {
+    if r.is_empty() {
+        return Err(fe(f, "must name a region"));
+    }
+    if r.contains('/') || r.contains('*') {
         return Err(fe(
-            format!("{f}.{field}"),
-            "is not supported yet: Trellis ranks endpoints by member cluster (the proxy's first, then the others); only `enabled` can be set",
+            f,
+            format!("`{r}` is not a region: failover goes from region to region (no '/', no '*')"),
         ));
+    }
+    Ok(())
+}
+
+/// A Kubernetes label key: `[prefix/]name`, the prefix a DNS subdomain.
+fn label_key(k: &str, f: &str) -> Result<(), FieldError> {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    let prefix_ok =
+        prefix.is_none_or(|p| p.len() <= 253 && p.split('.').all(|l| dns_label(l).is_ok()));
+    if prefix_ok && label_value(name).is_ok() {
+        return Ok(());
+    }
+    Err(fe(
+        f,
+        format!("`{k}` is not a label key ([prefix/]name: a name of 1-63 letters, digits, '-', '.' or '_' starting and ending with a letter or digit, a DNS subdomain as prefix)"),
+    ))
+}
+
+/// The topology labels that rank by locality, as `failover` does.
+const LOCALITY_LABELS: [&str; 3] = [
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+    "topology.istio.io/subzone",
+];
+
+fn distribute(l: &LocalityLbSetting, f: &str) -> Result<(), FieldError> {
+    let mut froms: Vec<(usize, Vec<&str>)> = Vec::new();
+    for (i, d) in l.distribute.iter().enumerate() {
+        let df = format!("{f}.distribute[{i}]");
+        let from = locality_pattern(&d.from, &format!("{df}.from"))?;
+        if let Some((j, _)) = froms.iter().find(|(_, o)| overlaps(o, &from)) {
+            return Err(fe(
+                format!("{df}.from"),
+                format!(
+                    "`{}` overlaps distribute[{j}].from `{}`: a proxy would match both",
+                    d.from, l.distribute[*j].from
+                ),
+            ));
+        }
+        froms.push((i, from));
+        if d.to.is_empty() {
+            return Err(fe(
+                format!("{df}.to"),
+                "must give at least one locality a weight",
+            ));
+        }
+        let mut seen: Vec<(&str, Vec<&str>)> = Vec::new();
+        for (loc, weight) in &d.to {
+            let tf = format!("{df}.to.{loc}");
+            let to = locality_pattern(loc, &tf)?;
+            if let Some((other, _)) = seen.iter().find(|(_, o)| overlaps(o, &to)) {
+                return Err(fe(
+                    tf,
+                    format!("`{loc}` overlaps `{other}`: a locality would get two weights"),
+                ));
+            }
+            seen.push((loc, to));
+            if !(1..=100).contains(weight) {
+                return Err(fe(tf, format!("weight {weight} is out of range 1-100")));
+            }
+        }
+        let sum: u64 = d.to.values().map(|w| u64::from(*w)).sum();
+        if sum != 100 {
+            return Err(fe(
+                format!("{df}.to"),
+                format!("the weights add up to {sum}, not 100"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn locality(l: &LocalityLbSetting, f: &str) -> Result<(), FieldError> {
+    if !l.distribute.is_empty() {
+        let other = if !l.failover.is_empty() {
+            Some("failover")
+        } else if !l.failover_priority.is_empty() {
+            Some("failoverPriority")
+        } else {
+            None
+        };
+        if let Some(other) = other {
+            return Err(fe(
+                format!("{f}.{other}"),
+                format!("distribute and {other} are alternatives (weights at one priority, or priorities to fail over by): set one"),
+            ));
+        }
+    }
+    distribute(l, f)?;
+    for (i, fo) in l.failover.iter().enumerate() {
+        let ff = format!("{f}.failover[{i}]");
+        region(&fo.from, &format!("{ff}.from"))?;
+        region(&fo.to, &format!("{ff}.to"))?;
+        if fo.from == fo.to {
+            return Err(fe(
+                format!("{ff}.to"),
+                format!(
+                    "`{}` is the from region: failover goes to another region",
+                    fo.to
+                ),
+            ));
+        }
+        if let Some(j) = l.failover[..i].iter().position(|o| o.from == fo.from) {
+            return Err(fe(
+                format!("{ff}.from"),
+                format!(
+                    "region `{}` fails over to failover[{j}].to already",
+                    fo.from
+                ),
+            ));
+        }
+    }
+    let mut keys: Vec<&str> = Vec::new();
+    for (i, entry) in l.failover_priority.iter().enumerate() {
+        let pf = format!("{f}.failoverPriority[{i}]");
+        let (key, value) = match entry.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (entry.as_str(), None),
+        };
+        label_key(key, &pf)?;
+        if let Some(v) = value {
+            label_value(v).map_err(|m| fe(&pf, m))?;
+        }
+        if keys.contains(&key) {
+            return Err(fe(pf, format!("label `{key}` is listed already")));
+        }
+        keys.push(key);
+        if !l.failover.is_empty() && LOCALITY_LABELS.contains(&key) {
+            return Err(fe(
+                pf,
+                format!("`{key}` ranks by locality, as failover does: not together with failover (Istio's rule)"),
+            ));
+        }
     }
     Ok(())
 }

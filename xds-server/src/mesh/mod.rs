@@ -108,6 +108,9 @@ pub struct Endpoint {
     /// The cluster the workload runs in, `None` for inline endpoints (they are not in a
     /// cluster of the mesh). EDS ranks endpoints by it relative to the proxy's cluster.
     pub cluster: Option<String>,
+    /// The workload's network, or the inline endpoint's `network`: the value of the
+    /// `topology.istio.io/network` label a `failoverPriority` may compare.
+    pub network: Option<String>,
 }
 
 impl ServicePortInfo {

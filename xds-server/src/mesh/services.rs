@@ -154,6 +154,7 @@ fn service(
                 workload: None,
                 service_account: None,
                 cluster: None,
+                network: e.network.clone(),
             })
         })
         .collect();
@@ -169,6 +170,7 @@ fn service(
                     workload: Some(w.key.clone()),
                     service_account: Some(w.service_account.clone()),
                     cluster: Some(w.cluster.clone()),
+                    network: Some(w.network.clone()),
                 });
                 selected
                     .entry(w.key.clone())

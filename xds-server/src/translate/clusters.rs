@@ -2,7 +2,10 @@ use super::{ads, duration, inbound_cluster_name, outbound_cluster_name, tls, tra
 use crate::config::model::ClusterPolicy;
 use crate::mesh::{MeshState, Service, ServicePortInfo, Workload};
 use envoy_types::pb::envoy::config::cluster::v3::{
-    cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy},
+    cluster::{
+        common_lb_config::{LocalityConfigSpecifier, LocalityWeightedLbConfig},
+        ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbPolicy,
+    },
     Cluster,
 };
 use envoy_types::pb::envoy::config::core::v3::{
@@ -67,6 +70,14 @@ fn base_cluster(
     c.lb_policy = LbPolicy::RoundRobin as i32;
     c.outlier_detection = Some(traffic_policy::default_outlier_detection());
     traffic_policy::apply(&mut c, policy, port.protocol);
+    if super::endpoints::locality_weighted(svc, policy) {
+        // `distribute`: EDS gives every locality a weight (see `locality.rs`).
+        c.common_lb_config
+            .get_or_insert_with(CommonLbConfig::default)
+            .locality_config_specifier = Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(
+            LocalityWeightedLbConfig {},
+        ));
+    }
     if passthrough {
         c.lb_policy = LbPolicy::ClusterProvided as i32;
         c.lb_config = None;

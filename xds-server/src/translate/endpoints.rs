@@ -1,38 +1,28 @@
-//! EDS: endpoints grouped by locality, ranked by cluster relative to the proxy's.
+//! EDS: endpoints grouped by locality, ranked relative to the proxy.
 //!
 //! Every workload endpoint has the locality `region/zone/subzone` with its cluster as the
 //! subzone (unless its WorkloadEntry sets one), so a config dump and Envoy's stats show
-//! where an endpoint runs. For a proxy of cluster C, endpoints in C have priority 0 and
-//! endpoints of other clusters priority 1: Envoy sends everything to priority 0 while
-//! enough of it is healthy and spills over as it is not (outlier detection on the
-//! clusters marks failing endpoints unhealthy, see `clusters.rs`). Envoy wants priorities
-//! without gaps, so when C has none of the endpoints (or all of them) they are all
-//! priority 0: that assignment is the same for every such proxy, and shared.
+//! where an endpoint runs. Unless its DestinationRule says otherwise, for a proxy of
+//! cluster C, endpoints in C have priority 0 and endpoints of other clusters priority 1:
+//! Envoy sends everything to priority 0 while enough of it is healthy and spills over as
+//! it is not (outlier detection on the clusters marks failing endpoints unhealthy, see
+//! `clusters.rs`). A `localityLbSetting` with `failover`, `failoverPriority` or
+//! `distribute` ranks (or weighs) them by locality as Istio does instead (`locality.rs`),
+//! and `enabled: false` puts them all at priority 0. Envoy wants priorities without gaps,
+//! so ranks are numbered densely: when C has none of the endpoints (or all of them) they
+//! are all priority 0, and that assignment is the same for every such proxy, and shared.
 
 use super::clusters::socket_address;
+use super::locality::{endpoint_locality, EdsNeeds, LocalityKey, Mode, ProxyLocality, Ranker};
 use super::{outbound_cluster_name, tls};
+use crate::config::model::ClusterPolicy;
 use crate::mesh::{Endpoint as MeshEndpoint, MeshState, Service, ServicePortInfo};
 use envoy_types::pb::envoy::config::core::v3::Locality;
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
-use std::collections::BTreeMap;
-
-/// (region, zone, subzone); all empty: no locality.
-type LocalityKey<'a> = (&'a str, &'a str, &'a str);
-
-fn locality_key(e: &MeshEndpoint) -> LocalityKey<'_> {
-    let mut parts = e.locality.as_deref().unwrap_or_default().split('/');
-    let region = parts.next().unwrap_or_default();
-    let zone = parts.next().unwrap_or_default();
-    let subzone = parts
-        .next()
-        .filter(|s| !s.is_empty())
-        .or(e.cluster.as_deref())
-        .unwrap_or_default();
-    (region, zone, subzone)
-}
+use std::collections::{BTreeMap, BTreeSet};
 
 fn locality((region, zone, sub_zone): LocalityKey<'_>) -> Option<Locality> {
     if region.is_empty() && zone.is_empty() && sub_zone.is_empty() {
@@ -54,13 +44,8 @@ pub(super) fn locality_of(s: &str) -> Option<Locality> {
     locality((region, zone, subzone))
 }
 
-/// In `proxy_cluster` (an inline endpoint is in no cluster: local to every proxy).
-fn is_local(e: &MeshEndpoint, proxy_cluster: Option<&str>) -> bool {
-    match (proxy_cluster, e.cluster.as_deref()) {
-        (Some(pc), Some(c)) => pc == c,
-        _ => true,
-    }
-}
+/// Endpoints of one group: same rank, same locality.
+type Group = Vec<(LbEndpoint, u32)>;
 
 fn assignment(
     mesh: &MeshState,
@@ -68,94 +53,138 @@ fn assignment(
     name: String,
     port: &ServicePortInfo,
     eps: &[&MeshEndpoint],
-    proxy_cluster: Option<&str>,
+    ranker: &Ranker<'_>,
 ) -> ClusterLoadAssignment {
-    let ranked = proxy_cluster.is_some()
-        && eps.iter().any(|e| is_local(e, proxy_cluster))
-        && eps.iter().any(|e| !is_local(e, proxy_cluster));
-    // Grouped by (priority, locality) in a BTreeMap so the output order (and the version)
+    // Grouped by (rank, locality) in a BTreeMap so the output order (and the version)
     // is stable.
-    let mut groups: BTreeMap<(u32, LocalityKey<'_>), Vec<LbEndpoint>> = BTreeMap::new();
+    let mut groups: BTreeMap<((u32, u32), LocalityKey<'_>), Group> = BTreeMap::new();
     let mut sorted: Vec<&&MeshEndpoint> = eps.iter().collect();
     sorted.sort_by_key(|e| (e.address, e.port_for(port)));
     for e in sorted {
-        let priority = u32::from(ranked && !is_local(e, proxy_cluster));
-        groups
-            .entry((priority, locality_key(e)))
-            .or_default()
-            .push(LbEndpoint {
-                host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                    address: Some(socket_address(e.address, e.port_for(port))),
-                    ..Default::default()
-                })),
-                load_balancing_weight: e.weight.map(|w| UInt32Value { value: w }),
-                metadata: tls::endpoint_metadata(mesh, svc, e, e.port_for(port)),
+        let lb = LbEndpoint {
+            host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket_address(e.address, e.port_for(port))),
                 ..Default::default()
-            });
+            })),
+            load_balancing_weight: e.weight.map(|w| UInt32Value { value: w }),
+            metadata: tls::endpoint_metadata(mesh, svc, e, e.port_for(port)),
+            ..Default::default()
+        };
+        groups
+            .entry((ranker.rank(e), endpoint_locality(e)))
+            .or_default()
+            .push((lb, e.weight.unwrap_or(1)));
     }
-    ClusterLoadAssignment {
-        cluster_name: name,
-        endpoints: groups
-            .into_iter()
-            .map(|((priority, loc), lb_endpoints)| LocalityLbEndpoints {
+    // Ranks nobody holds are skipped: priorities 0..n without gaps.
+    let ranks: BTreeSet<(u32, u32)> = groups.keys().map(|(r, _)| *r).collect();
+    let priority = |r: &(u32, u32)| ranks.iter().position(|x| x == r).unwrap_or_default();
+    let natural: Vec<(LocalityKey<'_>, u32)> = groups
+        .iter()
+        .map(|((_, loc), g)| (*loc, g.iter().map(|(_, w)| *w).sum()))
+        .collect();
+    let weights = ranker.weights(&natural);
+    let endpoints = groups
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, ((rank, loc), group))| {
+            let weight = match &weights {
+                Some(w) => Some(w.get(i).copied().flatten()?),
+                None => None,
+            };
+            Some(LocalityLbEndpoints {
                 locality: locality(loc),
-                lb_endpoints,
-                priority,
+                lb_endpoints: group.into_iter().map(|(lb, _)| lb).collect(),
+                load_balancing_weight: weight.map(|value| UInt32Value { value }),
+                priority: u32::try_from(priority(&rank)).unwrap_or(u32::MAX),
                 ..Default::default()
             })
-            .collect(),
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: name,
+        endpoints,
         ..Default::default()
     }
 }
 
-/// The ClusterLoadAssignments of one service, one per port and subset, with every
-/// endpoint at priority 0: what proxies get unless the service has endpoints both in
-/// their cluster and elsewhere.
-pub fn service_endpoints(mesh: &MeshState, svc: &Service) -> Vec<ClusterLoadAssignment> {
-    service_endpoints_for(mesh, svc, None)
-}
-
-/// The ClusterLoadAssignments of one service (same names, same order as
-/// [`service_endpoints`]) for proxies of `proxy_cluster`: its endpoints first.
-pub fn service_endpoints_for(
-    mesh: &MeshState,
-    svc: &Service,
-    proxy_cluster: Option<&str>,
-) -> Vec<ClusterLoadAssignment> {
-    let mut out = Vec::new();
-    // DNS and passthrough clusters carry their endpoints themselves.
-    if !svc.uses_eds() {
-        return out;
-    }
+/// The EDS clusters of a service: (port, subset), in output order.
+fn eds_clusters<'a>(
+    mesh: &'a MeshState,
+    svc: &'a Service,
+) -> impl Iterator<Item = (&'a ServicePortInfo, Option<&'a str>)> + 'a {
     let subsets: Vec<&String> = mesh
         .destination_rules
         .get(&svc.fqdn)
         .map(|dr| dr.subsets.keys().collect())
         .unwrap_or_default();
-    for p in &svc.ports {
-        for subset in std::iter::once(None).chain(subsets.iter().map(|s| Some(s.as_str()))) {
-            let eps = mesh.subset_endpoints(svc, subset);
-            out.push(assignment(
-                mesh,
-                svc,
-                outbound_cluster_name(p.number, subset, &svc.fqdn),
-                p,
-                &eps,
-                proxy_cluster.filter(|_| locality_enabled(mesh, svc, subset, p.number)),
-            ));
-        }
-    }
-    out
+    // DNS and passthrough clusters carry their endpoints themselves.
+    let ports = svc.ports.iter().filter(|_| svc.uses_eds());
+    ports.flat_map(move |p| {
+        std::iter::once(None)
+            .chain(subsets.clone().into_iter().map(|s| Some(s.as_str())))
+            .map(move |s| (p, s))
+    })
 }
 
-/// `localityLbSetting.enabled: false` turns the ranking off: every endpoint at priority 0.
-fn locality_enabled(mesh: &MeshState, svc: &Service, subset: Option<&str>, port: u32) -> bool {
-    let policy = mesh.cluster_policy(svc, subset, port);
-    policy
-        .load_balancer
-        .and_then(|lb| lb.locality_lb_setting)
-        .and_then(|l| l.enabled)
-        != Some(false)
+/// The ClusterLoadAssignments of one service, one per port and subset, for no proxy in
+/// particular: every endpoint at priority 0 where they are ranked by cluster. What
+/// proxies get unless the service's [`service_needs`] say they differ.
+pub fn service_endpoints(mesh: &MeshState, svc: &Service) -> Vec<ClusterLoadAssignment> {
+    service_endpoints_for(mesh, svc, None)
+}
+
+/// The ClusterLoadAssignments of one service (same names, same order as
+/// [`service_endpoints`]) for `proxy`. They depend only on the proxy's
+/// [`EdsNeeds::class`] of the service's [`service_needs`].
+pub fn service_endpoints_for(
+    mesh: &MeshState,
+    svc: &Service,
+    proxy: Option<&ProxyLocality>,
+) -> Vec<ClusterLoadAssignment> {
+    eds_clusters(mesh, svc)
+        .map(|(p, subset)| {
+            let eps = mesh.subset_endpoints(svc, subset);
+            let policy = mesh.cluster_policy(svc, subset, p.number);
+            let ranker = Ranker::new(mode(&policy), proxy);
+            let name = outbound_cluster_name(p.number, subset, &svc.fqdn);
+            assignment(mesh, svc, name, p, &eps, &ranker)
+        })
+        .collect()
+}
+
+/// Which part of a proxy the service's assignments depend on.
+pub fn service_needs(mesh: &MeshState, svc: &Service) -> EdsNeeds {
+    let mut needs = EdsNeeds::default();
+    let mut by_cluster = false;
+    for (p, subset) in eds_clusters(mesh, svc) {
+        let policy = mesh.cluster_policy(svc, subset, p.number);
+        let mode = mode(&policy);
+        by_cluster |= matches!(mode, Mode::ByCluster);
+        needs.add(mode);
+    }
+    let clusters: BTreeSet<&str> = svc
+        .endpoints
+        .iter()
+        .filter_map(|e| e.cluster.as_deref())
+        .collect();
+    if by_cluster && clusters.len() >= 2 {
+        needs.clusters = clusters.into_iter().map(str::to_string).collect();
+    }
+    needs
+}
+
+/// Whether an outbound cluster of `svc` is locality-weighted (`distribute`).
+pub(super) fn locality_weighted(svc: &Service, policy: &ClusterPolicy) -> bool {
+    svc.uses_eds() && mode(policy).weighted()
+}
+
+fn mode(policy: &ClusterPolicy) -> Mode<'_> {
+    Mode::of(
+        policy
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.locality_lb_setting.as_ref()),
+    )
 }
 
 pub fn endpoints(mesh: &MeshState) -> Vec<ClusterLoadAssignment> {

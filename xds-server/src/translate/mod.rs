@@ -5,7 +5,9 @@
 //! virtual hosts `FQDN:PORT`. Which proxies share which output (DESIGN.md "proxy classes"):
 //! outbound clusters are mesh-wide (in two variants: plaintext, and with mutual TLS for
 //! sidecars with an identity, see [`tls`]), endpoints depend on the proxy's cluster (its
-//! own cluster's endpoints first, see `endpoints.rs`), route configurations on its
+//! own cluster's endpoints first, see `endpoints.rs`) and, where a DestinationRule's
+//! `localityLbSetting` asks for it, on its locality and labels ([`locality`]: the
+//! proxy's [`EdsClass`]), route configurations on its
 //! namespace (short host names, `sourceNamespace`) and on which VirtualService
 //! `sourceLabels` selectors pick its workload ([`route_key`]), listeners and inbound
 //! clusters on its workload.
@@ -21,6 +23,7 @@ pub mod jwks;
 pub mod jwt;
 mod l4_routes;
 mod listeners;
+pub mod locality;
 mod routes;
 pub mod tls;
 mod traffic_policy;
@@ -28,8 +31,9 @@ mod traffic_policy;
 pub use clusters::{
     inbound_clusters, outbound_clusters, service_clusters, service_clusters_with_identity,
 };
-pub use endpoints::{endpoints, service_endpoints, service_endpoints_for};
+pub use endpoints::{endpoints, service_endpoints, service_endpoints_for, service_needs};
 pub use listeners::{listeners, tcp_idle_timeout};
+pub use locality::{EdsClass, EdsNeeds, ProxyLocality};
 pub use routes::{encode_route_configuration, route_key, routes, CORS_FILTER, FAULT_FILTER};
 
 use envoy_types::pb::envoy::config::core::v3::{
