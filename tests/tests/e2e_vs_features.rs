@@ -1,7 +1,9 @@
 //! End to end: VirtualService HTTP features with real Envoy sidecars and real traffic:
 //! fault injection (delay, abort ratio), mirroring to a shadow, rewrites, redirect,
 //! direct response, CORS preflights, header changes seen by the app and the client, and
-//! rules for callers picked by `sourceLabels`.
+//! rules for callers picked by `sourceLabels`; a root VirtualService delegating to another
+//! (VirtualService chaining) as its delegate file comes, goes and comes back; WebSocket
+//! upgrades through both sidecars.
 //!
 //! Keep test dirs with `TRELLIS_KEEP_TEST_DIRS=1` to read every process's log.
 
@@ -11,8 +13,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    call, reviews_virtual_service, served_version, Mesh, Mode, EDIT_TIMEOUT, POLL,
-    VIRTUAL_SERVICE_FILE,
+    call, reviews_virtual_service, served_version, Mesh, Mode, SidecarMesh, EDIT_TIMEOUT,
+    NAMESPACE, POLL, PORT, VIRTUAL_SERVICE_FILE,
 };
 use trellis_tests::{eventually, require_envoy, HttpResponse};
 
@@ -302,4 +304,163 @@ fn virtual_service_http_features() {
     headers(client);
     source_labels(client);
     mesh.check_converged(true).expect("still converged");
+}
+
+/// The delegate of [`delegating_root_yaml`]'s `/api` rule: `/api/v2...` to v2, the rest
+/// of `/api` to v1. It has no hosts, so it routes only through a root.
+const DELEGATE_FILE: &str = "reviews-api-delegate.yaml";
+
+fn delegate_yaml() -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews-api
+  namespace: {NAMESPACE}
+spec:
+  http:
+  - name: v2
+    match: [{{uri: {{prefix: /api/v2}}}}]
+    route: [{{destination: {{host: reviews, subset: v2}}}}]
+  - name: rest
+    route: [{{destination: {{host: reviews, subset: v1}}}}]
+"
+    )
+}
+
+/// reviews: `/api` handed to the delegate `reviews-api` (with a header of the root's),
+/// everything else to v1 (with Istio's deprecated `websocketUpgrade`, accepted).
+fn delegating_root_yaml() -> String {
+    reviews_virtual_service(
+        "  - name: api
+    match: [{uri: {prefix: /api}}]
+    headers: {request: {set: {x-root: api}}}
+    delegate: {name: reviews-api}
+  - name: default
+    websocketUpgrade: true
+    route: [{destination: {host: reviews, subset: v1}}]
+",
+    )
+}
+
+/// The warnings of `/debug/configz` as (object, field).
+fn configz_warnings(mesh: &Mesh) -> anyhow::Result<Vec<(String, String)>> {
+    let configz = mesh.configz()?;
+    let list = configz["warnings"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no warnings list in {configz}"))?;
+    Ok(list
+        .iter()
+        .map(|w| {
+            let s = |k: &str| w[k].as_str().unwrap_or_default().to_owned();
+            (s("object"), s("field"))
+        })
+        .collect())
+}
+
+fn version_of(client: SocketAddr, path: &str) -> anyhow::Result<String> {
+    served_version(&call(client, "reviews", "GET", path, &[])?, "reviews")
+}
+
+/// Waits until `path` is served by reviews `version`.
+fn wait_version(client: SocketAddr, path: &str, version: &str) {
+    eventually(EDIT_TIMEOUT, POLL, || {
+        let got = version_of(client, path)?;
+        anyhow::ensure!(got == version, "{path} served by {got}, not yet {version}");
+        Ok(())
+    });
+}
+
+#[test]
+fn delegate_virtual_service_chain_and_websocket_upgrade() {
+    let Some(envoy_bin) = require_envoy() else {
+        return;
+    };
+    let mesh = Mesh::start(&envoy_bin, "e2e-vs-delegate", Mode::Sotw).expect("mesh");
+    let client = mesh.client();
+    mesh.replace_config(DELEGATE_FILE, &delegate_yaml());
+    mesh.replace_config(VIRTUAL_SERVICE_FILE, &delegating_root_yaml());
+    wait_version(client, "/api/v2/items", "v2");
+    mesh.check_converged(true).expect("converged");
+
+    // The chain: the delegate's rules within the root's /api, the root's header on them.
+    for _ in 0..20 {
+        assert_eq!(version_of(client, "/api/v2/items").unwrap(), "v2");
+        assert_eq!(version_of(client, "/api/v1/items").unwrap(), "v1");
+        assert_eq!(version_of(client, "/v2/items").unwrap(), "v1");
+    }
+    let body = echoed(&get(client, "/api/v2/items", &[]));
+    assert_eq!(body["headers"]["x-root"], "api", "{body}");
+    assert!(configz_warnings(&mesh).unwrap().is_empty());
+    websocket_upgrade(&mesh, client);
+
+    // Without its delegate the root's /api rule routes nothing: /api falls through to
+    // the root's other rule, which still works, and configz names the missing delegate.
+    std::fs::remove_file(mesh.config_path(DELEGATE_FILE)).expect("remove delegate");
+    wait_version(client, "/api/v2/items", "v1");
+    let body = echoed(&get(client, "/api/v2/items", &[]));
+    assert!(body["headers"].get("x-root").is_none(), "{body}");
+    let warnings = configz_warnings(&mesh).unwrap();
+    assert_eq!(
+        warnings,
+        [(
+            format!("VirtualService {NAMESPACE}/reviews"),
+            "spec.http[0].delegate".to_owned()
+        )]
+    );
+    let configz = mesh.configz().unwrap();
+    assert!(
+        configz["warnings"][0]["message"].as_str().is_some_and(
+            |m| m.contains("delegate VirtualService default/reviews-api does not exist")
+        ),
+        "{configz}"
+    );
+    assert_eq!(
+        configz["errors"].as_array().map(Vec::len),
+        Some(0),
+        "{configz}"
+    );
+
+    // A delegate that appears later takes effect on that reload.
+    mesh.replace_config(DELEGATE_FILE, &delegate_yaml());
+    wait_version(client, "/api/v2/items", "v2");
+    eventually(EDIT_TIMEOUT, POLL, || {
+        let w = configz_warnings(&mesh)?;
+        anyhow::ensure!(w.is_empty(), "warnings left: {w:?}");
+        Ok(())
+    });
+    mesh.check_converged(true).expect("still converged");
+}
+
+/// Like istiod's, every connection manager allows WebSocket upgrades (so Istio's
+/// deprecated `websocketUpgrade` is accepted and ignored): an upgrade request passes the
+/// client's sidecar (outbound) and reviews' (inbound) as an upgrade, where a connection
+/// manager without the upgrade config answers 403 itself. (The echo app answers it as a
+/// plain request; the sidecars count the upgrade.)
+fn websocket_upgrade(mesh: &Mesh, client: SocketAddr) {
+    let upgrades = |sidecar: &str, direction: &str| {
+        let stat = format!("http.{direction}_{PORT}.downstream_cx_upgrades_total");
+        mesh.envoy_stat(sidecar, &stat).expect("stats")
+    };
+    let before = (
+        upgrades("client", "outbound"),
+        upgrades("reviews-v1", "inbound"),
+    );
+    let response = get(
+        client,
+        "/socket",
+        &[("connection", "upgrade"), ("upgrade", "websocket")],
+    );
+    assert_eq!(reviews_version(&response), "v1", "{response:?}");
+    eventually(EDIT_TIMEOUT, POLL, || {
+        let now = (
+            upgrades("client", "outbound"),
+            upgrades("reviews-v1", "inbound"),
+        );
+        anyhow::ensure!(
+            now.0 > before.0 && now.1 > before.1,
+            "upgrades (outbound, inbound) went from {before:?} to {now:?}"
+        );
+        Ok(())
+    });
 }

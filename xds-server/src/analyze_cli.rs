@@ -1,7 +1,9 @@
 //! `xds-server analyze DIR`: the config folder checked offline exactly as `serve` loads
 //! it (the same parser, per-object validation and cross-object stages), like `istioctl
 //! analyze`. Every error is printed with its file, document, line, object and field; the
-//! command fails when there is one, so it can gate a commit or a CI step.
+//! command fails when there is one, so it can gate a commit or a CI step. Warnings (config
+//! that takes effect but routes nothing, such as a rule naming a missing delegate
+//! VirtualService) are printed too, and do not fail it.
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
@@ -9,14 +11,15 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use xds_server::config::ConfigError;
+use xds_server::config::{ConfigError, ConfigWarning};
 use xds_server::mesh::MeshStore;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Output {
     /// One line per error, then a summary.
     Text,
-    /// One JSON object: `dir`, `valid`, `objects` (in effect, per kind), `errors`.
+    /// One JSON object: `dir`, `valid`, `objects` (in effect, per kind), `errors`,
+    /// `warnings`.
     Json,
 }
 
@@ -26,6 +29,7 @@ struct Report<'a> {
     valid: bool,
     objects: &'a BTreeMap<&'static str, usize>,
     errors: &'a [ConfigError],
+    warnings: &'a [ConfigWarning],
 }
 
 pub fn analyze(dir: &Path, output: Output) -> Result<()> {
@@ -38,11 +42,15 @@ pub fn analyze(dir: &Path, output: Output) -> Result<()> {
             for e in &errors {
                 out.push_str(&format!("{e}\n"));
             }
+            for w in mesh.warnings.iter() {
+                out.push_str(&format!("warning: {w}\n"));
+            }
             let objects: usize = mesh.counts.values().sum();
             out.push_str(&format!(
-                "{}: {objects} objects in effect, {} errors\n",
+                "{}: {objects} objects in effect, {} errors, {} warnings\n",
                 dir.display(),
-                errors.len()
+                errors.len(),
+                mesh.warnings.len()
             ));
         }
         Output::Json => {
@@ -51,6 +59,7 @@ pub fn analyze(dir: &Path, output: Output) -> Result<()> {
                 valid: errors.is_empty(),
                 objects: &mesh.counts,
                 errors: &errors,
+                warnings: &mesh.warnings,
             };
             out = serde_json::to_string_pretty(&report)? + "\n";
         }

@@ -44,6 +44,9 @@ pub struct ConfigStatus {
     /// Credentials DestinationRules name (`credentialName`), each with whether it can be
     /// used (its folder may be missing still). Never their contents.
     pub credentials: Vec<crate::translate::credentials::CredentialUse>,
+    /// Config in effect that routes nothing (e.g. a rule naming a delegate VirtualService
+    /// that does not exist); nothing is held back for them.
+    pub warnings: Vec<ConfigErrorView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -110,14 +113,20 @@ impl Controller {
     /// Called with the store locked, so statuses are stored in the order of changes.
     fn update_status(&self, store: &MeshStore, reloads: u64) {
         let snap = self.snapshot();
-        let errors: Vec<ConfigErrorView> = store
-            .errors()
-            .into_iter()
-            .map(|e| ConfigErrorView {
-                message: e.to_string(),
-                error: e,
-            })
-            .collect();
+        let view = |e: ConfigError| ConfigErrorView {
+            message: e.to_string(),
+            error: e,
+        };
+        let errors: Vec<ConfigErrorView> = store.errors().into_iter().map(view).collect();
+        let warnings: Vec<ConfigErrorView> =
+            store.mesh().warnings.iter().cloned().map(view).collect();
+        let before = self.status();
+        for w in warnings
+            .iter()
+            .filter(|w| !before.warnings.iter().any(|b| b.message == w.message))
+        {
+            warn!(warning = %w.message, "config takes effect but routes nothing");
+        }
         self.metrics.config_errors.set(errors.len() as i64);
         self.metrics.snapshot_generation.set(snap.generation as i64);
         self.status.store(Arc::new(ConfigStatus {
@@ -129,6 +138,7 @@ impl Controller {
             clusters: store.cluster_status(),
             errors,
             credentials: crate::translate::credentials::uses(&snap.mesh),
+            warnings,
         }));
     }
 

@@ -314,3 +314,45 @@ fn analyze_lists_every_error() {
     assert_eq!(errors[0]["document"], 1);
     assert_eq!(errors[1]["object"], "VirtualService default/reviews");
 }
+
+/// Config that takes effect but routes nothing (a rule naming a delegate VirtualService
+/// that does not exist, a delegate nobody names) is a warning: listed, not a failure.
+#[test]
+fn analyze_lists_warnings_without_failing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for e in std::fs::read_dir(examples()).expect("examples").flatten() {
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copy");
+    }
+    std::fs::write(
+        dir.path().join("chain.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http:\n  - delegate: {name: ratings-v1}\n  - route:\n    - destination: {host: ratings}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: spare}\nspec:\n  http:\n  - route:\n    - destination: {host: ratings}\n",
+    )
+    .expect("write");
+    let out = run_ok(xds_server().arg("analyze").arg(dir.path()));
+    let warning = |text: &str| {
+        out.lines()
+            .any(|l| l.starts_with("warning: ") && l.contains(text))
+    };
+    assert!(
+        warning("chain.yaml: document 1 (line 1): VirtualService default/ratings: spec.http[0].delegate: delegate VirtualService default/ratings-v1 does not exist"),
+        "{out}"
+    );
+    assert!(
+        warning("chain.yaml: document 2 (line 11): VirtualService default/spare: spec.hosts: no VirtualService delegates to this one"),
+        "{out}"
+    );
+    assert!(out.contains("0 errors, 2 warnings"), "{out}");
+
+    let json = run_ok(
+        xds_server()
+            .arg("analyze")
+            .arg(dir.path())
+            .args(["--output", "json"]),
+    );
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(report["valid"], true);
+    let warnings = report["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 2, "{report:#}");
+    assert_eq!(warnings[0]["field"], "spec.hosts");
+    assert_eq!(warnings[1]["object"], "VirtualService default/ratings");
+}

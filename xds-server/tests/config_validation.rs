@@ -82,9 +82,9 @@ fn wrong_types_name_the_field() {
 #[test]
 fn unsupported_features_are_errors_not_ignored() {
     let e = one_error(&vs(
-        "  - route:\n    - destination: {host: reviews}\n    delegate: {name: reviews-delegate}\n",
+        "  - route:\n    - destination: {host: reviews}\n    mirrorPercent: 50\n",
     ));
-    assert!(e.message.contains("unknown field `delegate`"), "{e}");
+    assert!(e.message.contains("unknown field `mirrorPercent`"), "{e}");
 
     let gw = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec: {}\n";
     let e = one_error(gw);

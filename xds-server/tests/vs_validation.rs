@@ -58,7 +58,7 @@ fn conflicting_actions_are_errors() {
     rejected(
         &vs("  - match: [{uri: {prefix: /}}]\n"),
         "spec.http[0].route",
-        "one of route, redirect or directResponse is required",
+        "one of route, redirect, directResponse or delegate is required",
     );
     rejected(
         &vs("  - redirect: {uri: /x}\n    rewrite: {uri: /y}\n"),

@@ -133,6 +133,12 @@ impl std::fmt::Display for ConfigError {
     }
 }
 
+/// A located remark about config that takes effect but does less than it says (a rule
+/// naming a delegate VirtualService that does not exist, which Istio drops too). It has
+/// the shape of a [`ConfigError`] but keeps nothing from taking effect: `/debug/configz`
+/// and `xds-server analyze` list it beside the errors.
+pub type ConfigWarning = ConfigError;
+
 /// A parsed, individually validated Kubernetes-style object.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Object<T> {

@@ -1,9 +1,13 @@
 //! Serde shapes of Istio's `networking.istio.io/v1` VirtualService (HTTP routes only).
 //!
 //! Field names and meanings follow Istio's VirtualService reference; every struct
-//! denies unknown fields, so a feature Trellis does not translate (e.g. `delegate`,
-//! `tcp`) is a validation error naming the field rather than a silently ignored rule.
-//! Checks beyond the shape are in `virtual_service_validate.rs`.
+//! denies unknown fields, so a feature Trellis does not translate is a validation error
+//! naming the field rather than a silently ignored rule. Checks beyond the shape are in
+//! `virtual_service_validate.rs`.
+//!
+//! A VirtualService without `hosts` is a *delegate* (Istio's VirtualService chaining): it
+//! routes nothing itself, and its `http` routes are merged into every root VirtualService
+//! whose rule names it in `delegate` (see `crate::mesh` for the merge).
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -11,6 +15,8 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualServiceSpec {
+    /// Empty: a delegate, used only through the `delegate` of a root's rule.
+    #[serde(default)]
     pub hosts: Vec<String>,
     #[serde(default)]
     pub gateways: Vec<String>,
@@ -55,6 +61,23 @@ pub struct HttpRoute {
     pub cors_policy: Option<CorsPolicy>,
     #[serde(default)]
     pub headers: Option<Headers>,
+    /// Instead of `route`/`redirect`/`directResponse`: the delegate VirtualService whose
+    /// rules take the requests this rule matches.
+    #[serde(default)]
+    pub delegate: Option<Delegate>,
+    /// Deprecated in Istio and ignored: sidecars always allow WebSocket upgrades.
+    #[serde(default)]
+    pub websocket_upgrade: Option<bool>,
+}
+
+/// A delegate VirtualService, by name; `namespace` defaults to the root's.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Delegate {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

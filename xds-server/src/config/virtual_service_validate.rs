@@ -542,9 +542,34 @@ fn retries(rt: &HttpRetry, f: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// Which of route / redirect / directResponse a rule uses, and the options that only
-/// make sense with a route.
+/// A root's rule that hands its requests to a delegate: the delegate's rules say where
+/// they go, so none of route / redirect / directResponse. Its other options fill in what
+/// the delegate's rules leave unset.
+fn delegating_rule(d: &Delegate, r: &HttpRoute, f: &str) -> Result<(), FieldError> {
+    let actions = [
+        ("route", !r.route.is_empty()),
+        ("redirect", r.redirect.is_some()),
+        ("directResponse", r.direct_response.is_some()),
+    ];
+    if let Some((field, _)) = actions.iter().find(|(_, set)| *set) {
+        return Err(fe(
+            format!("{f}.{field}"),
+            format!("{field} and delegate are mutually exclusive (the delegate's rules say where requests go)"),
+        ));
+    }
+    object_name(&d.name).map_err(|m| fe(format!("{f}.delegate.name"), m))?;
+    if let Some(ns) = &d.namespace {
+        object_name(ns).map_err(|m| fe(format!("{f}.delegate.namespace"), m))?;
+    }
+    Ok(())
+}
+
+/// Which of route / redirect / directResponse / delegate a rule uses, and the options
+/// that only make sense with a route.
 fn action(r: &HttpRoute, f: &str) -> Result<(), FieldError> {
+    if let Some(d) = &r.delegate {
+        return delegating_rule(d, r, f);
+    }
     let has_route = !r.route.is_empty();
     if r.redirect.is_some() && has_route {
         return Err(fe(
@@ -567,7 +592,7 @@ fn action(r: &HttpRoute, f: &str) -> Result<(), FieldError> {
     if !has_route && r.redirect.is_none() && r.direct_response.is_none() {
         return Err(fe(
             format!("{f}.route"),
-            "one of route, redirect or directResponse is required",
+            "one of route, redirect, directResponse or delegate is required",
         ));
     }
     if !has_route {
@@ -665,9 +690,44 @@ fn http_route(r: &HttpRoute, f: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// What Istio requires of a delegate (a VirtualService without hosts): HTTP rules that
+/// do not delegate again (one level only), and nothing that belongs to a root.
+fn delegate(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
+    const WHAT: &str = "a delegate VirtualService (one without hosts)";
+    if !spec.gateways.is_empty() {
+        return Err(fe(
+            "spec.gateways",
+            format!("{WHAT} applies where its root does; it cannot name gateways"),
+        ));
+    }
+    for (field, set) in [("tcp", !spec.tcp.is_empty()), ("tls", !spec.tls.is_empty())] {
+        if set {
+            return Err(fe(
+                format!("spec.{field}"),
+                format!("{WHAT} has http rules only ({field} routes are not delegated)"),
+            ));
+        }
+    }
+    if spec.http.is_empty() {
+        return Err(fe(
+            "spec.http",
+            format!(
+                "{WHAT} needs http rules (or give it hosts to make it a VirtualService of its own)"
+            ),
+        ));
+    }
+    if let Some(i) = spec.http.iter().position(|r| r.delegate.is_some()) {
+        return Err(fe(
+            format!("spec.http[{i}].delegate"),
+            format!("{WHAT} cannot delegate again (Istio supports one level of delegation)"),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn validate(spec: &VirtualServiceSpec) -> Result<(), FieldError> {
     if spec.hosts.is_empty() {
-        return Err(fe("spec.hosts", "at least one host is required"));
+        delegate(spec)?;
     }
     let mesh = applies_to_mesh(&spec.gateways);
     for (i, h) in spec.hosts.iter().enumerate() {

@@ -7,7 +7,8 @@
 //! build always equals a fresh one (`tests/mesh_incremental.rs` holds it to that). The
 //! stages perform the cross-object checks (a route's host is a service, its subset is
 //! defined, no two objects claim the same host), so translation can trust the mesh and
-//! never fails half-way.
+//! never fails half-way. Delegate VirtualServices are merged into their roots there too
+//! (`delegates.rs`), so translation only ever sees plain rules.
 //!
 //! **Clusters.** Workloads come from the config folder (they run in the mesh control
 //! plane's own cluster, `MeshConfig.clusterName`, default `primary`) and from the
@@ -18,6 +19,7 @@
 //! cluster's workload ([`MeshState::workload_key`]). Services select workloads of every
 //! cluster.
 
+mod delegates;
 mod destination_rules;
 pub mod envoy_filters;
 mod http_route;
@@ -32,7 +34,7 @@ mod workloads;
 
 pub use crate::config::store::member_kind_error;
 pub use crate::config::ClusterMeta;
-pub use stages::StageError;
+pub use stages::{StageError, StageWarning};
 pub use store::MeshStore;
 
 use crate::config::model::*;
@@ -431,6 +433,9 @@ pub struct MeshState {
     pub credentials: Arc<BTreeMap<String, Arc<crate::config::credentials::Credential>>>,
     /// Object counts per kind, for the admin API.
     pub counts: BTreeMap<&'static str, usize>,
+    /// What is in effect but routes nothing (a rule naming a missing delegate
+    /// VirtualService), for `/debug/configz` and `xds-server analyze`.
+    pub warnings: Arc<Vec<crate::config::ConfigWarning>>,
 }
 
 impl Default for MeshState {
@@ -455,6 +460,7 @@ impl Default for MeshState {
             envoy_filters: Arc::default(),
             credentials: Arc::default(),
             counts: BTreeMap::new(),
+            warnings: Arc::default(),
         }
     }
 }
@@ -466,14 +472,19 @@ pub(crate) fn selects(
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// Whether `exportTo` (`*`, `.` or namespaces; empty: everywhere) of an object in
+/// namespace `own` lets `namespace` see it.
+pub(crate) fn exported_to(export_to: &[String], own: &str, namespace: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || e == namespace || (e == "." && own == namespace))
+}
+
 impl VirtualService {
     /// Whether proxies of `namespace` see it (`exportTo`: `*`, `.` or namespaces).
     pub fn visible_in(&self, namespace: &str) -> bool {
-        self.export_to.is_empty()
-            || self
-                .export_to
-                .iter()
-                .any(|e| e == "*" || e == namespace || (e == "." && self.namespace == namespace))
+        exported_to(&self.export_to, &self.namespace, namespace)
     }
 }
 

@@ -16,14 +16,16 @@
 //! a stage whose result comes out equal keeps its old `Arc`, so the stages after it see
 //! no change either. An endpoint edit therefore rebuilds workloads and services, but not
 //! the routing stages, which read only the catalog of hosts and ports. Every stage
-//! reports its own cross-object errors; the build fails if any stage has one.
+//! reports its own cross-object errors; the build fails if any stage has one. Warnings
+//! (config in effect that routes nothing, such as a rule naming a missing delegate
+//! VirtualService) are part of a stage's result instead, so a reused stage keeps them.
 
 use super::inputs::{Inputs, KindStore};
 use super::{
     destination_rules, envoy_filters, policies, services, settings, virtual_services, workloads,
     MeshState,
 };
-use crate::config::{ConfigError, Object, Source};
+use crate::config::{ConfigError, ConfigWarning, Object, Source};
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -69,6 +71,59 @@ pub enum StageError {
         port: u32,
         other: String,
     },
+}
+
+/// Config Istio accepts but that routes nothing (see [`ConfigWarning`]): reported, not
+/// an error, because its owner may be another team's (a delegate's) and the missing
+/// part may simply arrive with the next reload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StageWarning {
+    #[error(
+        "delegate VirtualService {delegate} does not exist: this rule routes nothing until \
+         it does (Istio drops it too)"
+    )]
+    MissingDelegate { delegate: String },
+    #[error(
+        "VirtualService {delegate} has hosts, so it is no delegate (only a VirtualService \
+         without hosts is): this rule routes nothing (Istio drops it too)"
+    )]
+    NotADelegate { delegate: String },
+    #[error(
+        "delegate VirtualService {delegate} is not exported to namespace `{namespace}` (its \
+         exportTo): this rule routes nothing (Istio drops it too)"
+    )]
+    DelegateNotExported { delegate: String, namespace: String },
+    #[error(
+        "not within the match of VirtualService {root} spec.http[{rule}], which delegates \
+         to this one: the rule is dropped there (Istio drops it too)"
+    )]
+    OutsideRootMatch { root: String, rule: usize },
+    #[error(
+        "no VirtualService delegates to this one (without hosts it is a delegate): it \
+         routes nothing"
+    )]
+    UnusedDelegate,
+}
+
+/// The warnings of one stage, each naming the object and field it is about.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Warnings(pub Vec<ConfigWarning>);
+
+impl Warnings {
+    pub fn push<T>(
+        &mut self,
+        o: &Object<T>,
+        kind: &str,
+        field: impl Into<String>,
+        w: StageWarning,
+    ) {
+        self.0.push(ConfigError::new(
+            &o.source,
+            Some(format!("{kind} {}", o.key())),
+            Some(field.into()),
+            w.to_string(),
+        ));
+    }
 }
 
 /// The errors of one build, each naming the object and field it is about.
@@ -164,7 +219,7 @@ pub struct Outputs {
     workloads: Option<Memo<workloads::Workloads>>,
     services: Option<Memo<services::Services>>,
     destination_rules: Option<Memo<destination_rules::DestinationRules>>,
-    virtual_services: Option<Memo<virtual_services::VirtualServices>>,
+    virtual_services: Option<Memo<virtual_services::Routing>>,
     peer_authentication: Option<Memo<crate::config::peer_authentication::PeerAuthentications>>,
     security: Option<Memo<crate::config::security::SecurityPolicies>>,
     inbound: Option<Memo<()>>,
@@ -232,12 +287,13 @@ pub fn build(inputs: &Inputs, prev: &Outputs) -> Result<(MeshState, Outputs), Ve
             dep(&settings.value),
         ],
         r,
-        |_, e| {
+        |p, e| {
             virtual_services::build(
                 &inputs.virtual_services,
                 &catalog,
                 &destination_rules.value,
                 s,
+                p,
                 e,
             )
         },
@@ -298,7 +354,8 @@ pub fn build(inputs: &Inputs, prev: &Outputs) -> Result<(MeshState, Outputs), Ve
         security: security.value.clone(),
         services: sv.services.clone(),
         workloads: w.map.clone(),
-        virtual_services: virtual_services.value.clone(),
+        virtual_services: virtual_services.value.by_host.clone(),
+        warnings: virtual_services.value.warnings.clone(),
         destination_rules: destination_rules.value.clone(),
         workload_services: sv.workload_services.clone(),
         envoy_filters: envoy_filters.value.clone(),

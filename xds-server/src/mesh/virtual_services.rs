@@ -1,21 +1,30 @@
 //! The VirtualService stage: routing rules by host, checked against the catalog of
-//! services and the subsets DestinationRules define.
+//! services and the subsets DestinationRules define, with delegate VirtualServices merged
+//! into the roots that name them (`delegates.rs`).
 
+use super::delegates::Delegates;
 use super::destination_rules::DestinationRules;
 use super::inputs::KindStore;
 use super::services::Catalog;
 use super::settings::Settings;
-use super::stages::{unique, Errors, StageError};
+use super::stages::{unique, Errors, StageError, Warnings};
 use super::{L4RouteRule, RouteDestination, VirtualService};
 use crate::config::l4_routes::{self, L4Match};
 use crate::config::model::VirtualServiceSpec;
 use crate::config::virtual_service_validate::applies_to_mesh;
-use crate::config::Object;
+use crate::config::{ConfigWarning, Object};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Host FQDN -> the VirtualService routing it.
 pub type VirtualServices = BTreeMap<String, Arc<VirtualService>>;
+
+/// What the stage makes: the routing by host, and the delegate rules that route nothing.
+#[derive(Debug, Default, PartialEq)]
+pub struct Routing {
+    pub by_host: Arc<VirtualServices>,
+    pub warnings: Arc<Vec<ConfigWarning>>,
+}
 
 /// What a route may refer to, for its cross-object checks.
 pub(super) struct Refs<'a> {
@@ -24,18 +33,46 @@ pub(super) struct Refs<'a> {
     pub settings: &'a Settings,
 }
 
+/// Builds the stage; unchanged parts keep the `Arc`s of `prev`, so that a change of
+/// warnings alone does not look like a change of routes.
 pub fn build(
     store: &KindStore<VirtualServiceSpec>,
     catalog: &Catalog,
     rules: &DestinationRules,
     settings: &Settings,
+    prev: Option<&Routing>,
     errs: &mut Errors,
-) -> VirtualServices {
+) -> Routing {
     let refs = Refs {
         catalog,
         rules,
         settings,
     };
+    let mut warnings = Warnings::default();
+    let by_host = by_host(store, &refs, errs, &mut warnings);
+    let keep = |p: &Routing| *p.by_host == by_host;
+    Routing {
+        by_host: match prev {
+            Some(p) if keep(p) => p.by_host.clone(),
+            _ => Arc::new(by_host),
+        },
+        warnings: match prev {
+            Some(p) if *p.warnings == warnings.0 => p.warnings.clone(),
+            _ => Arc::new(warnings.0),
+        },
+    }
+}
+
+fn by_host(
+    store: &KindStore<VirtualServiceSpec>,
+    refs: &Refs<'_>,
+    errs: &mut Errors,
+    warnings: &mut Warnings,
+) -> VirtualServices {
+    let catalog = refs.catalog;
+    let all = unique(store, "VirtualService", errs);
+    let delegates = Delegates::new(&all, refs, errs);
+    delegates.warn_unused(&all, warnings);
     let mut out = VirtualServices::new();
     // Wildcard hosts are resolved after every exact one: an exact host wins, then the
     // most specific wildcard (as in Istio).
@@ -45,12 +82,13 @@ pub fn build(
         &Object<VirtualServiceSpec>,
         usize,
     )> = Vec::new();
-    for vs in unique(store, "VirtualService", errs) {
+    for &vs in &all {
         // Bound to gateways only: sidecars never use it (as in Istio); kept for gateways.
-        if !applies_to_mesh(&vs.spec.gateways) {
+        // A delegate routes only through its roots.
+        if !applies_to_mesh(&vs.spec.gateways) || Delegates::is_delegate(vs) {
             continue;
         }
-        let Some(info) = virtual_service(vs, &refs, errs) else {
+        let Some(info) = virtual_service(vs, refs, &delegates, errs, warnings) else {
             continue;
         };
         let info = Arc::new(info);
@@ -108,13 +146,17 @@ pub fn build(
 fn virtual_service(
     vs: &Object<VirtualServiceSpec>,
     refs: &Refs<'_>,
+    delegates: &Delegates<'_>,
     errs: &mut Errors,
+    warnings: &mut Warnings,
 ) -> Option<VirtualService> {
     let mut ok = true;
     let mut http = Vec::new();
     for (i, r) in vs.spec.http.iter().enumerate() {
+        // A delegating rule is checked too: its mirrors pass on to the delegate's rules.
         match super::http_route::http_rule(vs, i, r, refs, errs) {
-            Some(rule) => http.push(rule),
+            Some(rule) if r.delegate.is_none() => http.push(rule),
+            Some(_) => http.extend(delegates.expand((vs, i, r), refs, errs, warnings)),
             None => ok = false,
         }
     }

@@ -20,6 +20,7 @@ use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::Tl
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::{
         CodecType, ForwardClientCertDetails, RouteSpecifier, SetCurrentClientCertDetails,
+        UpgradeConfig,
     },
     http_filter::ConfigType as HttpFilterConfig,
     HttpConnectionManager, HttpFilter, Rds,
@@ -64,7 +65,13 @@ fn hcm(stat_prefix: String, route: RouteSpecifier) -> Filter {
     })
 }
 
-fn hcm_filter(m: HttpConnectionManager) -> Filter {
+/// Every connection manager lets WebSocket upgrades through, as istiod's do (which is why
+/// Istio deprecated the VirtualService's `websocketUpgrade`).
+fn hcm_filter(mut m: HttpConnectionManager) -> Filter {
+    m.upgrade_configs = vec![UpgradeConfig {
+        upgrade_type: "websocket".into(),
+        ..Default::default()
+    }];
     Filter {
         name: "envoy.filters.network.http_connection_manager".into(),
         config_type: Some(ConfigType::TypedConfig(any(&m))),
