@@ -18,7 +18,7 @@ use xds_server::mesh::MeshState;
 
 /// The share of the issue's kinds that must stay accepted, in percent: today's value
 /// rounded down. Raise it as features land; it never goes down.
-const MIN_ACCEPTED_PERCENT: u32 = 93;
+const MIN_ACCEPTED_PERCENT: u32 = 95;
 
 /// The kinds issue 10 measures; the others (Gateway, Sidecar, AuthorizationPolicy, ...)
 /// count in the "all kinds" line only.
