@@ -41,6 +41,8 @@ use upstream::UpstreamStats;
 use xds_server::ads::status::ProxyRegistry;
 use xds_server::ads::{AdsService, AdsShared};
 use xds_server::metrics::Metrics;
+use xds_server::net::{self, Gate, NetLimits};
+use xds_server::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -85,6 +87,9 @@ pub struct RelayOptions {
     /// At most this many proxy classes (upstream streams, cached configs); a sidecar of
     /// one more is refused with RESOURCE_EXHAUSTED.
     pub max_classes: usize,
+    /// Connection and request limits of the relay's downstream ports (see
+    /// `xds_server::net`).
+    pub limits: NetLimits,
 }
 
 pub struct Relay {
@@ -229,10 +234,16 @@ impl Relay {
                 subscriptions: Default::default(),
                 registry: registry.clone(),
                 metrics: metrics.clone(),
+                limits: opts.limits.clone(),
             };
-            let incoming = xds_server::identity::tls::incoming(listener, swap);
+            let gate = Gate::new("secure", opts.limits.clone(), metrics.clone());
+            let incoming = xds_server::identity::tls::incoming(listener, swap, gate);
+            let streams = opts.limits.max_concurrent_streams;
             tasks.push(tokio::spawn(async move {
                 let r = tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+                    .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                    .max_concurrent_streams(Some(streams))
                     .add_service(AdsService::secure(shared, auth))
                     .serve_with_incoming(incoming)
                     .await;
@@ -262,11 +273,19 @@ impl Relay {
             subscriptions: Default::default(),
             registry: registry.clone(),
             metrics: metrics.clone(),
+            limits: opts.limits.clone(),
         };
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(opts.listen);
+        let incoming = net::accept(
+            opts.listen,
+            Gate::new("xds", opts.limits.clone(), metrics.clone()),
+        );
+        let admin_gate = Gate::new("admin", opts.limits.clone(), metrics.clone());
+        let streams = opts.limits.max_concurrent_streams;
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .max_concurrent_streams(Some(streams))
                 .add_service(AdsService::new(shared))
                 .serve_with_incoming(incoming)
                 .await;
@@ -292,7 +311,11 @@ impl Relay {
             .with_state(admin);
         let admin_listener = opts.admin;
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(admin_listener, router).await {
+            let listener = net::GatedListener {
+                listener: admin_listener,
+                gate: admin_gate,
+            };
+            if let Err(e) = axum::serve(listener, router).await {
                 warn!(error = %e, "the relay's admin server failed");
             }
         }));

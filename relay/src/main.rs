@@ -71,6 +71,8 @@ enum Command {
             default_value = ".trellis/relay"
         )]
         state_dir: PathBuf,
+        #[command(flatten)]
+        net: xds_server::net::NetArgs,
     },
 }
 
@@ -87,6 +89,7 @@ async fn run(cli: Cli) -> Result<()> {
         state_dir,
         idle_class_after,
         max_classes,
+        net,
     } = cli.command;
     let trust_bundle_pem = std::fs::read_to_string(&trust_bundle)
         .with_context(|| format!("cannot read the trust bundle {}", trust_bundle.display()))?;
@@ -121,6 +124,7 @@ async fn run(cli: Cli) -> Result<()> {
         admin: bind(admin_addr, "the admin API")?,
         idle_class_after,
         max_classes,
+        limits: net.into(),
     })
     .await?;
     info!(xds = %relay.xds_addr, admin = %relay.admin_addr, "relay serving");

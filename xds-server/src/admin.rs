@@ -38,7 +38,25 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/ca", get(ca_status))
         .route("/ca/rotate-root", post(rotate_root))
         .route("/debug/clusters", get(clusters))
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_MAX_BODY))
+        .layer(axum::middleware::from_fn(deadline))
         .with_state(state)
+}
+
+/// Admin request bodies are tiny (a rotation request); anything larger is refused (413).
+pub const ADMIN_MAX_BODY: usize = 64 * 1024;
+/// An admin request still unanswered after this gets 503 (nothing here takes that long).
+pub const ADMIN_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn deadline(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("admin request took longer than {ADMIN_REQUEST_TIMEOUT:?}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn ready() -> &'static str {

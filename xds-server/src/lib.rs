@@ -17,5 +17,6 @@ pub mod dump;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
+pub mod net;
 pub mod server;
 pub mod translate;

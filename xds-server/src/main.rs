@@ -60,6 +60,8 @@ enum Command {
         max_cert_ttl: Duration,
         #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
+        #[command(flatten)]
+        net: xds_server::net::NetArgs,
     },
     /// Bootstrap tokens: a sidecar proves its identity on the secure port with one.
     Token {
@@ -259,6 +261,7 @@ struct ServeArgs {
     ca: CaArgs,
     workload_cert_ttl: Duration,
     max_cert_ttl: Duration,
+    net: xds_server::net::NetArgs,
 }
 
 fn ca_options(ca: CaArgs, max_ttl: Duration) -> CaOptions {
@@ -290,7 +293,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }),
         None => None,
     };
-    let server = Server::start_with(config_dir.clone(), xds, admin, secure).await?;
+    let server =
+        Server::start_limited(config_dir.clone(), xds, admin, secure, args.net.into()).await?;
     info!(xds = %server.xds_addr, secure = ?server.secure_addr, admin = %server.admin_addr, config_dir = %config_dir.display(), "xds-server serving");
     let shutdown = async {
         let mut term =
@@ -527,6 +531,7 @@ fn main() -> std::process::ExitCode {
             workload_cert_ttl,
             max_cert_ttl,
             log_format,
+            net,
         } => {
             init_tracing(log_format);
             let args = ServeArgs {
@@ -537,6 +542,7 @@ fn main() -> std::process::ExitCode {
                 ca,
                 workload_cert_ttl,
                 max_cert_ttl,
+                net,
             };
             tokio::runtime::Runtime::new()
                 .context("cannot start the async runtime")

@@ -32,6 +32,17 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabel {
+    pub port: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortReasonLabel {
+    pub port: &'static str,
+    pub reason: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     pub registry: Registry,
@@ -55,6 +66,10 @@ pub struct Metrics {
     pub ca_trust_epoch: Gauge,
     /// 0: no rotation; 1 add_new_root, 2 reissue, 3 remove_old_root.
     pub ca_rotation_phase: Gauge,
+    /// Open connections per listening port (`xds`, `secure`, `admin`, relay ports).
+    pub connections: Family<PortLabel, Gauge>,
+    /// Connections refused or closed by a limit, per port and limit.
+    pub connections_closed: Family<PortReasonLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -84,6 +99,18 @@ impl Default for Metrics {
         let secure_refused = Family::<CodeLabel, Counter>::default();
         let ca_trust_epoch = Gauge::default();
         let ca_rotation_phase = Gauge::default();
+        let connections = Family::<PortLabel, Gauge>::default();
+        let connections_closed = Family::<PortReasonLabel, Counter>::default();
+        registry.register(
+            "open_connections",
+            "Open connections per listening port",
+            connections.clone(),
+        );
+        registry.register(
+            "connections_limited",
+            "Connections refused or closed by a limit (see the README's Limits), by port and limit",
+            connections_closed.clone(),
+        );
         registry.register(
             "ca_certificates_issued",
             "Workload certificates issued, by how the key was made",
@@ -162,11 +189,23 @@ impl Default for Metrics {
             secure_refused,
             ca_trust_epoch,
             ca_rotation_phase,
+            connections,
+            connections_closed,
         }
     }
 }
 
 impl Metrics {
+    pub fn open_connections(&self, port: &'static str) -> Gauge {
+        self.connections.get_or_create(&PortLabel { port }).clone()
+    }
+
+    pub fn connection_closed(&self, port: &'static str, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&PortReasonLabel { port, reason })
+            .inc();
+    }
+
     pub fn refused(&self, code: tonic::Code) {
         let code = match code {
             tonic::Code::Unauthenticated => "unauthenticated",

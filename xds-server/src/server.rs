@@ -12,6 +12,7 @@ use crate::identity::registration::RegistrationService;
 use crate::identity::secrets::CaSecrets;
 use crate::identity::{self, IdentityError};
 use crate::metrics::Metrics;
+use crate::net::{self, Gate, NetLimits};
 use cert_authority::{Authority, CaOptions};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -51,6 +52,11 @@ pub struct SecureOptions {
 /// control plane restart, a node pool coming up) must not see dropped SYNs and wait
 /// for TCP's 1 s retransmit. The kernel caps it at `net.core.somaxconn`.
 pub const ACCEPT_BACKLOG: u32 = 4096;
+
+/// HTTP/2 PINGs to every connection: a peer that stops answering (a silent half-open
+/// link) is dropped after the timeout, and its streams and proxies with it.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Binds a listener with [`ACCEPT_BACKLOG`] (tokio's `bind` uses 128).
 pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -102,6 +108,17 @@ impl Server {
         admin: TcpListener,
         secure: Option<SecureOptions>,
     ) -> Result<Server, ServerError> {
+        Self::start_limited(config_dir, xds, admin, secure, NetLimits::default()).await
+    }
+
+    /// Like [`Server::start_with`], with the connection and request limits of every port.
+    pub async fn start_limited(
+        config_dir: PathBuf,
+        xds: TcpListener,
+        admin: TcpListener,
+        secure: Option<SecureOptions>,
+        limits: NetLimits,
+    ) -> Result<Server, ServerError> {
         let metrics = Arc::new(Metrics::default());
         let controller = Controller::open(&config_dir, metrics.clone())?;
         let watch = controller.watch()?;
@@ -114,6 +131,7 @@ impl Server {
             subscriptions: Default::default(),
             registry: registry.clone(),
             metrics: metrics.clone(),
+            limits: limits.clone(),
         };
         let mut background = Vec::new();
         let mut secure_addr = None;
@@ -157,7 +175,8 @@ impl Server {
                 ))),
                 ..shared.clone()
             };
-            let incoming = identity::tls::incoming(opts.listener, live.config);
+            let gate = Gate::new("secure", limits.clone(), metrics.clone());
+            let incoming = identity::tls::incoming(opts.listener, live.config, gate);
             secure_server = Some((
                 incoming,
                 AdsService::secure(secure_shared, authn.clone()),
@@ -185,20 +204,32 @@ impl Server {
             relay_proxies: relay_proxies_for_admin.clone(),
         });
         let (stop, stopped) = oneshot::channel::<()>();
+        let xds_gate = Gate::new("xds", limits.clone(), metrics.clone());
+        let admin_gate = Gate::new("admin", limits.clone(), metrics.clone());
+        let streams = limits.max_concurrent_streams;
         let task = tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
+            let incoming = net::accept(xds, xds_gate);
             let xds = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .max_concurrent_streams(Some(streams))
                 .add_service(AdsService::new(shared))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 });
-            let admin = axum::serve(admin, router);
+            let admin = axum::serve(
+                net::GatedListener {
+                    listener: admin,
+                    gate: admin_gate,
+                },
+                router,
+            );
             let secure = async move {
                 match secure_server {
                     Some((incoming, ads, ca, registration)) => tonic::transport::Server::builder()
-                        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+                        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                        .max_concurrent_streams(Some(streams))
                         .add_service(ads)
                         .add_service(ca)
                         .add_service(registration)

@@ -246,6 +246,7 @@ async fn a_joined_relay_authenticates_with_its_certificate_and_renews_it() {
     let peer = PeerInfo {
         remote: None,
         identity: xds_server::identity::tls::spiffe_id_of(&der),
+        conn: None,
     };
     let auth = s.server.authenticator.clone().unwrap();
     let caller = auth.caller(None, Some(&peer)).unwrap();
@@ -256,6 +257,7 @@ async fn a_joined_relay_authenticates_with_its_certificate_and_renews_it() {
     let workload = PeerInfo {
         remote: None,
         identity: Some(id("bookinfo-reviews")),
+        conn: None,
     };
     assert_eq!(auth.caller(None, Some(&workload)).unwrap().relay_of, None);
 

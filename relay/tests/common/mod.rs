@@ -128,6 +128,7 @@ impl Mesh {
             admin: bind().await,
             idle_class_after,
             max_classes,
+            limits: Default::default(),
         })
         .await
     }

@@ -106,6 +106,12 @@ impl Protocol for Stream {
         req.node.as_ref()
     }
 
+    fn names(req: &DeltaDiscoveryRequest) -> usize {
+        req.resource_names_subscribe.len()
+            + req.resource_names_unsubscribe.len()
+            + req.initial_resource_versions.len()
+    }
+
     fn new(status: Arc<ProxyStatus>) -> Self {
         Stream {
             status,

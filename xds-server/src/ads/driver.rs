@@ -45,6 +45,8 @@ pub(crate) trait Protocol: Send + Sized {
     const MODE: &'static str;
 
     fn node(req: &Self::Request) -> Option<&Node>;
+    /// Resource names the request carries (subscribed and unsubscribed).
+    fn names(req: &Self::Request) -> usize;
     fn new(status: Arc<ProxyStatus>) -> Self;
     fn on_request(&mut self, req: Self::Request, shared: &AdsShared);
     /// Sends what changed for this proxy; `Err` when the proxy is gone.
@@ -141,6 +143,10 @@ pub(crate) async fn run<P: Protocol>(
     let mut shared_secrets = credentials(&*snap);
     let mut own_view = secret_view(&own, shared_secrets.as_ref());
     let mut stream = P::new(status.clone());
+    if let Some(e) = too_many_names::<P>(&first, &shared) {
+        let _ = tx.send(Err(e)).await;
+        return;
+    }
     stream.on_request(first, &shared);
     loop {
         if let Some(class) = &view {
@@ -160,7 +166,14 @@ pub(crate) async fn run<P: Protocol>(
         }
         tokio::select! {
             r = requests.message() => match r {
-                Ok(Some(req)) => stream.on_request(req, &shared),
+                Ok(Some(req)) => {
+                    if let Some(e) = too_many_names::<P>(&req, &shared) {
+                        warn!(node = %node.id, error = %e.message(), "request refused");
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                    stream.on_request(req, &shared)
+                }
                 Ok(None) => break,
                 Err(e) => {
                     debug!(node = %node.id, error = %e, "ADS stream error");
@@ -209,6 +222,17 @@ pub(crate) async fn run<P: Protocol>(
         }
     }
     info!(node = %node.id, mode = P::MODE, "proxy disconnected");
+}
+
+/// A request naming more resources than the limit ends the stream: its cost would be
+/// paid on every push.
+fn too_many_names<P: Protocol>(req: &P::Request, shared: &AdsShared) -> Option<Status> {
+    let (n, max) = (P::names(req), shared.limits.max_names_per_request);
+    (n > max).then(|| {
+        Status::resource_exhausted(format!(
+            "the request names {n} resources, more than the limit of {max} (--max-names-per-request)"
+        ))
+    })
 }
 
 /// The secrets a stream serves: its own, with its namespace's credentials on top.

@@ -18,9 +18,6 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-/// Requests larger than this are refused (Envoy's own ACKs are far smaller).
-pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
-
 /// Streamed response: messages from the stream task, then `grpc-status` trailers.
 pub struct ResponseBody {
     rx: mpsc::Receiver<Result<Frame, Status>>,
@@ -96,11 +93,13 @@ type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Status>;
 pub struct RequestReader<M> {
     body: BoxBody,
     buf: BytesMut,
+    /// Requests larger than this are refused (`NetLimits::max_request_bytes`).
+    max_bytes: usize,
     _m: PhantomData<fn() -> M>,
 }
 
 impl<M: prost::Message + Default> RequestReader<M> {
-    pub fn new<B>(body: B) -> Self
+    pub fn new<B>(body: B, max_bytes: usize) -> Self
     where
         B: Body + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -112,6 +111,7 @@ impl<M: prost::Message + Default> RequestReader<M> {
         Self {
             body,
             buf: BytesMut::new(),
+            max_bytes,
             _m: PhantomData,
         }
     }
@@ -127,9 +127,10 @@ impl<M: prost::Message + Default> RequestReader<M> {
                 }
                 let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
                     as usize;
-                if len > MAX_REQUEST_BYTES {
+                if len > self.max_bytes {
                     return Err(Status::resource_exhausted(format!(
-                        "xDS request of {len} bytes exceeds the {MAX_REQUEST_BYTES} byte limit"
+                        "xDS request of {len} bytes exceeds the limit of {} bytes (--max-request-bytes)",
+                        self.max_bytes
                     )));
                 }
                 if self.buf.len() >= 5 + len {

@@ -50,6 +50,8 @@ pub struct AdsShared {
     pub subscriptions: Arc<interner::Interner>,
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
+    /// Request size and names per request (the connection limits are the listener's).
+    pub limits: crate::net::NetLimits,
 }
 
 /// Keeps the connected-proxies gauge right however the stream ends.

@@ -78,18 +78,19 @@ fn start<P: Protocol + 'static, B>(
     shared: Arc<AdsShared>,
     caller: Option<Caller>,
     body: B,
+    stream: Option<crate::net::StreamGuard>,
 ) -> http::Response<Body>
 where
     B: http_body::Body + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-    tokio::spawn(driver::run::<P>(
-        shared,
-        caller,
-        RequestReader::new(body),
-        tx,
-    ));
+    let max_bytes = shared.limits.max_request_bytes;
+    tokio::spawn(async move {
+        // The connection counts as busy (not idle) while the stream lives.
+        let _stream = stream;
+        driver::run::<P>(shared, caller, RequestReader::new(body, max_bytes), tx).await
+    });
     let mut response = http::Response::new(Body::new(ResponseBody::new(rx)));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -124,6 +125,16 @@ where
             .auth
             .as_ref()
             .map(|a| a.authenticate(req.headers(), req.extensions()));
+        let conn = req
+            .extensions()
+            .get::<crate::net::ConnInfo>()
+            .map(|c| c.state.clone())
+            .or_else(|| {
+                req.extensions()
+                    .get::<crate::identity::auth::PeerInfo>()
+                    .and_then(|p| p.conn.clone())
+            });
+        let stream = conn.map(|c| c.stream());
         let body = req.into_body();
         Box::pin(async move {
             if let Some(enc) = encoding {
@@ -141,8 +152,8 @@ where
                 }
             };
             Ok(match path.as_str() {
-                SOTW_PATH => start::<sotw::Stream, B>(shared, caller, body),
-                DELTA_PATH => start::<delta::Stream, B>(shared, caller, body),
+                SOTW_PATH => start::<sotw::Stream, B>(shared, caller, body, stream),
+                DELTA_PATH => start::<delta::Stream, B>(shared, caller, body, stream),
                 _ => Status::unimplemented(format!("unknown ADS method {path}")).into_http(),
             })
         })

@@ -50,6 +50,10 @@ impl Protocol for Stream {
         req.node.as_ref()
     }
 
+    fn names(req: &DiscoveryRequest) -> usize {
+        req.resource_names.len()
+    }
+
     fn new(status: Arc<ProxyStatus>) -> Self {
         Stream {
             status,

@@ -14,6 +14,8 @@ pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
     /// The SPIFFE id of a client certificate that verified against the trust bundle.
     pub identity: Option<SpiffeId>,
+    /// The connection's stream count (idle connections are closed, see `crate::net`).
+    pub conn: Option<Arc<crate::net::ConnState>>,
 }
 
 pub struct Authenticator {

@@ -6,6 +6,7 @@
 
 use super::auth::PeerInfo;
 use super::{server_identity, write_trust_bundle, IdentityError};
+use crate::net::{Gate, Guarded};
 use arc_swap::ArcSwap;
 use cert_authority::{Authority, SpiffeId, TrustState};
 use rustls::server::WebPkiClientVerifier;
@@ -28,9 +29,6 @@ use tracing::{debug, info, warn};
 
 /// Lifetime of the serving certificate; renewed at half.
 const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// A client that does not finish its handshake in this time is dropped, so slow or
-/// hostile clients cannot pile up half-open connections.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -141,7 +139,7 @@ pub fn live_config(
 
 /// An accepted, handshaken connection and what the handshake proved.
 pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    inner: tokio_rustls::server::TlsStream<Guarded<TcpStream>>,
     peer: PeerInfo,
 }
 
@@ -205,28 +203,32 @@ pub fn spiffe_id_of(der: &[u8]) -> Option<SpiffeId> {
 
 /// Accepts on `listener` and hands out connections whose handshake finished; each
 /// handshake runs in its own task so one slow client never holds up the others.
+///
+/// Connections go through `gate` (counted, capped; see `crate::net`); a client that does
+/// not finish its handshake within the gate's handshake timeout is dropped, so slow or
+/// hostile clients cannot pile up half-open connections.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ArcSwap<ServerConfig>>,
+    gate: Arc<Gate>,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(1024);
+    let handshake_timeout = gate.limits.handshake_timeout;
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(a) => a,
-                    Err(e) => {
-                        debug!(error = %e, "accept failed on the secure port");
-                        continue;
-                    }
-                },
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
                 _ = tx.closed() => return,
             };
-            let _ = tcp.set_nodelay(true);
+            let Some((tcp, (remote, guard))) = crate::net::accept_one(accepted, &gate) else {
+                continue;
+            };
+            let tcp = Guarded::new(tcp, Some(remote), guard);
+            let conn = tcp.info().state;
             let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let identity = tls
                             .get_ref()
@@ -237,6 +239,7 @@ pub fn incoming(
                         let peer = PeerInfo {
                             remote: Some(remote),
                             identity,
+                            conn: Some(conn),
                         };
                         let _ = tx.send(Ok(TlsConn { inner: tls, peer })).await;
                     }
